@@ -1,0 +1,614 @@
+//! Commands and requests: what a client may ask of a partition.
+//!
+//! Every string a command carries is a validated newtype that only parsing
+//! (serde, or the `new` constructors) can build, so the state machine never
+//! sees an empty account id or a zero amount. The limits are named constants
+//! and are listed in `specs/protocol.md`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+
+use crate::id::OpId;
+use crate::route;
+
+/// Longest account id, in UTF-8 bytes. Account ids are routing keys and
+/// store keys; a bound keeps both cheap.
+pub const ACCOUNT_ID_BYTES_MAX: usize = 128;
+/// Longest claim namespace, in UTF-8 bytes.
+pub const NAMESPACE_BYTES_MAX: usize = 64;
+/// Longest claim key, in UTF-8 bytes (long enough for an e-mail address or
+/// a URL path).
+pub const CLAIM_KEY_BYTES_MAX: usize = 256;
+/// Longest claim owner, in UTF-8 bytes.
+pub const OWNER_BYTES_MAX: usize = 128;
+/// Longest apology topic, in bytes. The topic becomes the tail of a NATS
+/// subject, so it is limited to subject-safe ASCII as well.
+pub const TOPIC_BYTES_MAX: usize = 128;
+
+/// Why a string or number in a command was refused by parsing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    /// The field was empty.
+    #[error("{field} must not be empty")]
+    Empty {
+        /// The field's name.
+        field: &'static str,
+    },
+    /// The field was longer than its limit.
+    #[error("{field} is {len} bytes, more than the limit of {max}")]
+    TooLong {
+        /// The field's name.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The field held a control character (U+0000..U+001F, U+007F..U+009F).
+    #[error("{field} must not contain control characters")]
+    ControlCharacter {
+        /// The field's name.
+        field: &'static str,
+    },
+    /// An apology topic was not dot-separated tokens of `[A-Za-z0-9_-]`.
+    #[error("apology_topic must be dot-separated tokens of A-Z, a-z, 0-9, '_' and '-'")]
+    BadTopic,
+    /// An amount was zero.
+    #[error("amount must be at least 1")]
+    ZeroAmount,
+}
+
+/// The JSON Schema pattern of a text field: no control characters (what
+/// [`char::is_control`] refuses: U+0000..U+001F and U+007F..U+009F).
+const NO_CONTROL_PATTERN: &str = r"^[^\u0000-\u001F\u007F-\u009F]*$";
+
+fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), FieldError> {
+    if s.is_empty() {
+        return Err(FieldError::Empty { field });
+    }
+    if s.len() > max {
+        return Err(FieldError::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(FieldError::ControlCharacter { field });
+    }
+    Ok(())
+}
+
+macro_rules! text_newtype {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+        #[serde(try_from = "String", into = "String")]
+        // The schema is String's (serde's `try_from`/`into` win over field
+        // attributes), so the limits go on the container. `maxLength` counts
+        // code points, a looser bound than the byte limit.
+        #[schemars(extend("minLength" = 1, "maxLength" = $max, "pattern" = NO_CONTROL_PATTERN))]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates and wraps `s`.
+            pub fn new(s: impl Into<String>) -> Result<$name, FieldError> {
+                let s = s.into();
+                check_text($field, &s, $max)?;
+                Ok($name(s))
+            }
+
+            /// The text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = FieldError;
+            fn try_from(s: String) -> Result<$name, FieldError> {
+                $name::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+text_newtype!(
+    /// An account id: 1 to [`ACCOUNT_ID_BYTES_MAX`] (128) bytes of UTF-8 without
+    /// control characters. It is the account's routing key.
+    AccountId, "account", ACCOUNT_ID_BYTES_MAX
+);
+text_newtype!(
+    /// A claim namespace (for example `username`): 1 to
+    /// [`NAMESPACE_BYTES_MAX`] (64) bytes without control characters.
+    Namespace, "namespace", NAMESPACE_BYTES_MAX
+);
+text_newtype!(
+    /// A claimed key within a namespace: 1 to [`CLAIM_KEY_BYTES_MAX`] (256) bytes
+    /// without control characters.
+    ClaimKey, "key", CLAIM_KEY_BYTES_MAX
+);
+text_newtype!(
+    /// Who owns a claim: 1 to [`OWNER_BYTES_MAX`] (128) bytes without control
+    /// characters.
+    Owner, "owner", OWNER_BYTES_MAX
+);
+
+/// The topic an optimistic operation names for its apology: the refusal is
+/// published on `<prefix>.apology.<topic>`.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schemars(extend(
+    "minLength" = 1,
+    "maxLength" = TOPIC_BYTES_MAX,
+    "pattern" = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+))]
+pub struct Topic(String);
+
+impl Topic {
+    /// Validates and wraps `s`.
+    pub fn new(s: impl Into<String>) -> Result<Topic, FieldError> {
+        let s = s.into();
+        check_text("apology_topic", &s, TOPIC_BYTES_MAX)?;
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !s.split('.').all(token_ok) {
+            return Err(FieldError::BadTopic);
+        }
+        Ok(Topic(s))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Topic {
+    type Error = FieldError;
+    fn try_from(s: String) -> Result<Topic, FieldError> {
+        Topic::new(s)
+    }
+}
+
+impl From<Topic> for String {
+    fn from(v: Topic) -> String {
+        v.0
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A positive amount of money in the account's smallest unit.
+///
+/// It is a `u64` on the wire; a value above `i64::MAX` parses but can never
+/// be applied (balances are `i64`) and is refused with `overflow`.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(try_from = "u64", into = "u64")]
+#[schemars(extend("minimum" = 1))]
+pub struct Amount(u64);
+
+impl Amount {
+    /// Validates and wraps `v` (it must be at least 1).
+    pub fn new(v: u64) -> Result<Amount, FieldError> {
+        if v == 0 {
+            Err(FieldError::ZeroAmount)
+        } else {
+            Ok(Amount(v))
+        }
+    }
+
+    /// The amount.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<u64> for Amount {
+    type Error = FieldError;
+    fn try_from(v: u64) -> Result<Amount, FieldError> {
+        Amount::new(v)
+    }
+}
+
+impl From<Amount> for u64 {
+    fn from(v: Amount) -> u64 {
+        v.0
+    }
+}
+
+/// What an operation asks a partition to do.
+///
+/// On the wire a command is a JSON object whose `type` names the variant in
+/// snake_case; unknown fields are refused.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Opens an account with a zero balance.
+    OpenAccount {
+        /// The new account's id.
+        account: AccountId,
+        /// The lowest balance the account may reach; at most 0. Default 0.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        floor: i64,
+        /// The highest balance the account may reach; at least 0. Default:
+        /// no ceiling.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ceiling: Option<i64>,
+    },
+    /// Adds `amount` to the balance.
+    Credit {
+        /// The account.
+        account: AccountId,
+        /// How much.
+        amount: Amount,
+    },
+    /// Takes `amount` from the balance if the available balance allows it.
+    Debit {
+        /// The account.
+        account: AccountId,
+        /// How much.
+        amount: Amount,
+    },
+    /// Reserves `amount` of the available balance. The hold is named by the
+    /// op id of this request; it lasts until posted, voided or expired.
+    Hold {
+        /// The account.
+        account: AccountId,
+        /// How much to reserve.
+        amount: Amount,
+        /// If set, the hold expires this many milliseconds of log time after
+        /// the request's log time.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Takes up to the held amount from the balance and ends the hold; the
+    /// rest of the hold is released.
+    Post {
+        /// The account the hold is on.
+        account: AccountId,
+        /// The op id of the hold request.
+        hold: OpId,
+        /// How much to take; default: the whole held amount.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        amount: Option<Amount>,
+    },
+    /// Ends a hold without taking anything.
+    Void {
+        /// The account the hold is on.
+        account: AccountId,
+        /// The op id of the hold request.
+        hold: OpId,
+    },
+    /// Claims `(namespace, key)` for `owner`.
+    Claim {
+        /// The namespace, e.g. `username`.
+        namespace: Namespace,
+        /// The key within the namespace.
+        key: ClaimKey,
+        /// Who claims it.
+        owner: Owner,
+    },
+    /// Releases `(namespace, key)`; only its owner may.
+    Release {
+        /// The namespace.
+        namespace: Namespace,
+        /// The key within the namespace.
+        key: ClaimKey,
+        /// Who releases it; must be the current owner.
+        owner: Owner,
+    },
+    /// Advances log time so holds expire on an idle partition. A tick is not
+    /// an operation: it is not deduplicated and gets no decision.
+    Tick {},
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl Command {
+    /// The routing key that places this command on a partition, or `None`
+    /// for a tick (the sender picks the partition).
+    pub fn routing_key(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Command::OpenAccount { account, .. }
+            | Command::Credit { account, .. }
+            | Command::Debit { account, .. }
+            | Command::Hold { account, .. }
+            | Command::Post { account, .. }
+            | Command::Void { account, .. } => Some(Cow::Borrowed(account.as_str())),
+            Command::Claim { namespace, key, .. } | Command::Release { namespace, key, .. } => {
+                Some(Cow::Owned(route::claim_routing_key(
+                    namespace.as_str(),
+                    key.as_str(),
+                )))
+            }
+            Command::Tick {} => None,
+        }
+    }
+
+    /// The snake_case name of the command, as in its `type` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::OpenAccount { .. } => "open_account",
+            Command::Credit { .. } => "credit",
+            Command::Debit { .. } => "debit",
+            Command::Hold { .. } => "hold",
+            Command::Post { .. } => "post",
+            Command::Void { .. } => "void",
+            Command::Claim { .. } => "claim",
+            Command::Release { .. } => "release",
+            Command::Tick {} => "tick",
+        }
+    }
+}
+
+/// One operation: an id, a command and, for an optimistic client, the topic
+/// on which a refusal is published as an apology.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The end-to-end operation id (UUID v7, made by the client once).
+    pub op_id: OpId,
+    /// What to do, as a JSON object.
+    // Derived deserializers would also take an array of the fields in
+    // order; the protocol allows objects only.
+    #[serde(deserialize_with = "crate::wire::object_only")]
+    pub command: Command,
+    /// If set, the client went ahead without waiting: a refusal is also
+    /// published on `<prefix>.apology.<apology_topic>` for a workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apology_topic: Option<Topic>,
+}
+
+/// A 128-bit digest of a request's canonical form.
+///
+/// Two requests with the same op id are the same operation only when their
+/// fingerprints match; otherwise the second is refused as `op_id_conflict`.
+/// The digest is XXH3-128 over a tagged, length-prefixed encoding of the
+/// parsed request (so JSON key order and whitespace do not matter). It is
+/// stored in dedup records, so the encoding is part of the store format.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Fingerprint(pub u128);
+
+/// The longest canonical encoding of a valid request, in bytes: the version
+/// tag and op id, the largest command (a claim or release: a tag and three
+/// length-prefixed texts at their limits), and a length-prefixed apology
+/// topic. [`Canon`] encodes into a stack buffer of this size, so
+/// fingerprinting does not allocate.
+const CANON_BYTES_MAX: usize = 1
+    + 16
+    + 1
+    + (8 + NAMESPACE_BYTES_MAX)
+    + (8 + CLAIM_KEY_BYTES_MAX)
+    + (8 + OWNER_BYTES_MAX)
+    + 1
+    + (8 + TOPIC_BYTES_MAX);
+
+/// Writes a canonical encoding of a request: every field is tagged and
+/// every variable-length field is length-prefixed, so no two different
+/// requests share an encoding.
+///
+/// The bytes are hashed in one shot at the end ([`Canon::digest`]).
+/// XXH3's one-shot and streaming forms give the same digest for the same
+/// bytes, so this matches feeding a streaming hasher piece by piece, only
+/// faster for the short inputs requests are.
+struct Canon {
+    buf: [u8; CANON_BYTES_MAX],
+    /// Bytes used in `buf`, or [`Canon::SPILLED`] once the encoding has
+    /// moved to `spill`.
+    len: usize,
+    /// The whole encoding once it outgrew `buf`. Unreachable for requests
+    /// built by parsing (their fields are within the limits), but it keeps
+    /// the fingerprint total rather than a panic.
+    spill: Vec<u8>,
+}
+
+impl Canon {
+    /// A `len` past the end of `buf`: no write fits in `buf` any more.
+    const SPILLED: usize = CANON_BYTES_MAX + 1;
+
+    fn new() -> Canon {
+        Canon {
+            buf: [0; CANON_BYTES_MAX],
+            len: 0,
+            spill: Vec::new(),
+        }
+    }
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) {
+        let end = self.len.saturating_add(b.len());
+        match self.buf.get_mut(self.len..end) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                self.len = end;
+            }
+            None => self.spill(b),
+        }
+    }
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, b: &[u8]) {
+        if self.len != Canon::SPILLED {
+            self.spill.extend_from_slice(&self.buf[..self.len]);
+            self.len = Canon::SPILLED;
+        }
+        self.spill.extend_from_slice(b);
+    }
+    #[inline(always)]
+    fn tag(&mut self, t: u8) {
+        self.bytes(&[t]);
+    }
+    #[inline(always)]
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    #[inline(always)]
+    fn i64(&mut self, v: i64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    #[inline(always)]
+    fn text(&mut self, s: &str) {
+        self.u64(u64::try_from(s.len()).unwrap_or(u64::MAX));
+        self.bytes(s.as_bytes());
+    }
+    #[inline(always)]
+    fn opt_u64(&mut self, v: Option<u64>) {
+        match v {
+            None => self.tag(0),
+            Some(v) => {
+                self.tag(1);
+                self.u64(v);
+            }
+        }
+    }
+    #[inline(always)]
+    fn id(&mut self, id: OpId) {
+        self.bytes(id.0.as_bytes());
+    }
+    fn digest(&self) -> Fingerprint {
+        let bytes = match self.buf.get(..self.len) {
+            Some(b) => b,
+            None => &self.spill[..],
+        };
+        Fingerprint(xxh3_128(bytes))
+    }
+}
+
+impl Request {
+    /// The canonical fingerprint of this request (op id included).
+    pub fn fingerprint(&self) -> Fingerprint {
+        let mut c = Canon::new();
+        c.tag(1); // Encoding version.
+        c.id(self.op_id);
+        match &self.command {
+            Command::OpenAccount {
+                account,
+                floor,
+                ceiling,
+            } => {
+                c.tag(10);
+                c.text(account.as_str());
+                c.i64(*floor);
+                match ceiling {
+                    None => c.tag(0),
+                    Some(v) => {
+                        c.tag(1);
+                        c.i64(*v);
+                    }
+                }
+            }
+            Command::Credit { account, amount } => {
+                c.tag(11);
+                c.text(account.as_str());
+                c.u64(amount.get());
+            }
+            Command::Debit { account, amount } => {
+                c.tag(12);
+                c.text(account.as_str());
+                c.u64(amount.get());
+            }
+            Command::Hold {
+                account,
+                amount,
+                timeout_ms,
+            } => {
+                c.tag(13);
+                c.text(account.as_str());
+                c.u64(amount.get());
+                c.opt_u64(*timeout_ms);
+            }
+            Command::Post {
+                account,
+                hold,
+                amount,
+            } => {
+                c.tag(14);
+                c.text(account.as_str());
+                c.id(*hold);
+                c.opt_u64(amount.map(Amount::get));
+            }
+            Command::Void { account, hold } => {
+                c.tag(15);
+                c.text(account.as_str());
+                c.id(*hold);
+            }
+            Command::Claim {
+                namespace,
+                key,
+                owner,
+            } => {
+                c.tag(16);
+                c.text(namespace.as_str());
+                c.text(key.as_str());
+                c.text(owner.as_str());
+            }
+            Command::Release {
+                namespace,
+                key,
+                owner,
+            } => {
+                c.tag(17);
+                c.text(namespace.as_str());
+                c.text(key.as_str());
+                c.text(owner.as_str());
+            }
+            Command::Tick {} => c.tag(18),
+        }
+        match &self.apology_topic {
+            None => c.tag(0),
+            Some(t) => {
+                c.tag(1);
+                c.text(t.as_str());
+            }
+        }
+        c.digest()
+    }
+}
+
+/// The fingerprint of a message that could not be parsed: XXH3-128 of its
+/// raw bytes, in a domain distinct from parsed requests.
+pub fn raw_fingerprint(bytes: &[u8]) -> Fingerprint {
+    let mut h = Xxh3::new();
+    h.update(&[0xFF]);
+    h.update(bytes);
+    Fingerprint(h.digest128())
+}

@@ -1,0 +1,213 @@
+//! Decisions and refusal reasons.
+//!
+//! A refusal is a value, not an error: [`Outcome::Rejected`] with a
+//! [`Reason`]. Reasons have stable snake_case codes (the `code` field on the
+//! wire) and are checked in a fixed precedence order, documented per command
+//! in `specs/protocol.md`; only the first applicable reason is returned.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::command::Owner;
+use crate::id::OpId;
+
+/// The one answer to one operation.
+///
+/// A duplicate of an operation gets this same value back, byte for byte:
+/// the original position and log time included.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Decision {
+    /// The operation's id.
+    pub op_id: OpId,
+    /// The partition that decided.
+    pub partition: u32,
+    /// The log position (stream sequence) of the request that was decided.
+    pub position: u64,
+    /// The log time (milliseconds since the Unix epoch) at which it was
+    /// decided.
+    pub log_time_ms: u64,
+    /// Confirmed or rejected, with details.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Confirmed or rejected.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The operation took effect.
+    Confirmed {
+        /// For balance commands: the account's balance after the operation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        balance: Option<i64>,
+        /// For balance commands: balance minus pending holds, after the
+        /// operation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        available: Option<i64>,
+    },
+    /// The operation was refused and had no effect.
+    Rejected {
+        /// Why.
+        reason: Reason,
+    },
+}
+
+impl Outcome {
+    /// A confirmation without balance details.
+    pub const fn confirmed() -> Outcome {
+        Outcome::Confirmed {
+            balance: None,
+            available: None,
+        }
+    }
+
+    /// Whether the operation was confirmed.
+    pub const fn is_confirmed(&self) -> bool {
+        matches!(self, Outcome::Confirmed { .. })
+    }
+
+    /// The refusal reason, if rejected.
+    pub const fn reason(&self) -> Option<&Reason> {
+        match self {
+            Outcome::Confirmed { .. } => None,
+            Outcome::Rejected { reason } => Some(reason),
+        }
+    }
+}
+
+/// Why an operation was refused. The variants are listed in precedence
+/// order: when several apply, the first one is returned. The op id comes
+/// first (a reused id with another body is a conflict whatever the body; an
+/// id outside the window is refused before its body is looked at), then the
+/// body, then the command's own checks.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "code", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Reason {
+    /// The op id was used before with a different body. The first body's
+    /// decision stands; this one had no effect.
+    OpIdConflict,
+    /// The op id's UUID v7 timestamp is outside the dedup window, so
+    /// amends can no longer prove it was not applied before (too old), or
+    /// the client's clock is too far ahead (too new).
+    OpIdOutsideWindow {
+        /// The op id's timestamp (ms since the Unix epoch).
+        op_time_ms: u64,
+        /// The earliest accepted timestamp at this log time.
+        earliest_ms: u64,
+        /// The latest accepted timestamp at this log time.
+        latest_ms: u64,
+    },
+    /// The message had a readable op id but could not be parsed or
+    /// validated: bad JSON, unknown fields or command, a field out of its
+    /// limits, too large, or an op id that is not UUID v7.
+    Malformed {
+        /// What was wrong, for a human.
+        detail: String,
+    },
+    /// No account with that id is open on this partition.
+    UnknownAccount,
+    /// `open_account` for an id that is already open.
+    AccountExists,
+    /// `open_account` with a floor above 0 or a ceiling below 0.
+    InvalidLimits {
+        /// The floor asked for.
+        floor: i64,
+        /// The ceiling asked for.
+        ceiling: Option<i64>,
+    },
+    /// No hold with that id on that account.
+    HoldNotFound,
+    /// The hold was already posted.
+    HoldAlreadyPosted,
+    /// The hold was already voided.
+    HoldAlreadyVoided,
+    /// The hold expired before it was posted or voided.
+    HoldExpired,
+    /// A post asked for more than the hold reserved.
+    PostExceedsHold {
+        /// The amount held.
+        held: i64,
+        /// The amount asked for.
+        requested: u64,
+    },
+    /// The arithmetic would leave the range of a signed 64-bit balance
+    /// (or of log time, for a hold timeout).
+    Overflow,
+    /// A debit or hold would take the available balance below the floor.
+    InsufficientFunds {
+        /// Balance minus pending holds, before the operation.
+        available: i64,
+        /// The account's floor.
+        floor: i64,
+        /// The amount asked for.
+        requested: u64,
+    },
+    /// A credit would take the balance above the ceiling.
+    CeilingExceeded {
+        /// The balance before the operation.
+        balance: i64,
+        /// The account's ceiling.
+        ceiling: i64,
+        /// The amount asked for.
+        requested: u64,
+    },
+    /// Another owner holds the claim.
+    AlreadyClaimed {
+        /// Who holds it.
+        owner: Owner,
+    },
+    /// `release` of a key nobody holds.
+    NotClaimed,
+    /// `release` by someone other than the owner.
+    NotOwner {
+        /// Who holds it.
+        owner: Owner,
+    },
+}
+
+impl Reason {
+    /// The stable snake_case code, as in the `code` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Malformed { .. } => "malformed",
+            Reason::OpIdConflict => "op_id_conflict",
+            Reason::OpIdOutsideWindow { .. } => "op_id_outside_window",
+            Reason::UnknownAccount => "unknown_account",
+            Reason::AccountExists => "account_exists",
+            Reason::InvalidLimits { .. } => "invalid_limits",
+            Reason::HoldNotFound => "hold_not_found",
+            Reason::HoldAlreadyPosted => "hold_already_posted",
+            Reason::HoldAlreadyVoided => "hold_already_voided",
+            Reason::HoldExpired => "hold_expired",
+            Reason::PostExceedsHold { .. } => "post_exceeds_hold",
+            Reason::Overflow => "overflow",
+            Reason::InsufficientFunds { .. } => "insufficient_funds",
+            Reason::CeilingExceeded { .. } => "ceiling_exceeded",
+            Reason::AlreadyClaimed { .. } => "already_claimed",
+            Reason::NotClaimed => "not_claimed",
+            Reason::NotOwner { .. } => "not_owner",
+        }
+    }
+
+    /// Every code in precedence order (the order of `specs/protocol.md`).
+    pub const CODES: &'static [&'static str] = &[
+        "op_id_conflict",
+        "op_id_outside_window",
+        "malformed",
+        "unknown_account",
+        "account_exists",
+        "invalid_limits",
+        "hold_not_found",
+        "hold_already_posted",
+        "hold_already_voided",
+        "hold_expired",
+        "post_exceeds_hold",
+        "overflow",
+        "insufficient_funds",
+        "ceiling_exceeded",
+        "already_claimed",
+        "not_claimed",
+        "not_owner",
+    ];
+}

@@ -1,0 +1,42 @@
+//! amends-core: the deterministic, sans-IO heart of amends.
+//!
+//! Everything amends decides is decided here: the ids, the commands a client
+//! may send, the decisions and refusal reasons it gets back, the partition
+//! state machine (dedup, uniqueness, balances, holds), the partitioner and the
+//! wire format. Given the same log prefix, [`partition::Machine::apply`] makes
+//! the same decisions and the same state changes, bit for bit.
+//!
+//! # Layout
+//!
+//! - [`id`]: operation ids ([`OpId`]) and the ids derived from them.
+//! - [`command`]: validated commands and requests; only parsing builds them.
+//! - [`decision`]: decisions, outcomes and the closed set of refusal reasons.
+//! - [`state`]: the records a partition keeps, the narrow [`state::Read`] /
+//!   [`state::Write`] traits a store implements, a change set with a read
+//!   overlay, and an in-memory state.
+//! - [`partition`]: the partition state machine and the effects it emits.
+//! - [`route`]: the partitioner (FNV-1a 64 then jump consistent hash).
+//! - [`schema`]: the JSON Schemas of the wire messages (`specs/schemas/`).
+//! - [`wire`]: decoding log messages and encoding outbound ones (JSON), with
+//!   the size limits of the protocol.
+//!
+//! # What it deliberately does not do
+//!
+//! It reads no clock, draws no random numbers, does no I/O and spawns no
+//! tasks. Time and position come in as arguments; side effects go out as
+//! [`partition::Effect`] values that a driver runs after its durable commit.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod command;
+pub mod decision;
+pub mod id;
+pub mod partition;
+pub mod route;
+pub mod schema;
+pub mod state;
+pub mod wire;
+
+pub use command::{Command, Request};
+pub use decision::{Decision, Outcome, Reason};
+pub use id::OpId;

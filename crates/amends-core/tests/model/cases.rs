@@ -1,0 +1,726 @@
+//! Data-driven cases: a few setup steps, one operation, and the JSON of the
+//! outcome it must get. One case per reason code, in precedence order; cases
+//! where two reasons apply and the earlier wins; confirmations; what a
+//! refusal outside the op id window leaves behind (nothing).
+
+use amends_core::command::{
+    AccountId, Amount, ClaimKey, Command, Namespace, Owner, Request, Topic,
+};
+use amends_core::decision::Reason;
+use amends_core::id::OpId;
+use amends_core::partition::{Answer, Effect, Input};
+use amends_core::state::{MemState, Read};
+use amends_core::wire;
+use serde_json::{Value, json};
+
+use crate::log::{I64_MAX_U, T0_MS, machine};
+
+/// One step of a case.
+enum Step {
+    /// Log time moves to `T0_MS` plus this many milliseconds.
+    At(u64),
+    /// A request.
+    Req(Request),
+    /// Raw message bytes.
+    Raw(String),
+}
+
+/// The op id numbered `n`: a v7 id at `T0_MS`.
+fn id(n: u128) -> OpId {
+    OpId::v7_from_parts(T0_MS, n)
+}
+
+/// The op id numbered `n` with its timestamp at `T0_MS` plus `ms`.
+fn id_at(ms: u64, n: u128) -> OpId {
+    OpId::v7_from_parts(T0_MS + ms, n)
+}
+
+/// A request under an explicit op id.
+fn req_id(op_id: OpId, command: Command) -> Step {
+    Step::Req(Request {
+        op_id,
+        command,
+        apology_topic: None,
+    })
+}
+
+/// A UUID v4 op id (never a valid client op id).
+fn v4(n: u128) -> OpId {
+    OpId::from_uuid(uuid::Uuid::from_u128(
+        0x0000_0000_0000_4000_8000_0000_0000_0000 | n,
+    ))
+}
+
+/// The raw body of a credit of zero (malformed) under `op_id`.
+fn zero_credit(op_id: OpId) -> Step {
+    Step::Raw(format!(
+        r#"{{"op_id":"{op_id}","command":{{"type":"credit","account":"a","amount":0}}}}"#
+    ))
+}
+
+fn req(n: u128, command: Command) -> Step {
+    Step::Req(Request {
+        op_id: id(n),
+        command,
+        apology_topic: None,
+    })
+}
+
+fn at(ms: u64) -> Step {
+    Step::At(ms)
+}
+
+fn acct(a: &str) -> AccountId {
+    AccountId::new(a).expect("valid account")
+}
+
+fn amt(v: u64) -> Amount {
+    Amount::new(v).expect("positive amount")
+}
+
+fn open(a: &str) -> Command {
+    open_with(a, 0, None)
+}
+
+fn open_with(a: &str, floor: i64, ceiling: Option<i64>) -> Command {
+    Command::OpenAccount {
+        account: acct(a),
+        floor,
+        ceiling,
+    }
+}
+
+fn credit(a: &str, v: u64) -> Command {
+    Command::Credit {
+        account: acct(a),
+        amount: amt(v),
+    }
+}
+
+fn debit(a: &str, v: u64) -> Command {
+    Command::Debit {
+        account: acct(a),
+        amount: amt(v),
+    }
+}
+
+fn hold(a: &str, v: u64, timeout_ms: Option<u64>) -> Command {
+    Command::Hold {
+        account: acct(a),
+        amount: amt(v),
+        timeout_ms,
+    }
+}
+
+fn post(a: &str, hold: u128, v: Option<u64>) -> Command {
+    Command::Post {
+        account: acct(a),
+        hold: id(hold),
+        amount: v.map(amt),
+    }
+}
+
+fn void(a: &str, hold: u128) -> Command {
+    Command::Void {
+        account: acct(a),
+        hold: id(hold),
+    }
+}
+
+fn claim(key: &str, owner: &str) -> Command {
+    Command::Claim {
+        namespace: Namespace::new("user").expect("valid namespace"),
+        key: ClaimKey::new(key).expect("valid key"),
+        owner: Owner::new(owner).expect("valid owner"),
+    }
+}
+
+fn release(key: &str, owner: &str) -> Command {
+    let Command::Claim {
+        namespace,
+        key,
+        owner,
+    } = claim(key, owner)
+    else {
+        unreachable!("claim builds a claim")
+    };
+    Command::Release {
+        namespace,
+        key,
+        owner,
+    }
+}
+
+/// A partition fed step by step at increasing positions.
+struct Partition {
+    state: MemState,
+    position: u64,
+    log_time_ms: u64,
+}
+
+impl Partition {
+    fn new() -> Partition {
+        Partition {
+            state: MemState::new(),
+            position: 0,
+            log_time_ms: T0_MS,
+        }
+    }
+
+    /// Applies a step; returns its answer and effects (`None` for `At`).
+    fn step(&mut self, step: Step) -> Option<(Answer, Vec<Effect>)> {
+        let input = match step {
+            Step::At(ms) => {
+                self.log_time_ms = T0_MS + ms;
+                return None;
+            }
+            Step::Req(r) => Input::Request(r),
+            Step::Raw(text) => {
+                wire::decode_request(text.as_bytes()).expect("case has a readable op id")
+            }
+        };
+        self.position += 1;
+        let mut effects = Vec::new();
+        let answer = machine()
+            .apply(
+                &mut self.state,
+                self.position,
+                self.log_time_ms,
+                &input,
+                &mut effects,
+            )
+            .expect("positions advance");
+        Some((answer, effects))
+    }
+}
+
+/// Runs `setup` (every request of which must be confirmed), then `op`, and
+/// compares the JSON of `op`'s outcome with `expected`. Also checks where the
+/// decision goes: a conflict or a refusal outside the window to the sender
+/// only (nothing recorded or pushed), any other decision recorded and
+/// pushed.
+#[track_caller]
+fn check(setup: Vec<Step>, op: Step, expected: Value) {
+    let mut p = Partition::new();
+    for s in setup {
+        if let Some((answer, _)) = p.step(s) {
+            let confirmed = matches!(&answer, Answer::Decided(d) if d.outcome.is_confirmed());
+            assert!(confirmed, "setup step not confirmed: {answer:?}");
+        }
+    }
+    let records = p.state.dedups().count();
+    let (answer, effects) = p.step(op).expect("the op is a message");
+    let decision = answer.decision().expect("the op gets a decision");
+    let got = serde_json::to_value(&decision.outcome).expect("outcomes are JSON");
+    assert_eq!(got, expected, "answer: {answer:?}");
+    match (&answer, expected["reason"]["code"].as_str()) {
+        (Answer::Conflict(_), Some("op_id_conflict"))
+        | (Answer::OutsideWindow(_), Some("op_id_outside_window")) => {
+            assert!(effects.is_empty(), "pushed {effects:?}");
+            assert_eq!(p.state.dedups().count(), records, "recorded {answer:?}");
+        }
+        (Answer::Decided(d), _) => {
+            assert_eq!(effects.last(), Some(&Effect::Decided(d.clone())));
+            assert_eq!(p.state.dedup(d.op_id).map(|r| r.decision).as_ref(), Some(d));
+        }
+        _ => panic!("wrong answer: {answer:?}"),
+    }
+}
+
+fn rejected(reason: Value) -> Value {
+    json!({ "outcome": "rejected", "reason": reason })
+}
+
+fn confirmed(balance: i64, available: i64) -> Value {
+    json!({ "outcome": "confirmed", "balance": balance, "available": available })
+}
+
+/// One case per reason code, in precedence order.
+fn reason_cases() -> Vec<(Vec<Step>, Step, Value)> {
+    let v4 = OpId::from_uuid(uuid::Uuid::from_u128(
+        0x1234_5678_9abc_4def_8123_4567_89ab_cdef,
+    ));
+    vec![
+        (
+            vec![req(1, open("a"))],
+            req(1, open("b")),
+            rejected(json!({ "code": "op_id_conflict" })),
+        ),
+        (
+            vec![at(20_000)],
+            req(1, open("a")),
+            rejected(json!({
+                "code": "op_id_outside_window",
+                "op_time_ms": T0_MS,
+                "earliest_ms": T0_MS + 10_000,
+                "latest_ms": T0_MS + 21_000,
+            })),
+        ),
+        (
+            vec![],
+            Step::Req(Request {
+                op_id: v4,
+                command: open("a"),
+                apology_topic: None,
+            }),
+            rejected(json!({
+                "code": "malformed",
+                "detail": "op_id must be a UUID version 7 (see specs/protocol.md)",
+            })),
+        ),
+        (
+            vec![],
+            req(1, credit("a", 5)),
+            rejected(json!({ "code": "unknown_account" })),
+        ),
+        (
+            vec![req(1, open("a"))],
+            req(2, open("a")),
+            rejected(json!({ "code": "account_exists" })),
+        ),
+        (
+            vec![],
+            req(1, open_with("a", 0, Some(-1))),
+            rejected(json!({ "code": "invalid_limits", "floor": 0, "ceiling": -1 })),
+        ),
+        (
+            vec![req(1, open("a"))],
+            req(2, void("a", 9)),
+            rejected(json!({ "code": "hold_not_found" })),
+        ),
+        (
+            vec![
+                req(1, open("a")),
+                req(2, credit("a", 10)),
+                req(3, hold("a", 10, None)),
+                req(4, post("a", 3, None)),
+            ],
+            req(5, void("a", 3)),
+            rejected(json!({ "code": "hold_already_posted" })),
+        ),
+        (
+            vec![
+                req(1, open("a")),
+                req(2, credit("a", 10)),
+                req(3, hold("a", 10, None)),
+                req(4, void("a", 3)),
+            ],
+            req(5, post("a", 3, None)),
+            rejected(json!({ "code": "hold_already_voided" })),
+        ),
+        (
+            vec![
+                req(1, open("a")),
+                req(2, credit("a", 10)),
+                req(3, hold("a", 10, Some(100))),
+                at(100),
+            ],
+            req(4, post("a", 3, None)),
+            rejected(json!({ "code": "hold_expired" })),
+        ),
+        (
+            vec![
+                req(1, open("a")),
+                req(2, credit("a", 10)),
+                req(3, hold("a", 10, None)),
+            ],
+            req(4, post("a", 3, Some(11))),
+            rejected(json!({ "code": "post_exceeds_hold", "held": 10, "requested": 11 })),
+        ),
+        (
+            vec![req(1, open("a")), req(2, credit("a", I64_MAX_U))],
+            req(3, credit("a", 1)),
+            rejected(json!({ "code": "overflow" })),
+        ),
+        (
+            vec![
+                req(1, open_with("a", -5, None)),
+                req(2, credit("a", 10)),
+                req(3, hold("a", 4, None)),
+            ],
+            req(4, debit("a", 12)),
+            rejected(json!({
+                "code": "insufficient_funds",
+                "available": 6,
+                "floor": -5,
+                "requested": 12,
+            })),
+        ),
+        (
+            vec![
+                req(1, open_with("a", 0, Some(100))),
+                req(2, credit("a", 60)),
+            ],
+            req(3, credit("a", 41)),
+            rejected(json!({
+                "code": "ceiling_exceeded",
+                "balance": 60,
+                "ceiling": 100,
+                "requested": 41,
+            })),
+        ),
+        (
+            vec![req(1, claim("ann", "o1"))],
+            req(2, claim("ann", "o2")),
+            rejected(json!({ "code": "already_claimed", "owner": "o1" })),
+        ),
+        (
+            vec![],
+            req(1, release("ann", "o1")),
+            rejected(json!({ "code": "not_claimed" })),
+        ),
+        (
+            vec![req(1, claim("ann", "o1"))],
+            req(2, release("ann", "o2")),
+            rejected(json!({ "code": "not_owner", "owner": "o1" })),
+        ),
+    ]
+}
+
+#[test]
+fn one_case_per_reason_in_precedence_order() {
+    // Proves each of the 17 reason codes is produced with its documented JSON and answer kind, by one small case per code listed in Reason::CODES order.
+    let cases = reason_cases();
+    let codes: Vec<&str> = cases
+        .iter()
+        .map(|(_, _, want)| want["reason"]["code"].as_str().expect("a code"))
+        .collect();
+    assert_eq!(codes, Reason::CODES, "the cases follow Reason::CODES");
+    for (setup, op, want) in cases {
+        check(setup, op, want);
+    }
+}
+
+#[test]
+fn earlier_reason_wins() {
+    // Proves precedence: when two reasons apply, the one listed first in Reason::CODES is returned, case by case.
+    let code = |c: &str| rejected(json!({ "code": c }));
+    let funded = || {
+        vec![
+            req(1, open("a")),
+            req(2, credit("a", 10)),
+            req(3, hold("a", 10, Some(100))),
+        ]
+    };
+    let too_old = || {
+        rejected(json!({
+            "code": "op_id_outside_window",
+            "op_time_ms": T0_MS,
+            "earliest_ms": T0_MS + 1,
+            "latest_ms": T0_MS + 11_001,
+        }))
+    };
+    // op_id_conflict before op_id_outside_window: dedup comes first, while
+    // the record is kept (here the op id is too old by 1 ms).
+    check(
+        vec![req(1, open("a")), at(10_001)],
+        req(1, open("b")),
+        code("op_id_conflict"),
+    );
+    // op_id_conflict before malformed: a bad body under a decided op id.
+    check(
+        vec![req(1, open("a"))],
+        zero_credit(id(1)),
+        code("op_id_conflict"),
+    );
+    // op_id_outside_window before malformed: a bad body, too old or too new.
+    check(vec![at(10_001)], zero_credit(id(1)), too_old());
+    check(
+        vec![],
+        zero_credit(id_at(1_001, 1)),
+        rejected(json!({
+            "code": "op_id_outside_window",
+            "op_time_ms": T0_MS + 1_001,
+            "earliest_ms": T0_MS - 10_000,
+            "latest_ms": T0_MS + 1_000,
+        })),
+    );
+    // op_id_outside_window before unknown_account.
+    check(vec![at(10_001)], req(1, credit("nobody", 1)), too_old());
+    // malformed (not v7) before unknown_account.
+    check(
+        vec![],
+        req_id(v4(1), credit("nobody", 1)),
+        rejected(json!({ "code": "malformed", "detail": crate::reference::NOT_V7_DETAIL })),
+    );
+    // A bad body under a non-v7 op id: malformed, with the body's detail.
+    check(
+        vec![],
+        zero_credit(v4(1)),
+        rejected(json!({ "code": "malformed", "detail": "amount must be at least 1" })),
+    );
+    // unknown_account before overflow.
+    check(
+        vec![],
+        req(1, credit("nobody", u64::MAX)),
+        code("unknown_account"),
+    );
+    // unknown_account before hold_not_found, for post and void.
+    check(
+        funded(),
+        req(4, post("nobody", 3, None)),
+        code("unknown_account"),
+    );
+    check(funded(), req(4, void("nobody", 3)), code("unknown_account"));
+    // account_exists before invalid_limits.
+    check(
+        vec![req(1, open("a"))],
+        req(2, open_with("a", 1, None)),
+        code("account_exists"),
+    );
+    // hold_not_found (the hold is on another account) before post_exceeds_hold.
+    let mut two = funded();
+    two.push(req(4, open("b")));
+    check(
+        two,
+        req(5, post("b", 3, Some(u64::MAX))),
+        code("hold_not_found"),
+    );
+    // hold_expired before post_exceeds_hold.
+    let mut late = funded();
+    late.push(at(150));
+    check(late, req(4, post("a", 3, Some(11))), code("hold_expired"));
+    // post_exceeds_hold before overflow: an amount no balance can take.
+    check(
+        funded(),
+        req(4, post("a", 3, Some(u64::MAX))),
+        rejected(json!({ "code": "post_exceeds_hold", "held": 10, "requested": u64::MAX })),
+    );
+    // overflow before insufficient_funds: amounts above i64::MAX, and a
+    // debit that would go below i64::MIN on an account without a real floor.
+    check(
+        vec![req(1, open("a"))],
+        req(2, debit("a", I64_MAX_U + 1)),
+        code("overflow"),
+    );
+    check(
+        vec![req(1, open("a"))],
+        req(2, hold("a", u64::MAX, None)),
+        code("overflow"),
+    );
+    check(
+        vec![
+            req(1, open_with("a", i64::MIN, None)),
+            req(2, debit("a", I64_MAX_U)),
+        ],
+        req(3, debit("a", 2)),
+        code("overflow"),
+    );
+    // overflow of a hold's expiry before insufficient_funds.
+    check(
+        vec![req(1, open("a"))],
+        req(2, hold("a", 1, Some(u64::MAX))),
+        code("overflow"),
+    );
+    // overflow before ceiling_exceeded.
+    check(
+        vec![req(1, open_with("a", 0, Some(10)))],
+        req(2, credit("a", I64_MAX_U + 1)),
+        code("overflow"),
+    );
+}
+
+#[test]
+fn confirmations_show_balance_and_available() {
+    // Proves confirmed balance commands report the balance and available after the operation, and claims report nothing more, by one case per command.
+    let base = || {
+        vec![
+            req(1, open_with("a", -50, Some(1000))),
+            req(2, credit("a", 100)),
+        ]
+    };
+    check(vec![], req(1, open("a")), confirmed(0, 0));
+    check(
+        vec![req(1, open("a"))],
+        req(2, credit("a", 100)),
+        confirmed(100, 100),
+    );
+    check(base(), req(3, debit("a", 150)), confirmed(-50, -50));
+    check(
+        base(),
+        req(3, hold("a", 30, Some(5_000))),
+        confirmed(100, 70),
+    );
+    let held = || {
+        let mut s = base();
+        s.push(req(3, hold("a", 30, None)));
+        s
+    };
+    check(held(), req(4, post("a", 3, Some(20))), confirmed(80, 80));
+    check(held(), req(4, post("a", 3, None)), confirmed(70, 70));
+    check(held(), req(4, void("a", 3)), confirmed(100, 100));
+    check(held(), req(4, debit("a", 120)), confirmed(-20, -50));
+    check(
+        vec![],
+        req(1, claim("ann", "o1")),
+        json!({ "outcome": "confirmed" }),
+    );
+    // Claiming what you own is confirmed again.
+    check(
+        vec![req(1, claim("ann", "o1"))],
+        req(2, claim("ann", "o1")),
+        json!({ "outcome": "confirmed" }),
+    );
+    check(
+        vec![req(1, claim("ann", "o1"))],
+        req(2, release("ann", "o1")),
+        json!({ "outcome": "confirmed" }),
+    );
+}
+
+#[test]
+fn malformed_bodies_are_refused() {
+    // Proves a body that fails to parse, with a readable op id, is refused as malformed with the parser's detail, and resending it is a duplicate.
+    let op = id(1);
+    let body =
+        format!(r#"{{"op_id":"{op}","command":{{"type":"credit","account":"a","amount":0}}}}"#);
+    let mut p = Partition::new();
+    let (answer, _) = p.step(Step::Raw(body.clone())).expect("a message");
+    let Answer::Decided(first) = answer else {
+        panic!("decided, got {answer:?}")
+    };
+    let got = serde_json::to_value(&first.outcome).expect("JSON");
+    assert_eq!(got["reason"]["code"], "malformed");
+    assert!(
+        got["reason"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("amount must be at least 1")),
+        "detail: {got}"
+    );
+    let (again, _) = p.step(Step::Raw(body)).expect("a message");
+    assert_eq!(again, Answer::Duplicate(first));
+    // The same op id with a parsed body is another body: a conflict.
+    let (conflict, _) = p.step(req(1, open("a"))).expect("a message");
+    let Answer::Conflict(d) = conflict else {
+        panic!("conflict, got {conflict:?}")
+    };
+    assert_eq!(d.outcome.reason(), Some(&Reason::OpIdConflict));
+}
+
+#[test]
+fn expiry_and_apology_effects() {
+    // Proves the outbox of one message: hold expiries first, in (time, id) order, then the apology of a refused optimistic request, then its decision.
+    let mut p = Partition::new();
+    for s in [
+        req(1, open("a")),
+        req(2, credit("a", 10)),
+        req(4, hold("a", 3, Some(50))),
+        req(3, hold("a", 2, Some(50))),
+    ] {
+        p.step(s);
+    }
+    p.step(req(5, hold("a", 4, Some(20))));
+    p.step(at(60));
+    let refused = Request {
+        op_id: id(6),
+        command: debit("a", 11),
+        apology_topic: Some(Topic::new("orders.refund").expect("valid topic")),
+    };
+    let (answer, effects) = p.step(Step::Req(refused)).expect("a message");
+    let json: Vec<Value> = effects
+        .iter()
+        .map(|e| match e {
+            Effect::HoldExpired(x) => json!({
+                "expired": x.hold,
+                "amount": x.amount,
+                "at": x.log_time_ms - T0_MS,
+                "position": x.position,
+            }),
+            Effect::Apology(a) => json!({
+                "apology": a.topic.as_str(),
+                "code": a.decision.outcome.reason().map(Reason::code),
+            }),
+            Effect::Decided(d) => json!({ "decided": d.op_id, "position": d.position }),
+        })
+        .collect();
+    let expected = vec![
+        json!({ "expired": id(5), "amount": 4, "at": 60, "position": 6 }),
+        json!({ "expired": id(3), "amount": 2, "at": 60, "position": 6 }),
+        json!({ "expired": id(4), "amount": 3, "at": 60, "position": 6 }),
+        json!({ "apology": "orders.refund", "code": "insufficient_funds" }),
+        json!({ "decided": id(6), "position": 6 }),
+    ];
+    assert_eq!(json, expected);
+    let decision = answer.decision().expect("decided");
+    assert_eq!(
+        serde_json::to_value(&decision.outcome).expect("JSON"),
+        rejected(
+            json!({ "code": "insufficient_funds", "available": 10, "floor": 0, "requested": 11 })
+        )
+    );
+}
+
+#[test]
+fn outside_window_is_for_the_sender_only() {
+    // Proves a refusal outside the op id window records and pushes nothing (no decision, no apology), for a request with an apology topic and for a malformed body alike, so the op id is judged afresh each time: a too-new one is decided once log time catches up, and after compaction a resend is refused outside the window rather than decided twice.
+    let outside = |p: &mut Partition, s: Step| {
+        let records = p.state.dedups().count();
+        let (answer, effects) = p.step(s).expect("a message");
+        let Answer::OutsideWindow(d) = &answer else {
+            panic!("outside the window, got {answer:?}")
+        };
+        assert_eq!(d.position, p.position, "answered at its own position");
+        assert!(effects.is_empty(), "pushed {effects:?}");
+        assert!(p.state.dedup(d.op_id).is_none(), "recorded {answer:?}");
+        assert_eq!(p.state.dedups().count(), records);
+    };
+    let mut p = Partition::new();
+    p.step(req(1, open("a")));
+
+    // Too new by 1 ms, optimistic, and it would be refused: no apology.
+    let optimistic = Request {
+        op_id: id_at(1_001, 2),
+        command: debit("a", 5),
+        apology_topic: Some(Topic::new("orders.refund").expect("valid topic")),
+    };
+    let early = || Step::Req(optimistic.clone());
+    outside(&mut p, early());
+    // Not recorded, so the same message again is no duplicate.
+    outside(&mut p, early());
+    // Once log time is within the skew of its timestamp it is decided, for
+    // the first time, with its apology; then it is a duplicate.
+    p.step(at(1));
+    let (answer, effects) = p.step(early()).expect("a message");
+    let Answer::Decided(first) = answer else {
+        panic!("decided, got {answer:?}")
+    };
+    assert!(matches!(
+        first.outcome.reason(),
+        Some(Reason::InsufficientFunds { .. })
+    ));
+    assert!(matches!(&effects[..], [Effect::Apology(_), Effect::Decided(d)] if *d == first));
+    let (again, effects) = p.step(early()).expect("a message");
+    assert_eq!(again, Answer::Duplicate(first));
+    assert!(effects.is_empty());
+
+    // The same for a malformed body: the window comes first.
+    outside(&mut p, zero_credit(id_at(1_002, 3)));
+    p.step(at(2));
+    let (answer, _) = p.step(zero_credit(id_at(1_002, 3))).expect("a message");
+    let Answer::Decided(bad) = answer else {
+        panic!("decided, got {answer:?}")
+    };
+    assert!(matches!(
+        bad.outcome.reason(),
+        Some(Reason::Malformed { .. })
+    ));
+    let (again, _) = p.step(zero_credit(id_at(1_002, 3))).expect("a message");
+    assert_eq!(again, Answer::Duplicate(bad));
+
+    // Too old: a new op id is refused; a decided one is still a duplicate
+    // while its record is kept, and refused once compaction forgot it.
+    p.step(at(10_001));
+    outside(&mut p, req(4, credit("a", 1)));
+    let (answer, _) = p.step(req(1, open("a"))).expect("a message");
+    assert!(matches!(answer, Answer::Duplicate(_)), "got {answer:?}");
+    p.step(at(20_000));
+    let horizon = machine().config().compaction_horizon_ms(T0_MS + 20_000);
+    p.state.compact(horizon);
+    assert_eq!(
+        p.state.dedups().count(),
+        0,
+        "every record is past the horizon"
+    );
+    outside(&mut p, req(1, open("a")));
+    outside(&mut p, zero_credit(id_at(1_002, 3)));
+}

@@ -1,0 +1,862 @@
+//! Model-based property tests of the partition state machine.
+//!
+//! Generated logs (`log.rs`: fresh requests of every kind, duplicates,
+//! resubmissions, conflicting reuses of op ids, malformed messages, ticks,
+//! log time that jumps or goes back, op ids on both sides of the window,
+//! crashes and compactions) are applied to `Machine::apply` and checked
+//! against a naive reference model (`reference.rs`), against themselves
+//! (replay, batching through an overlay, restarts) and against the
+//! invariants of DESIGN.md after every message: one `Decided` per op id, and
+//! an answer that decides nothing (a duplicate, a conflict, a refusal outside
+//! the window) changes nothing but what a tick would. `cases.rs` holds small,
+//! data-driven cases, one per reason code.
+
+mod cases;
+mod log;
+mod reference;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use amends_core::command::{Command, Request, raw_fingerprint};
+use amends_core::decision::{Decision, Outcome, Reason};
+use amends_core::id::OpId;
+use amends_core::partition::{Answer, Effect, Fault, Input};
+use amends_core::state::{ChangeSet, ExpiryKey, HoldStatus, MemState, Overlay, Read};
+use amends_core::wire;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::{TestCaseError, TestRunner};
+
+use crate::log::{Entry, Item, PARTITION, RETENTION_MS, SKEW_MS};
+use crate::reference::{Body, Reference};
+
+/// Generated logs per property.
+const CASES: u32 = 256;
+/// Longest generated log, in ops.
+const OPS_MAX: usize = 200;
+
+/// Runs `test` on `CASES` values of `strategy` (`PROPTEST_CASES` overrides
+/// it, for a longer soak); panics with the shrunk failing input on failure.
+fn run<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    let config = ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CASES),
+        // Shrinking a 200-op log is cheap; a clear counterexample is worth it.
+        max_shrink_iters: 4096,
+        // Keep the tree clean: a failure prints its minimal input.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = TestRunner::new(config);
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("{e}");
+    }
+}
+
+/// What the generated logs exercised, over all cases of one property.
+#[derive(Default)]
+struct Coverage(BTreeSet<String>);
+
+impl Coverage {
+    fn note(&mut self, input: &Input, answer: &Answer, effects: &[Effect]) {
+        let tag = match answer {
+            Answer::Decided(d) => match &d.outcome {
+                Outcome::Confirmed { .. } => "confirmed",
+                Outcome::Rejected { reason } => {
+                    if matches!(reason, Reason::Malformed { .. }) && op_time_ms(d.op_id).is_none() {
+                        self.insert("malformed:not_v7");
+                    }
+                    reason.code()
+                }
+            },
+            Answer::Duplicate(_) => "duplicate",
+            Answer::Conflict(_) => "conflict",
+            Answer::OutsideWindow(d) => {
+                let too_old = matches!(
+                    d.outcome.reason(),
+                    Some(Reason::OpIdOutsideWindow { op_time_ms, earliest_ms, .. })
+                        if op_time_ms < earliest_ms
+                );
+                self.insert(if too_old {
+                    "outside_window:too_old"
+                } else {
+                    "outside_window:too_new"
+                });
+                match input {
+                    Input::Malformed { .. } => self.insert("outside_window:malformed_body"),
+                    Input::Request(r) if r.apology_topic.is_some() => {
+                        self.insert("outside_window:apology_topic");
+                    }
+                    Input::Request(_) => {}
+                }
+                "outside_window"
+            }
+            Answer::Ticked => "ticked",
+        };
+        self.0.insert(tag.to_owned());
+        for e in effects {
+            let tag = match e {
+                Effect::Decided(_) => "effect:decided",
+                Effect::Apology(_) => "effect:apology",
+                Effect::HoldExpired(_) => "effect:hold_expired",
+            };
+            self.0.insert(tag.to_owned());
+        }
+    }
+
+    fn insert(&mut self, tag: &str) {
+        self.0.insert(tag.to_owned());
+    }
+
+    /// Fails unless every tag in `expected` was seen.
+    fn assert_has(&self, expected: &[&str]) {
+        let missing: Vec<_> = expected.iter().filter(|t| !self.0.contains(**t)).collect();
+        assert!(
+            missing.is_empty(),
+            "the generated logs never produced {missing:?}; saw {:?}",
+            self.0
+        );
+    }
+}
+
+/// What the harness learns from answers alone, to check the state against.
+#[derive(Default)]
+struct Books {
+    /// The one `Decided` answer of every op id.
+    decided: BTreeMap<OpId, Decision>,
+    /// Every op id ever answered `OutsideWindow`.
+    outside: BTreeSet<OpId>,
+    /// The request decided for each op id (absent for malformed ones).
+    requests: BTreeMap<OpId, Request>,
+    /// Confirmed credits minus confirmed debits minus posted amounts.
+    money: i128,
+}
+
+impl Books {
+    /// Records one message's answer; checks exactly-once and the shape of
+    /// the effects (expiries, then an apology and the decision if decided;
+    /// expiries only otherwise).
+    fn record(
+        &mut self,
+        input: &Input,
+        answer: &Answer,
+        effects: &[Effect],
+    ) -> Result<(), TestCaseError> {
+        let expiries = effects
+            .iter()
+            .take_while(|e| matches!(e, Effect::HoldExpired(_)))
+            .count();
+        let rest = &effects[expiries..];
+        if let Some(d) = answer.decision() {
+            prop_assert_eq!(d.op_id, op_id_of(input), "the answer names another op id");
+        }
+        match answer {
+            Answer::Decided(d) => {
+                prop_assert!(
+                    !self.decided.contains_key(&d.op_id),
+                    "op id {} decided twice: {:?} then {:?}",
+                    d.op_id,
+                    self.decided.get(&d.op_id),
+                    d
+                );
+                prop_assert!(
+                    !matches!(
+                        d.outcome.reason(),
+                        Some(Reason::OpIdConflict | Reason::OpIdOutsideWindow { .. })
+                    ),
+                    "a sender-only refusal was decided and published: {:?}",
+                    d
+                );
+                let apology = match rest {
+                    [Effect::Decided(e)] => {
+                        prop_assert_eq!(e, d);
+                        false
+                    }
+                    [Effect::Apology(a), Effect::Decided(e)] => {
+                        prop_assert_eq!(e, d);
+                        prop_assert_eq!(&a.decision, d);
+                        prop_assert!(!d.outcome.is_confirmed(), "apology for a confirmation");
+                        true
+                    }
+                    other => {
+                        return Err(TestCaseError::fail(format!(
+                            "bad effects after expiries: {other:?}"
+                        )));
+                    }
+                };
+                self.decided.insert(d.op_id, d.clone());
+                if let Input::Request(req) = input {
+                    prop_assert_eq!(
+                        apology,
+                        req.apology_topic.is_some() && !d.outcome.is_confirmed()
+                    );
+                    self.requests.insert(req.op_id, req.clone());
+                    if d.outcome.is_confirmed() {
+                        self.money += self.money_moved(&req.command);
+                    }
+                }
+            }
+            Answer::Duplicate(d) => {
+                prop_assert_eq!(
+                    Some(d),
+                    self.decided.get(&d.op_id),
+                    "a duplicate gets the original"
+                );
+                prop_assert!(rest.is_empty(), "a duplicate pushed {:?}", rest);
+            }
+            Answer::Conflict(d) => {
+                prop_assert!(self.decided.contains_key(&d.op_id), "conflict with nothing");
+                prop_assert_eq!(d.outcome.reason(), Some(&Reason::OpIdConflict));
+                prop_assert!(rest.is_empty(), "a conflict pushed {:?}", rest);
+            }
+            Answer::OutsideWindow(d) => {
+                // The window at the refusal's log time, from the settings.
+                let earliest = d.log_time_ms.saturating_sub(RETENTION_MS);
+                let latest = d.log_time_ms.saturating_add(SKEW_MS);
+                let Some(t) = op_time_ms(d.op_id) else {
+                    return Err(TestCaseError::fail(format!(
+                        "a non-v7 op id refused outside the window: {d:?}"
+                    )));
+                };
+                prop_assert!(
+                    t < earliest || latest < t,
+                    "{} is inside [{}, {}]",
+                    t,
+                    earliest,
+                    latest
+                );
+                let want = Reason::OpIdOutsideWindow {
+                    op_time_ms: t,
+                    earliest_ms: earliest,
+                    latest_ms: latest,
+                };
+                prop_assert_eq!(d.outcome.reason(), Some(&want));
+                prop_assert!(
+                    rest.is_empty(),
+                    "a refusal outside the window pushed {:?}",
+                    rest
+                );
+                self.outside.insert(d.op_id);
+            }
+            Answer::Ticked => prop_assert!(rest.is_empty(), "a tick pushed {:?}", rest),
+        }
+        Ok(())
+    }
+
+    /// How a confirmed command changed the sum of balances.
+    fn money_moved(&self, command: &Command) -> i128 {
+        match command {
+            Command::Credit { amount, .. } => i128::from(amount.get()),
+            Command::Debit { amount, .. } => -i128::from(amount.get()),
+            Command::Post { hold, amount, .. } => match amount {
+                Some(a) => -i128::from(a.get()),
+                None => match self.requests.get(hold).map(|r| &r.command) {
+                    Some(Command::Hold { amount, .. }) => -i128::from(amount.get()),
+                    other => panic!("post of {hold} confirmed, but its hold request is {other:?}"),
+                },
+            },
+            _ => 0,
+        }
+    }
+}
+
+/// The op id of a message (also a tick's).
+fn op_id_of(input: &Input) -> OpId {
+    match input {
+        Input::Request(r) => r.op_id,
+        Input::Malformed { op_id, .. } => *op_id,
+    }
+}
+
+/// The timestamp of a v7 op id, read from its bits (not with the core's
+/// `OpId::v7_unix_ms`); `None` for another version.
+fn op_time_ms(op_id: OpId) -> Option<u64> {
+    (op_id.0.get_version_num() == 7).then(|| {
+        let ms = op_id.0.as_u128() >> 80;
+        u64::try_from(ms).expect("48 bits fit")
+    })
+}
+
+/// Checks that a message whose answer decides nothing (a duplicate, a
+/// conflict, a refusal outside the window) changed the state and pushed
+/// effects exactly as a tick at its position and log time would have: the
+/// clock and due hold expiries, nothing else (no record, no decision, no
+/// apology).
+fn check_like_tick(
+    before: &MemState,
+    e: &Entry,
+    after: &MemState,
+    effects: &[Effect],
+) -> Result<(), TestCaseError> {
+    let tick = Input::Request(Request {
+        op_id: op_id_of(&e.input),
+        command: Command::Tick {},
+        apology_topic: None,
+    });
+    let mut ticked = before.clone();
+    let mut tick_effects = Vec::new();
+    let answer = log::machine().apply(
+        &mut ticked,
+        e.position,
+        e.log_time_ms,
+        &tick,
+        &mut tick_effects,
+    );
+    prop_assert_eq!(answer, Ok(Answer::Ticked));
+    prop_assert!(
+        ticked == *after,
+        "the message at position {} changed more than a tick would",
+        e.position
+    );
+    prop_assert_eq!(&tick_effects[..], effects, "effects beyond a tick's");
+    Ok(())
+}
+
+/// The invariants of a partition state that need no model.
+fn check_invariants(state: &MemState, books: &Books, compacted: bool) -> Result<(), TestCaseError> {
+    let balances: i128 = state.accounts().map(|(_, a)| i128::from(a.balance)).sum();
+    prop_assert_eq!(balances, books.money, "money is not conserved");
+
+    let mut pending: BTreeMap<String, i128> = BTreeMap::new();
+    let mut expiring = BTreeSet::new();
+    for (id, hold) in state.holds() {
+        if hold.status == HoldStatus::Pending {
+            *pending.entry(hold.account.to_string()).or_default() += i128::from(hold.amount);
+            if let Some(at_ms) = hold.expires_at_ms {
+                expiring.insert(ExpiryKey { at_ms, hold: *id });
+            }
+        }
+    }
+    for (id, a) in state.accounts() {
+        prop_assert!(a.held >= 0, "{id}: held {} < 0", a.held);
+        prop_assert_eq!(
+            i128::from(a.held),
+            pending.get(id.as_str()).copied().unwrap_or(0),
+            "{}: held",
+            id
+        );
+        let available = i128::from(a.balance) - i128::from(a.held);
+        prop_assert!(
+            available >= i128::from(a.floor),
+            "{id}: available {available} below floor {}",
+            a.floor
+        );
+        if let Some(c) = a.ceiling {
+            prop_assert!(
+                a.balance <= c,
+                "{id}: balance {} above ceiling {c}",
+                a.balance
+            );
+        }
+    }
+    for account in pending.keys() {
+        prop_assert!(
+            state.account(account).is_some(),
+            "pending hold on missing account {account}"
+        );
+    }
+    let index: BTreeSet<ExpiryKey> = state.expiries().copied().collect();
+    prop_assert_eq!(
+        index,
+        expiring,
+        "expiry index is not the pending holds with an expiry"
+    );
+
+    for (op, dedup) in state.dedups() {
+        prop_assert_eq!(
+            Some(&dedup.decision),
+            books.decided.get(op),
+            "dedup record of {}",
+            op
+        );
+    }
+    if !compacted {
+        prop_assert_eq!(
+            state.dedups().count(),
+            books.decided.len(),
+            "a decision has no dedup record"
+        );
+    }
+    Ok(())
+}
+
+/// The state equals the reference model's, record by record.
+fn check_against_model(state: &MemState, model: &Reference) -> Result<(), TestCaseError> {
+    let clock = state.clock();
+    prop_assert_eq!(
+        (clock.position, clock.log_time_ms),
+        (model.position, model.now_ms),
+        "clock"
+    );
+
+    let accounts: BTreeMap<String, (i64, i64, i64, Option<i64>)> = state
+        .accounts()
+        .map(|(id, a)| (id.to_string(), (a.balance, a.held, a.floor, a.ceiling)))
+        .collect();
+    let want: BTreeMap<String, (i64, i64, i64, Option<i64>)> = model
+        .accounts
+        .iter()
+        .map(|(id, a)| (id.clone(), (a.balance, a.held, a.floor, a.ceiling)))
+        .collect();
+    prop_assert_eq!(accounts, want, "accounts");
+
+    type HoldRow = (String, i64, Option<u64>, HoldStatus);
+    let holds: BTreeMap<OpId, HoldRow> = state
+        .holds()
+        .map(|(id, h)| {
+            (
+                *id,
+                (h.account.to_string(), h.amount, h.expires_at_ms, h.status),
+            )
+        })
+        .collect();
+    let want: BTreeMap<OpId, HoldRow> = model
+        .holds
+        .iter()
+        .map(|(id, h)| {
+            (
+                *id,
+                (h.account.clone(), h.amount, h.expires_at_ms, h.status),
+            )
+        })
+        .collect();
+    prop_assert_eq!(holds, want, "holds");
+
+    let claims: BTreeMap<String, String> = state
+        .claims()
+        .map(|(k, c)| (k.clone(), c.owner.to_string()))
+        .collect();
+    prop_assert_eq!(claims, model.claims_by_routing_key(), "claims");
+
+    prop_assert_eq!(state.dedups().count(), model.seen.len(), "dedup records");
+    for (op, seen) in &model.seen {
+        let Some(dedup) = state.dedup(*op) else {
+            return Err(TestCaseError::fail(format!("no dedup record for {op}")));
+        };
+        prop_assert_eq!(&dedup.decision, &seen.decision, "decision of {}", op);
+        let fingerprint = match &seen.body {
+            Body::Parsed(req) => req.fingerprint(),
+            Body::Raw(bytes) => raw_fingerprint(bytes),
+        };
+        prop_assert_eq!(dedup.fingerprint, fingerprint, "fingerprint of {}", op);
+    }
+    Ok(())
+}
+
+#[test]
+fn matches_reference() {
+    // Proves apply on a MemState answers, emits and stores exactly what the naive reference model does, message by message, with the invariants checked after each and every answer that decides nothing compared with a tick.
+    let coverage = RefCell::new(Coverage::default());
+    run(log::ops(OPS_MAX, 0, 0), |ops| {
+        let machine = log::machine();
+        let mut state = MemState::new();
+        let mut model = Reference::new(PARTITION, RETENTION_MS, SKEW_MS);
+        let mut books = Books::default();
+        for entry in log::messages(&log::build(&ops)) {
+            let Entry {
+                position,
+                log_time_ms,
+                input,
+                bytes,
+            } = &entry;
+            let before = state.clone();
+            let mut effects = Vec::new();
+            let got = machine.apply(&mut state, *position, *log_time_ms, input, &mut effects);
+            let (want, want_effects) = model.apply(*position, *log_time_ms, input, bytes);
+            prop_assert_eq!(&got, &want, "answer at position {}", position);
+            prop_assert_eq!(&effects, &want_effects, "effects at position {}", position);
+            let Ok(answer) = got else {
+                return Err(TestCaseError::fail("generated positions always advance"));
+            };
+            if matches!(answer, Answer::Decided(_)) && books.outside.contains(&op_id_of(input)) {
+                // A too-new op id, now inside the window: its first decision.
+                coverage.borrow_mut().insert("decided after outside_window");
+            }
+            books.record(input, &answer, &effects)?;
+            if !matches!(answer, Answer::Decided(_)) {
+                check_like_tick(&before, &entry, &state, &effects)?;
+            }
+            check_against_model(&state, &model)?;
+            check_invariants(&state, &books, false)?;
+            coverage.borrow_mut().note(input, &answer, &effects);
+        }
+        Ok(())
+    });
+    // Conflicts and refusals outside the window are never `Decided`: they
+    // are counted under their own answers.
+    let mut expected: Vec<&str> = Reason::CODES
+        .iter()
+        .filter(|c| !matches!(**c, "op_id_conflict" | "op_id_outside_window"))
+        .copied()
+        .collect();
+    expected.extend([
+        "confirmed",
+        "duplicate",
+        "conflict",
+        "outside_window",
+        "outside_window:too_old",
+        "outside_window:too_new",
+        "outside_window:malformed_body",
+        "outside_window:apology_topic",
+        "decided after outside_window",
+        "malformed:not_v7",
+        "ticked",
+        "effect:apology",
+        "effect:hold_expired",
+    ]);
+    coverage.into_inner().assert_has(&expected);
+}
+
+/// Every answer and effect of one run, and the state it ended in.
+struct Run {
+    answers: Vec<Answer>,
+    effects: Vec<Vec<Effect>>,
+    state: MemState,
+}
+
+fn apply_all(entries: &[Entry]) -> Run {
+    let machine = log::machine();
+    let mut state = MemState::new();
+    let mut answers = Vec::new();
+    let mut all = Vec::new();
+    for e in entries {
+        let mut effects = Vec::new();
+        let answer = machine
+            .apply(
+                &mut state,
+                e.position,
+                e.log_time_ms,
+                &e.input,
+                &mut effects,
+            )
+            .unwrap_or_else(|f| panic!("generated positions always advance: {f}"));
+        answers.push(answer);
+        all.push(effects);
+    }
+    Run {
+        answers,
+        effects: all,
+        state,
+    }
+}
+
+/// The wire bytes of everything a run published or answered.
+fn wire_bytes(run: &Run) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (answer, effects) in run.answers.iter().zip(&run.effects) {
+        if let Some(d) = answer.decision() {
+            out.push(wire::encode(d));
+        }
+        for e in effects {
+            out.push(match e {
+                Effect::Decided(d) => wire::encode(d),
+                Effect::Apology(a) => wire::encode(a),
+                Effect::HoldExpired(x) => wire::encode(x),
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn replay_is_bit_identical() {
+    // Proves a partition is a function of its log: replaying the raw messages (decoded again) into a fresh state gives equal answers, effects, state and JSON bytes, also when resumed from a mid-log snapshot.
+    run((log::ops(OPS_MAX, 0, 0), any::<Index>()), |(ops, cut)| {
+        let entries = log::messages(&log::build(&ops));
+        let first = apply_all(&entries);
+        // The replay reads the log as `amends rebuild` would: bytes only.
+        let reread: Vec<Entry> = entries
+            .iter()
+            .map(|e| Entry {
+                input: wire::decode_request(&e.bytes).expect("the op id was readable before"),
+                ..e.clone()
+            })
+            .collect();
+        let again = apply_all(&reread);
+        prop_assert_eq!(&first.answers, &again.answers);
+        prop_assert_eq!(&first.effects, &again.effects);
+        prop_assert!(first.state == again.state, "replayed state differs");
+        prop_assert_eq!(wire_bytes(&first), wire_bytes(&again));
+
+        // Resume from a snapshot taken at `cut`: the suffix replays the same.
+        let cut = cut.index(entries.len() + 1);
+        let prefix = apply_all(&entries[..cut]);
+        let machine = log::machine();
+        let mut state = prefix.state.clone();
+        for (i, e) in entries.iter().enumerate().skip(cut) {
+            let mut effects = Vec::new();
+            let answer = machine.apply(
+                &mut state,
+                e.position,
+                e.log_time_ms,
+                &e.input,
+                &mut effects,
+            );
+            prop_assert_eq!(answer.as_ref(), Ok(&first.answers[i]));
+            prop_assert_eq!(&effects, &first.effects[i]);
+        }
+        prop_assert!(
+            state == first.state,
+            "state resumed from a snapshot differs"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn overlay_batches_equal_direct_apply() {
+    // Proves batching through Overlay + ChangeSet + absorb, with crashes that drop an uncommitted batch and resume from the base's clock, commits exactly the direct run's states, answers and effects.
+    let coverage = RefCell::new(Coverage::default());
+    let strategy = (
+        log::ops(OPS_MAX, 3, 0),
+        prop::collection::vec(1..=8usize, 1..=16),
+        prop::collection::vec(any::<bool>(), 1..=8),
+    );
+    run(strategy, |(ops, sizes, fresh_sets)| {
+        let items = log::build(&ops);
+        let entries = log::messages(&items);
+        let direct = apply_all(&entries);
+        // The crash points: before the message with this index.
+        let mut crashes = Vec::new();
+        let mut seen = 0;
+        for item in &items {
+            match item {
+                Item::Message(_) => seen += 1,
+                Item::Restart => crashes.push(seen),
+                Item::Compact => {}
+            }
+        }
+
+        let machine = log::machine();
+        let mut base = MemState::new();
+        let mut changes = ChangeSet::default();
+        let mut answers: Vec<Answer> = Vec::new();
+        let mut effects: Vec<Vec<Effect>> = Vec::new();
+        let (mut next, mut batches, mut crashed) = (0usize, 0usize, 0usize);
+        while next < entries.len() {
+            let size = sizes[batches % sizes.len()];
+            batches += 1;
+            let start = next;
+            let mut batch_answers = Vec::new();
+            let mut batch_effects = Vec::new();
+            let mut crash = false;
+            {
+                let mut overlay = Overlay::new(&base, &mut changes);
+                while next < entries.len() && next - start < size {
+                    if let Some(at) = crashes.iter().position(|c| *c == next) {
+                        // Each crash point fires once, possibly mid-batch.
+                        crashes.remove(at);
+                        crash = true;
+                        break;
+                    }
+                    let e = &entries[next];
+                    let mut out = Vec::new();
+                    let answer =
+                        machine.apply(&mut overlay, e.position, e.log_time_ms, &e.input, &mut out);
+                    let Ok(answer) = answer else {
+                        return Err(TestCaseError::fail(format!("fault in a batch: {answer:?}")));
+                    };
+                    batch_answers.push(answer);
+                    batch_effects.push(out);
+                    next += 1;
+                }
+            }
+            if crash {
+                // The batch dies with the process: nothing of it is durable.
+                if fresh_sets[crashed % fresh_sets.len()] {
+                    changes = ChangeSet::default();
+                } else {
+                    changes.clear();
+                    prop_assert!(changes.is_empty() && changes.dedup_order.is_empty());
+                }
+                crashed += 1;
+                coverage.borrow_mut().insert(if next > start {
+                    "crash mid-batch"
+                } else {
+                    "crash at batch start"
+                });
+                // Resume after what the durable state says was applied.
+                let applied = base.clock().position;
+                next = entries
+                    .iter()
+                    .position(|e| e.position > applied)
+                    .unwrap_or(entries.len());
+                prop_assert_eq!(
+                    next,
+                    start,
+                    "the base's clock is the last committed message"
+                );
+                continue;
+            }
+
+            // The outbox order is the order of decisions.
+            let decided: Vec<OpId> = batch_effects
+                .iter()
+                .flatten()
+                .filter_map(|e| match e {
+                    Effect::Decided(d) => Some(d.op_id),
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(&changes.dedup_order, &decided, "dedup_order of a batch");
+            prop_assert_eq!(changes.is_empty(), next == start);
+            base.absorb(&mut changes);
+            prop_assert!(
+                changes.is_empty() && changes.dedup_order.is_empty(),
+                "absorb leaves a clean set"
+            );
+            answers.extend(batch_answers);
+            effects.extend(batch_effects);
+            coverage.borrow_mut().insert("commit");
+
+            // Committed batches equal the direct run, prefix by prefix.
+            prop_assert_eq!(&answers[..], &direct.answers[..next]);
+            prop_assert_eq!(&effects[..], &direct.effects[..next]);
+            let mut direct_prefix = apply_all(&entries[..next]);
+            prop_assert!(
+                base == direct_prefix.state,
+                "state after committing through {}",
+                next
+            );
+
+            // A message delivered again past the store is a fault, and writes nothing.
+            if let Some(last) = next.checked_sub(1).map(|i| &entries[i]) {
+                let mut scratch = ChangeSet::default();
+                let mut out = Vec::new();
+                let got = machine.apply(
+                    &mut Overlay::new(&base, &mut scratch),
+                    last.position,
+                    last.log_time_ms,
+                    &last.input,
+                    &mut out,
+                );
+                let want = Fault::PositionNotAdvancing {
+                    applied: last.position,
+                    got: last.position,
+                };
+                prop_assert_eq!(got, Err(want));
+                prop_assert!(
+                    scratch.is_empty() && out.is_empty(),
+                    "a fault wrote something"
+                );
+                // And MemState directly agrees.
+                let got = machine.apply(
+                    &mut direct_prefix.state,
+                    last.position,
+                    0,
+                    &last.input,
+                    &mut out,
+                );
+                prop_assert_eq!(got, Err(want));
+                prop_assert!(direct_prefix.state == base && out.is_empty());
+            }
+        }
+        prop_assert!(base == direct.state, "final state");
+        prop_assert_eq!(answers, direct.answers);
+        prop_assert_eq!(effects, direct.effects);
+        Ok(())
+    });
+    coverage
+        .into_inner()
+        .assert_has(&["crash mid-batch", "crash at batch start", "commit"]);
+}
+
+#[test]
+fn compaction_keeps_exactly_once() {
+    // Proves compaction at Config::compaction_horizon_ms (at random points, or eagerly before every message) never lets a v7 op id be decided twice: a resend is a Duplicate of the decision on record, or, once the record is gone, refused outside the window with nothing recorded or published. Only an op id that is not v7 (no timestamp to bound it) can be decided again, and only as malformed.
+    let coverage = RefCell::new(Coverage::default());
+    run((log::ops(OPS_MAX, 0, 4), any::<bool>()), |(ops, eager)| {
+        let machine = log::machine();
+        let config = *machine.config();
+        let mut state = MemState::new();
+        let mut books = Books::default();
+        // Forgets all that the horizon at `now_ms` allows.
+        let compact = |state: &mut MemState, now_ms: u64| {
+            let before = state.dedups().count();
+            state.compact(config.compaction_horizon_ms(now_ms));
+            if state.dedups().count() < before {
+                coverage.borrow_mut().insert("compacted");
+            }
+        };
+        for item in log::build(&ops) {
+            let e = match item {
+                Item::Message(e) => e,
+                Item::Compact => {
+                    let now_ms = state.clock().log_time_ms;
+                    compact(&mut state, now_ms);
+                    continue;
+                }
+                Item::Restart => continue,
+            };
+            if eager {
+                // As early as the message's own log time allows.
+                let now_ms = state.clock().log_time_ms.max(e.log_time_ms);
+                compact(&mut state, now_ms);
+            }
+            let before = state.clone();
+            let mut effects = Vec::new();
+            let answer = machine
+                .apply(
+                    &mut state,
+                    e.position,
+                    e.log_time_ms,
+                    &e.input,
+                    &mut effects,
+                )
+                .map_err(|f| {
+                    TestCaseError::fail(format!("generated positions always advance: {f}"))
+                })?;
+            let op_id = op_id_of(&e.input);
+            let forgotten = books.decided.contains_key(&op_id) && before.dedup(op_id).is_none();
+            match &answer {
+                Answer::Decided(d) if forgotten => {
+                    // Decided again: only an op id without a timestamp, whose
+                    // record nothing but its decision's log time bounds; it
+                    // is refused as malformed again, which applies nothing.
+                    let malformed = matches!(d.outcome.reason(), Some(Reason::Malformed { .. }));
+                    prop_assert!(
+                        op_time_ms(op_id).is_none() && malformed,
+                        "op id {} decided {:?}, then again {:?}",
+                        op_id,
+                        books.decided.get(&op_id),
+                        d
+                    );
+                    // This refusal is the record now; `record` checks the rest.
+                    books.decided.remove(&op_id);
+                    coverage
+                        .borrow_mut()
+                        .insert("not v7: malformed again after compaction");
+                }
+                Answer::OutsideWindow(_) if forgotten => {
+                    coverage.borrow_mut().insert("refused after compaction");
+                }
+                Answer::Duplicate(_) | Answer::Conflict(_) => prop_assert!(
+                    !forgotten,
+                    "op id {} answered from a forgotten record",
+                    op_id
+                ),
+                _ => {}
+            }
+            books.record(&e.input, &answer, &effects)?;
+            if !matches!(answer, Answer::Decided(_)) {
+                check_like_tick(&before, &e, &state, &effects)?;
+            }
+            check_invariants(&state, &books, true)?;
+            coverage.borrow_mut().note(&e.input, &answer, &effects);
+        }
+        Ok(())
+    });
+    coverage.into_inner().assert_has(&[
+        "compacted",
+        "refused after compaction",
+        "not v7: malformed again after compaction",
+        "duplicate",
+        "outside_window",
+    ]);
+}

@@ -1,0 +1,331 @@
+//! Proves the partition machine makes exactly the decisions of
+//! specs/vectors/decisions.json: every step is decoded with
+//! `wire::decode_request`, applied with `Machine::apply` to a `MemState`, and
+//! its answer, decision and effects are compared with the file's.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use amends_core::partition::{Answer, Config, Effect, Input, Machine};
+use amends_core::route::PartitionId;
+use amends_core::state::MemState;
+use amends_core::wire::{self, REQUEST_BYTES_MAX};
+use amends_core::{Command, Reason};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const VECTORS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../specs/vectors/decisions.json"
+);
+
+/// The least number of steps the file must hold, so an emptied or truncated
+/// file fails instead of passing vacuously.
+const STEPS_MIN: usize = 30;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[allow(dead_code, reason = "read by people, not by the test")]
+    description: String,
+    scenarios: Vec<Scenario>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code, reason = "read by people, not by the test")]
+    description: Option<String>,
+    config: Config,
+    partition: PartitionId,
+    steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    #[serde(default)]
+    #[allow(dead_code, reason = "read by people, not by the test")]
+    note: Option<String>,
+    position: u64,
+    log_time_ms: u64,
+    message: Value,
+    #[serde(default)]
+    pad_to_bytes: Option<usize>,
+    /// Read by tests/schemas.rs.
+    #[serde(default)]
+    #[allow(dead_code, reason = "read by tests/schemas.rs")]
+    schema_accepts: bool,
+    expect: Expect,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    answer: String,
+    decision: Value,
+    effects: Vec<Value>,
+}
+
+fn load() -> File {
+    let text =
+        std::fs::read_to_string(VECTORS).unwrap_or_else(|e| panic!("cannot read {VECTORS}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{VECTORS} does not parse: {e}"))
+}
+
+/// The body bytes of a step: a string is sent as its UTF-8 bytes, any other
+/// JSON value as its compact encoding; then the padding.
+fn body(step: &Step) -> Vec<u8> {
+    let mut bytes = match &step.message {
+        Value::String(s) => s.as_bytes().to_vec(),
+        other => serde_json::to_vec(other).unwrap_or_else(|e| panic!("cannot encode: {e}")),
+    };
+    if let Some(len) = step.pad_to_bytes {
+        assert!(
+            bytes.len() <= len,
+            "pad_to_bytes {len} is below the body's {} bytes",
+            bytes.len()
+        );
+        bytes.resize(len, b' ');
+    }
+    bytes
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or_else(|e| panic!("cannot serialize: {e}"))
+}
+
+/// The tagged JSON form of an effect used by the vectors.
+fn effect_json(effect: &Effect) -> Value {
+    match effect {
+        Effect::Decided(d) => json!({ "decided": to_json(d) }),
+        Effect::Apology(a) => json!({ "apology": to_json(a) }),
+        Effect::HoldExpired(e) => json!({ "hold_expired": to_json(e) }),
+    }
+}
+
+/// What one step produced: the answer's name, its decision and the effects.
+fn run_step(machine: &Machine, state: &mut MemState, step: &Step) -> (String, Value, Vec<Value>) {
+    let input = match wire::decode_request(&body(step)) {
+        Ok(input) => input,
+        Err(_) => return ("dead_letter".to_owned(), Value::Null, Vec::new()),
+    };
+    let mut out = Vec::new();
+    let answer = machine
+        .apply(state, step.position, step.log_time_ms, &input, &mut out)
+        .unwrap_or_else(|fault| panic!("fault: {fault}"));
+    let name = match &answer {
+        Answer::Decided(_) => "decided",
+        Answer::Duplicate(_) => "duplicate",
+        Answer::Conflict(_) => "conflict",
+        Answer::OutsideWindow(_) => "outside_window",
+        Answer::Ticked => "ticked",
+    };
+    let decision = answer.decision().map_or(Value::Null, to_json);
+    (
+        name.to_owned(),
+        decision,
+        out.iter().map(effect_json).collect(),
+    )
+}
+
+fn compact(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| panic!("cannot print: {e}"))
+}
+
+#[test]
+fn machine_matches_every_vector() {
+    let file = load();
+    let mut failures = Vec::new();
+    for scenario in &file.scenarios {
+        let machine = Machine::new(scenario.partition, scenario.config);
+        let mut state = MemState::new();
+        for (i, step) in scenario.steps.iter().enumerate() {
+            let (answer, decision, effects) = run_step(&machine, &mut state, step);
+            let expected_effects = Value::Array(step.expect.effects.clone());
+            let got_effects = Value::Array(effects);
+            if answer != step.expect.answer
+                || decision != step.expect.decision
+                || got_effects != expected_effects
+            {
+                failures.push(format!(
+                    "scenario {:?}, step {} (position {}):\n  expected {} {}\n       got {} {}\n  expected effects {}\n       got effects {}",
+                    scenario.name,
+                    i + 1,
+                    step.position,
+                    step.expect.answer,
+                    compact(&step.expect.decision),
+                    answer,
+                    compact(&decision),
+                    compact(&expected_effects),
+                    compact(&got_effects),
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} steps differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn file_is_substantial() {
+    // Counts steps, checks every reason code, every command and every answer
+    // is exercised, and checks the file's own consistency (a duplicate
+    // repeats an earlier decision; only a new decision publishes one; a
+    // conflict or an op id outside the window carries its own code and
+    // publishes nothing but due hold expiries), so an emptied or careless
+    // edit fails.
+    let file = load();
+    let steps: usize = file.scenarios.iter().map(|s| s.steps.len()).sum();
+    assert!(
+        steps >= STEPS_MIN,
+        "only {steps} steps in {VECTORS}, want at least {STEPS_MIN}"
+    );
+
+    let mut codes = BTreeSet::new();
+    let mut confirmed = BTreeSet::new();
+    let mut answers = BTreeSet::new();
+    for scenario in &file.scenarios {
+        let mut decided: BTreeMap<u64, &Value> = BTreeMap::new();
+        let mut last_position = 0;
+        for step in &scenario.steps {
+            assert!(
+                step.position > last_position,
+                "scenario {:?}: position {} does not advance",
+                scenario.name,
+                step.position
+            );
+            last_position = step.position;
+            answers.insert(step.expect.answer.as_str());
+            let decision = &step.expect.decision;
+            if let Some(code) = decision.pointer("/reason/code").and_then(Value::as_str) {
+                codes.insert(code.to_owned());
+            }
+            let publishes_decision = step
+                .expect
+                .effects
+                .iter()
+                .any(|e| e.get("decided").is_some() || e.get("apology").is_some());
+            match step.expect.answer.as_str() {
+                "decided" => {
+                    assert_eq!(
+                        step.expect.effects.last(),
+                        Some(&json!({ "decided": decision })),
+                        "scenario {:?}, position {}: a new decision is published last",
+                        scenario.name,
+                        step.position
+                    );
+                    decided.insert(step.position, decision);
+                    if decision.get("outcome") == Some(&json!("confirmed"))
+                        && let Ok(Input::Request(req)) = wire::decode_request(&body(step))
+                    {
+                        confirmed.insert(req.command.kind());
+                    }
+                }
+                "duplicate" => assert!(
+                    decided.values().any(|d| *d == decision) && !publishes_decision,
+                    "scenario {:?}, position {}: a duplicate must repeat an earlier decision \
+                     and publish nothing",
+                    scenario.name,
+                    step.position
+                ),
+                "ticked" => {
+                    if let Ok(Input::Request(req)) = wire::decode_request(&body(step)) {
+                        assert!(
+                            matches!(req.command, Command::Tick {}),
+                            "ticked needs a tick"
+                        );
+                        confirmed.insert(req.command.kind());
+                    }
+                }
+                "conflict" | "outside_window" => {
+                    let code = if step.expect.answer == "conflict" {
+                        "op_id_conflict"
+                    } else {
+                        "op_id_outside_window"
+                    };
+                    assert_eq!(
+                        decision.pointer("/reason/code"),
+                        Some(&json!(code)),
+                        "scenario {:?}, position {}: {} needs {code}",
+                        scenario.name,
+                        step.position,
+                        step.expect.answer
+                    );
+                    assert!(
+                        !publishes_decision && !decided.values().any(|d| *d == decision),
+                        "scenario {:?}, position {}: {} is for the sender only",
+                        scenario.name,
+                        step.position,
+                        step.expect.answer
+                    );
+                }
+                "dead_letter" => {}
+                other => panic!("scenario {:?}: unknown answer {other:?}", scenario.name),
+            }
+        }
+    }
+    let missing: Vec<_> = Reason::CODES
+        .iter()
+        .filter(|c| !codes.contains(**c))
+        .collect();
+    assert!(missing.is_empty(), "no vector refuses with {missing:?}");
+    let unknown: Vec<_> = codes
+        .iter()
+        .filter(|c| !Reason::CODES.contains(&c.as_str()))
+        .collect();
+    assert!(unknown.is_empty(), "vectors use unknown codes {unknown:?}");
+    let kinds = [
+        "open_account",
+        "credit",
+        "debit",
+        "hold",
+        "post",
+        "void",
+        "claim",
+        "release",
+        "tick",
+    ];
+    let unconfirmed: Vec<_> = kinds.iter().filter(|k| !confirmed.contains(**k)).collect();
+    assert!(unconfirmed.is_empty(), "no vector confirms {unconfirmed:?}");
+    for answer in [
+        "decided",
+        "duplicate",
+        "conflict",
+        "outside_window",
+        "ticked",
+        "dead_letter",
+    ] {
+        assert!(
+            answers.contains(answer),
+            "no vector expects the answer {answer:?}"
+        );
+    }
+}
+
+#[test]
+fn size_limit_vectors_straddle_the_limit() {
+    // The padded vectors must sit exactly at and one byte over
+    // REQUEST_BYTES_MAX, so a change of the limit shows up here.
+    let file = load();
+    let pads: BTreeSet<usize> = file
+        .scenarios
+        .iter()
+        .flat_map(|s| s.steps.iter())
+        .filter_map(|s| s.pad_to_bytes)
+        .collect();
+    assert!(
+        pads.contains(&REQUEST_BYTES_MAX),
+        "no vector of exactly REQUEST_BYTES_MAX bytes"
+    );
+    let over = REQUEST_BYTES_MAX + 1;
+    assert!(
+        pads.contains(&over),
+        "no vector one byte over REQUEST_BYTES_MAX"
+    );
+}

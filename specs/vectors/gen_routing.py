@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Generate specs/vectors/routing.json: routing test vectors for amends.
+
+This is an independent implementation of the amends partitioner (see
+specs/routing.md), written from the specification and sharing no code with the
+Rust crate. Pure Python 3, standard library only. Deterministic: running it
+twice writes identical bytes.
+
+    python3 specs/vectors/gen_routing.py            # writes routing.json next to this file
+    python3 specs/vectors/gen_routing.py --check    # exits 1 if routing.json is stale
+"""
+
+import json
+import pathlib
+import sys
+
+MASK64 = (1 << 64) - 1
+FNV_OFFSET_BASIS = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+JUMP_LCG_MULTIPLIER = 2862933555777941757
+PARTITION_COUNTS = [1, 2, 3, 8, 16, 64, 100, 1024]
+CLAIM_SEPARATOR = "\u001f"
+
+
+def fnv1a_64(data: bytes) -> int:
+    """FNV-1a, 64-bit: for each byte, xor it in, then multiply (mod 2^64)."""
+    h = FNV_OFFSET_BASIS
+    for byte in data:
+        h ^= byte
+        h = (h * FNV_PRIME) & MASK64
+    return h
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """Jump consistent hash (Lamping & Veach 2014), arithmetic as in the paper.
+
+    Python floats are IEEE 754 binary64, the same as the C++ `double`. Both
+    operands of the division are integers of at most 2^31, exactly
+    representable, so the quotient is the correctly rounded one in both
+    languages; the product is float * float; int() truncates toward zero
+    like the C++ conversion (all values here are non-negative).
+    """
+    assert 1 <= buckets
+    key &= MASK64
+    b, j = -1, 0
+    while j < buckets:
+        b = j
+        key = (key * JUMP_LCG_MULTIPLIER + 1) & MASK64
+        j = int(float(b + 1) * (float(1 << 31) / float((key >> 33) + 1)))
+    return b
+
+
+def partition_of(routing_key: str, buckets: int) -> int:
+    return jump_hash(fnv1a_64(routing_key.encode("utf-8")), buckets)
+
+
+def self_check() -> None:
+    """Known answers, from the FNV reference and published jump-hash results."""
+    assert fnv1a_64(b"") == 0xCBF29CE484222325
+    assert fnv1a_64(b"a") == 0xAF63DC4C8601EC8C
+    assert fnv1a_64(b"foobar") == 0x85944171F73967E8
+    published = [
+        (1, 1, 0),
+        (42, 57, 43),
+        (256, 1024, 520),
+        (0xDEAD10CC, 1, 0),
+        (0xDEAD10CC, 666, 361),
+        (16045690984833335023, 255, 237),
+        (0, 60, 0),
+        (1, 60, 55),
+        (2, 60, 46),
+    ]
+    for key, n, expected in published:
+        got = jump_hash(key, n)
+        assert got == expected, (key, n, got, expected)
+
+
+ACCOUNT_KEYS = [
+    "",
+    "acct-1",
+    "acct-2",
+    "acct-3",
+    "acct-10",
+    "acct-42",
+    "acct-100",
+    "acct-999",
+    "acct-1000",
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "eve",
+    "mallory",
+    "a",
+    "b",
+    "0",
+    "1",
+    "foobar",
+    "ACCT-1",
+    "acct 1",
+    "acct-1 ",
+    "tenant-7/acct-3",
+    "urn:amends:account:0001",
+    "user@example.com",
+    "x" * 300,
+    ("0123456789abcdef" * 19)[:300],
+    "tab\there",
+    "line\nbreak",
+    "nul\u0000byte",
+    "Zoë",
+    "日本語",
+    "💸wallet",
+    "naïve-ñ",
+    "счёт-номер-7",
+    "حساب-١٢٣",
+    "Ελληνικά",
+    "한국어-계좌",
+    "e\u0301",  # decomposed e + combining acute: not normalised, bytes as given
+    "é",  # precomposed U+00E9: a different key from the line above
+    "é" * 300,
+]
+
+# (namespace, key) pairs; routing key = namespace + U+001F + key.
+CLAIMS = [
+    ("username", "alice"),
+    ("username", "bob"),
+    ("username", "Zoë"),
+    ("email", "alice@example.com"),
+    ("email", "ALICE@example.com"),
+    ("order", "ord-0001"),
+    ("sku", "sku-42"),
+    ("nickname", "日本語"),
+    ("handle", "💸wallet"),
+    ("", ""),
+    ("", "alice"),
+    ("username", ""),
+    ("ns", "k" * 300),
+]
+
+# Saga op ids: canonical lowercase hyphenated UUID text.
+OP_IDS = [
+    "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+    "123e4567-e89b-12d3-a456-426614174000",
+    "0192f0c1-7a3b-7cde-8f01-23456789abcd",
+    "0192f0c1-7a3b-7cde-8f01-23456789abce",
+    "01890a5d-ac96-774b-bcce-b302099a8057",
+    "6ba7b810-9dad-11d1-80b4-00c04fd430c8",
+    "f47ac10b-58cc-4372-a567-0e02b2c3d479",
+    "c9bf9e57-1685-4c89-bafb-ff5af830be8a",
+    "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+]
+
+DESCRIPTION = (
+    "amends routing vectors. partition_of(routing_key, N) = "
+    "jump_hash(fnv1a_64(utf8_bytes(routing_key)), N). "
+    "fnv1a_64: h = 0xcbf29ce484222325; for each byte: h = (h XOR byte) * 0x100000001b3 mod 2^64. "
+    "jump_hash (Lamping & Veach 2014): b = -1; j = 0; while j < N: b = j; "
+    "key = key * 2862933555777941757 + 1 mod 2^64; "
+    "j = trunc(f64(b + 1) * (f64(2^31) / f64((key >> 33) + 1))); return b. "
+    "Routing keys: account = the account id as-is; claim = namespace + U+001F + key; "
+    "saga = the op id as lowercase hyphenated UUID text. "
+    "'fnv1a_64' is the hash as 0x + 16 lowercase hex digits; 'partitions' maps N (decimal string) to the partition. "
+    "Generated by specs/vectors/gen_routing.py; see specs/routing.md."
+)
+
+
+def vector(kind: str, key: str, extra: dict) -> dict:
+    v = {"kind": kind, "key": key}
+    v.update(extra)
+    v["fnv1a_64"] = "0x%016x" % fnv1a_64(key.encode("utf-8"))
+    v["partitions"] = {str(n): partition_of(key, n) for n in PARTITION_COUNTS}
+    return v
+
+
+def build() -> dict:
+    vectors = []
+    for key in ACCOUNT_KEYS:
+        vectors.append(vector("account", key, {}))
+    for namespace, claim_key in CLAIMS:
+        key = namespace + CLAIM_SEPARATOR + claim_key
+        vectors.append(vector("claim", key, {"namespace": namespace, "claim_key": claim_key}))
+    for op_id in OP_IDS:
+        assert op_id == op_id.lower() and len(op_id) == 36
+        vectors.append(vector("saga", op_id, {}))
+    keys = [v["key"] for v in vectors]
+    assert len(keys) == len(set(keys)), "duplicate routing key"
+    return {
+        "description": DESCRIPTION,
+        "partition_counts": PARTITION_COUNTS,
+        "vectors": vectors,
+    }
+
+
+def render() -> bytes:
+    text = json.dumps(build(), ensure_ascii=False, indent=2) + "\n"
+    return text.encode("utf-8")
+
+
+def main() -> int:
+    self_check()
+    out = pathlib.Path(__file__).resolve().parent / "routing.json"
+    data = render()
+    if sys.argv[1:] == ["--check"]:
+        if not out.exists() or out.read_bytes() != data:
+            print(f"{out} is stale; run {sys.argv[0]}", file=sys.stderr)
+            return 1
+        return 0
+    out.write_bytes(data)
+    print(f"wrote {out} ({len(build()['vectors'])} vectors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
