@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use schemars::JsonSchema;
 
 use crate::command::{
-    AccountId, Amount, CLAIM_KEY_BYTES_MAX, Command, Fingerprint, NAMESPACE_BYTES_MAX, Request,
-    Topic,
+    AccountId, Amount, CLAIM_KEY_BYTES_MAX, ClaimKey, Command, Fingerprint, NAMESPACE_BYTES_MAX,
+    Namespace, Request, Topic,
 };
 use crate::decision::{Decision, Outcome, Reason};
 use crate::id::OpId;
@@ -526,53 +526,31 @@ impl Machine {
                 namespace,
                 key,
                 owner,
-            } => {
-                let mut buf = [0; CLAIM_ROUTING_KEY_BYTES_MAX];
-                let owned;
-                let rk = match claim_routing_key_in(&mut buf, namespace.as_str(), key.as_str()) {
-                    Some(rk) => rk,
-                    None => {
-                        owned = route::claim_routing_key(namespace.as_str(), key.as_str());
-                        owned.as_str()
-                    }
-                };
-                match state.claim(rk) {
-                    Some(c) if c.owner == *owner => Ok(Outcome::confirmed()),
-                    Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }),
-                    None => {
-                        state.put_claim(
-                            rk,
-                            Some(Claim {
-                                owner: owner.clone(),
-                            }),
-                        );
-                        Ok(Outcome::confirmed())
-                    }
+            } => with_claim_key(namespace, key, |rk| match state.claim(rk) {
+                Some(c) if c.owner == *owner => Ok(Outcome::confirmed()),
+                Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }),
+                None => {
+                    state.put_claim(
+                        rk,
+                        Some(Claim {
+                            owner: owner.clone(),
+                        }),
+                    );
+                    Ok(Outcome::confirmed())
                 }
-            }
+            }),
             Command::Release {
                 namespace,
                 key,
                 owner,
-            } => {
-                let mut buf = [0; CLAIM_ROUTING_KEY_BYTES_MAX];
-                let owned;
-                let rk = match claim_routing_key_in(&mut buf, namespace.as_str(), key.as_str()) {
-                    Some(rk) => rk,
-                    None => {
-                        owned = route::claim_routing_key(namespace.as_str(), key.as_str());
-                        owned.as_str()
-                    }
-                };
-                match state.claim(rk) {
-                    None => Err(Reason::NotClaimed),
-                    Some(c) if c.owner != *owner => Err(Reason::NotOwner { owner: c.owner }),
-                    Some(_) => {
-                        state.put_claim(rk, None);
-                        Ok(Outcome::confirmed())
-                    }
+            } => with_claim_key(namespace, key, |rk| match state.claim(rk) {
+                None => Err(Reason::NotClaimed),
+                Some(c) if c.owner != *owner => Err(Reason::NotOwner { owner: c.owner }),
+                Some(_) => {
+                    state.put_claim(rk, None);
+                    Ok(Outcome::confirmed())
                 }
-            }
+            }),
             // Ticks return before dedup in `apply`.
             Command::Tick {} => Ok(Outcome::confirmed()),
         }
@@ -587,6 +565,16 @@ const CLAIM_ROUTING_KEY_BYTES_MAX: usize =
 /// Builds the claim routing key of `namespace` and `key` (the same text as
 /// [`route::claim_routing_key`]) in `buf`, so claims and releases do not
 /// allocate for it; `None` if it does not fit.
+/// Runs `f` on the claim routing key of `namespace` and `key`, built on the
+/// stack when it fits.
+fn with_claim_key<R>(namespace: &Namespace, key: &ClaimKey, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0; CLAIM_ROUTING_KEY_BYTES_MAX];
+    match claim_routing_key_in(&mut buf, namespace.as_str(), key.as_str()) {
+        Some(rk) => f(rk),
+        None => f(&route::claim_routing_key(namespace.as_str(), key.as_str())),
+    }
+}
+
 fn claim_routing_key_in<'b>(buf: &'b mut [u8], namespace: &str, key: &str) -> Option<&'b str> {
     let mut sep = [0; 4];
     let sep = route::CLAIM_SEPARATOR.encode_utf8(&mut sep).as_bytes();

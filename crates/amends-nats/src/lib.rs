@@ -1,5 +1,44 @@
-//! amends-nats: the JetStream topology, partition workers, outbox relay and
-//! service endpoints.
+//! amends-nats: the NATS JetStream side of amends.
 //!
-//! Not built yet: this crate is a placeholder until its issue ("The service
-//! over NATS JetStream") lands. It exports nothing.
+//! Today it holds the **topology**: the subject names and headers of
+//! `specs/protocol.md`, the names and settings of the four JetStream streams,
+//! and [`topology::ensure`], which creates those streams on first start and
+//! checks them on every later start, refusing (never overwriting) a stream
+//! whose settings amends cannot rely on, and refusing a partition count other
+//! than the one the deployment was created with.
+//!
+//! # Layout
+//!
+//! - [`topology`]: [`topology::Prefix`] (the validated subject prefix) and
+//!   its subject builders, the header names in [`topology::header`],
+//!   [`topology::Topology`] (the deployment's configuration),
+//!   [`topology::ensure`] and its [`topology::Report`], and the integrity
+//!   notes on JetStream's fsync behaviour.
+//! - [`Error`]: the one error type; async-nats errors are wrapped in it,
+//!   never re-exported.
+//! - `test_support` (cargo feature `test-support`): real `nats-server`
+//!   processes on free loopback ports for integration tests, here and in the
+//!   root package.
+//!
+//! **Architecture Invariant:** this crate is the only place that knows subject
+//! names, stream names and header names. Everything else asks
+//! [`topology::Prefix`] or uses the constants of [`topology::header`].
+//!
+//! # What it deliberately does not do (yet)
+//!
+//! No consumers, no partition workers, no outbox relay, no request-reply
+//! endpoints: they come with the worker part of the service issue. It does
+//! not connect to NATS either: the caller owns the connection (URLs,
+//! credentials, TLS) and hands [`topology::ensure`] a JetStream context. It
+//! never deletes or edits an existing stream: an incompatible stream is an
+//! operator's decision.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+pub mod topology;
+
+#[cfg(feature = "test-support")]
+pub mod test_support;
+
+pub use error::{Error, Source};
