@@ -78,8 +78,8 @@ impl Outcome {
 /// Why an operation was refused. The variants are listed in precedence
 /// order: when several apply, the first one is returned. The op id comes
 /// first (a reused id with another body is a conflict whatever the body; an
-/// id outside the window is refused before its body is looked at), then the
-/// body, then the command's own checks.
+/// id that is not UUID v7, or is outside the window, is refused before its
+/// body is looked at), then the body, then the command's own checks.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "code", rename_all = "snake_case")]
 #[non_exhaustive]

@@ -113,14 +113,15 @@ pub enum Answer {
     /// (`op_id_conflict`) goes to the sender only. The original decision
     /// stands and nothing is recorded or pushed.
     Conflict(Decision),
-    /// The op id's timestamp is outside the dedup window
-    /// (`op_id_outside_window`): this refusal goes to the sender only.
-    /// Nothing is recorded or pushed, so memory stays bounded by the
-    /// retention whatever ids clients send. A too-old id may have been
-    /// decided before (its record compacted); a too-new one was never
-    /// applied, and sent again it is decided once log time is within the
-    /// skew of its timestamp.
-    OutsideWindow(Decision),
+    /// The op id cannot be deduplicated: it is not a UUID v7 (`malformed`)
+    /// or its timestamp is outside the dedup window
+    /// (`op_id_outside_window`). This refusal goes to the sender only:
+    /// nothing is recorded or pushed, so memory stays bounded by the
+    /// retention whatever ids clients send, and no op id is ever decided
+    /// twice. A too-old id may have been decided before (its record is past
+    /// the compaction horizon); a too-new one can be sent again once the
+    /// client's clock is right.
+    Refused(Decision),
     /// A tick: log time advanced, nothing to answer.
     Ticked,
 }
@@ -132,7 +133,7 @@ impl Answer {
             Answer::Decided(d)
             | Answer::Duplicate(d)
             | Answer::Conflict(d)
-            | Answer::OutsideWindow(d) => Some(d),
+            | Answer::Refused(d) => Some(d),
             Answer::Ticked => None,
         }
     }
@@ -209,13 +210,6 @@ pub struct Machine {
 
 type Decided = Result<Outcome, Reason>;
 
-/// A refusal by the op id check: recorded like any decision, or answered to
-/// the sender only.
-enum Refusal {
-    Recorded(Reason),
-    OutsideWindow(Reason),
-}
-
 impl Machine {
     /// The machine of `partition` with `config`.
     pub const fn new(partition: PartitionId, config: Config) -> Machine {
@@ -277,7 +271,12 @@ impl Machine {
             log_time_ms: now,
             outcome,
         };
-        if let Some(seen) = state.dedup(op_id) {
+        // Records past the compaction horizon count as gone whether or not a
+        // compactor has removed them yet, so when compaction runs never
+        // changes a decision: replay and audit decide exactly the same.
+        let horizon_ms = self.config.compaction_horizon_ms(now);
+        let seen = state.dedup(op_id).filter(|d| !d.is_compactable(horizon_ms));
+        if let Some(seen) = seen {
             return Ok(if seen.fingerprint == fingerprint {
                 Answer::Duplicate(seen.decision)
             } else {
@@ -287,23 +286,21 @@ impl Machine {
             });
         }
 
-        // The window comes before anything is recorded: a record of an op
-        // id outside the window would either be useless (too old: it can
-        // never be valid again) or would have to be kept until the id's
-        // timestamp passes (too new), which no retention bounds.
-        let outcome = match (input, self.check_window(op_id, now)) {
-            (_, Err(Refusal::OutsideWindow(reason))) => {
-                return Ok(Answer::OutsideWindow(decision(Outcome::Rejected {
-                    reason,
-                })));
-            }
-            (Input::Malformed { detail, .. }, _) => Outcome::Rejected {
+        // The op id is checked before anything is recorded. A record of an
+        // op id that is not v7 or outside the window would be useless (no
+        // timestamp bounds it; a too-old id can never be valid again) or
+        // would have to outlive any retention (a too-new id), so these
+        // refusals go to the sender only and memory stays bounded.
+        if let Err(reason) = self.check_op_id(op_id, now) {
+            return Ok(Answer::Refused(decision(Outcome::Rejected { reason })));
+        }
+        let outcome = match input {
+            Input::Malformed { detail, .. } => Outcome::Rejected {
                 reason: Reason::Malformed {
                     detail: detail.clone(),
                 },
             },
-            (Input::Request(_), Err(Refusal::Recorded(reason))) => Outcome::Rejected { reason },
-            (Input::Request(req), Ok(())) => match self.execute(state, req, now) {
+            Input::Request(req) => match self.execute(state, req, now) {
                 Ok(outcome) => outcome,
                 Err(reason) => Outcome::Rejected { reason },
             },
@@ -329,19 +326,19 @@ impl Machine {
         Ok(Answer::Decided(decision))
     }
 
-    fn check_window(&self, op_id: OpId, now: u64) -> Result<(), Refusal> {
+    fn check_op_id(&self, op_id: OpId, now: u64) -> Result<(), Reason> {
         let Some(op_time_ms) = op_id.v7_unix_ms() else {
-            return Err(Refusal::Recorded(Reason::Malformed {
+            return Err(Reason::Malformed {
                 detail: "op_id must be a UUID version 7 (see specs/protocol.md)".to_owned(),
-            }));
+            });
         };
         let (earliest_ms, latest_ms) = self.config.window(now);
         if op_time_ms < earliest_ms || op_time_ms > latest_ms {
-            return Err(Refusal::OutsideWindow(Reason::OpIdOutsideWindow {
+            return Err(Reason::OpIdOutsideWindow {
                 op_time_ms,
                 earliest_ms,
                 latest_ms,
-            }));
+            });
         }
         Ok(())
     }
@@ -455,7 +452,11 @@ impl Machine {
                     Some(t) => Some(now.checked_add(*t).ok_or(Reason::Overflow)?),
                 };
                 spendable(&account, amt, amount.get())?;
-                if state.hold(req.op_id).is_some() {
+                let horizon_ms = self.config.compaction_horizon_ms(now);
+                if state
+                    .hold(req.op_id)
+                    .is_some_and(|h| !h.is_compactable(horizon_ms))
+                {
                     // Only possible if a hold outlived its op id's dedup
                     // record, which the window check rules out.
                     return Err(Reason::OpIdConflict);
@@ -487,7 +488,8 @@ impl Machine {
                 hold: hold_id,
                 amount,
             } => {
-                let (mut hold, mut account) = pending_hold(state, id, *hold_id)?;
+                let (mut hold, mut account) =
+                    pending_hold(state, id, *hold_id, self.config.compaction_horizon_ms(now))?;
                 let take = match amount {
                     None => hold.amount,
                     Some(a) => {
@@ -516,7 +518,8 @@ impl Machine {
                 account: id,
                 hold: hold_id,
             } => {
-                let (mut hold, mut account) = pending_hold(state, id, *hold_id)?;
+                let (mut hold, mut account) =
+                    pending_hold(state, id, *hold_id, self.config.compaction_horizon_ms(now))?;
                 account.held = release(account.held, hold.amount);
                 hold.status = HoldStatus::Voided { at_ms: now };
                 finish_hold(state, id, *hold_id, hold, &account);
@@ -624,17 +627,20 @@ fn release(held: i64, amount: i64) -> i64 {
         .unwrap_or_else(|| panic!("held {held} is less than a pending hold of {amount}"))
 }
 
+/// The pending hold `hold_id` on account `id`. A hold resolved before
+/// `horizon_ms` counts as gone (see the dedup lookup in `apply`).
 fn pending_hold<S: Read + ?Sized>(
     state: &S,
     id: &AccountId,
     hold_id: OpId,
+    horizon_ms: u64,
 ) -> Result<(Hold, Account), Reason> {
     // unknown_account precedes hold_not_found (found by the model tests,
     // `tests/model`): look the account up first.
     let account = open_account(state, id)?;
     let hold = state
         .hold(hold_id)
-        .filter(|h| h.account == *id)
+        .filter(|h| h.account == *id && !h.is_compactable(horizon_ms))
         .ok_or(Reason::HoldNotFound)?;
     match hold.status {
         HoldStatus::Pending => {}

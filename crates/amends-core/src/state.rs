@@ -134,8 +134,8 @@ impl Dedup {
     /// second is kept so that a record can never be forgotten while its op
     /// id could still be accepted, whatever wrote it (the model tests,
     /// `tests/model`, found the case when refusals outside the window were
-    /// still recorded). An op id that is not v7 has no timestamp: its
-    /// `malformed` record goes by the first condition alone.
+    /// still recorded). Op ids that are not v7 are never recorded; should
+    /// such a record exist, it goes by the first condition alone.
     pub fn is_compactable(&self, horizon_ms: u64) -> bool {
         self.decision.log_time_ms < horizon_ms
             && self

@@ -119,7 +119,7 @@ fn run_step(machine: &Machine, state: &mut MemState, step: &Step) -> (String, Va
         Answer::Decided(_) => "decided",
         Answer::Duplicate(_) => "duplicate",
         Answer::Conflict(_) => "conflict",
-        Answer::OutsideWindow(_) => "outside_window",
+        Answer::Refused(_) => "refused",
         Answer::Ticked => "ticked",
     };
     let decision = answer.decision().map_or(Value::Null, to_json);
@@ -128,6 +128,15 @@ fn run_step(machine: &Machine, state: &mut MemState, step: &Step) -> (String, Va
         decision,
         out.iter().map(effect_json).collect(),
     )
+}
+
+/// Whether the op id of a decision's JSON is a UUID v7 (read from its text,
+/// not with the core's parser).
+fn is_v7(decision: &Value) -> bool {
+    let text = decision["op_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no op_id in {decision}"));
+    text.as_bytes().get(14) == Some(&b'7')
 }
 
 fn compact(v: &Value) -> String {
@@ -177,9 +186,9 @@ fn file_is_substantial() {
     // Counts steps, checks every reason code, every command and every answer
     // is exercised, and checks the file's own consistency (a duplicate
     // repeats an earlier decision; only a new decision publishes one; a
-    // conflict or an op id outside the window carries its own code and
-    // publishes nothing but due hold expiries), so an emptied or careless
-    // edit fails.
+    // conflict or a refused op id carries its own code and publishes
+    // nothing but due hold expiries; no op id is decided twice, and only v7
+    // ones are decided at all), so an emptied or careless edit fails.
     let file = load();
     let steps: usize = file.scenarios.iter().map(|s| s.steps.len()).sum();
     assert!(
@@ -220,6 +229,18 @@ fn file_is_substantial() {
                         scenario.name,
                         step.position
                     );
+                    assert!(
+                        is_v7(decision),
+                        "scenario {:?}, position {}: only a v7 op id is decided",
+                        scenario.name,
+                        step.position
+                    );
+                    assert!(
+                        !decided.values().any(|d| d["op_id"] == decision["op_id"]),
+                        "scenario {:?}, position {}: op id decided twice",
+                        scenario.name,
+                        step.position
+                    );
                     decided.insert(step.position, decision);
                     if decision.get("outcome") == Some(&json!("confirmed"))
                         && let Ok(Input::Request(req)) = wire::decode_request(&body(step))
@@ -243,26 +264,39 @@ fn file_is_substantial() {
                         confirmed.insert(req.command.kind());
                     }
                 }
-                "conflict" | "outside_window" => {
-                    let code = if step.expect.answer == "conflict" {
-                        "op_id_conflict"
-                    } else {
-                        "op_id_outside_window"
-                    };
+                "conflict" => {
                     assert_eq!(
                         decision.pointer("/reason/code"),
-                        Some(&json!(code)),
-                        "scenario {:?}, position {}: {} needs {code}",
+                        Some(&json!("op_id_conflict")),
+                        "scenario {:?}, position {}: conflict needs op_id_conflict",
                         scenario.name,
-                        step.position,
-                        step.expect.answer
+                        step.position
                     );
                     assert!(
                         !publishes_decision && !decided.values().any(|d| *d == decision),
-                        "scenario {:?}, position {}: {} is for the sender only",
+                        "scenario {:?}, position {}: conflict is for the sender only",
                         scenario.name,
-                        step.position,
-                        step.expect.answer
+                        step.position
+                    );
+                }
+                "refused" => {
+                    // The op id itself is refused: outside the window, or
+                    // not a UUID v7 (malformed whatever the body).
+                    let code = decision.pointer("/reason/code").and_then(Value::as_str);
+                    let not_v7 = !is_v7(decision);
+                    assert!(
+                        (code == Some("op_id_outside_window") && !not_v7)
+                            || (code == Some("malformed") && not_v7),
+                        "scenario {:?}, position {}: refused needs op_id_outside_window, or \
+                         malformed for an op id that is not v7",
+                        scenario.name,
+                        step.position
+                    );
+                    assert!(
+                        !publishes_decision && !decided.values().any(|d| *d == decision),
+                        "scenario {:?}, position {}: refused is for the sender only",
+                        scenario.name,
+                        step.position
                     );
                 }
                 "dead_letter" => {}
@@ -297,7 +331,7 @@ fn file_is_substantial() {
         "decided",
         "duplicate",
         "conflict",
-        "outside_window",
+        "refused",
         "ticked",
         "dead_letter",
     ] {

@@ -1,7 +1,8 @@
 //! Data-driven cases: a few setup steps, one operation, and the JSON of the
 //! outcome it must get. One case per reason code, in precedence order; cases
 //! where two reasons apply and the earlier wins; confirmations; what a
-//! refusal outside the op id window leaves behind (nothing).
+//! refusal of the op id (outside the window, or not v7) leaves behind
+//! (nothing).
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, Namespace, Owner, Request, Topic,
@@ -196,9 +197,8 @@ impl Partition {
 
 /// Runs `setup` (every request of which must be confirmed), then `op`, and
 /// compares the JSON of `op`'s outcome with `expected`. Also checks where the
-/// decision goes: a conflict or a refusal outside the window to the sender
-/// only (nothing recorded or pushed), any other decision recorded and
-/// pushed.
+/// decision goes: a conflict or a refusal of the op id to the sender only
+/// (nothing recorded or pushed), any other decision recorded and pushed.
 #[track_caller]
 fn check(setup: Vec<Step>, op: Step, expected: Value) {
     let mut p = Partition::new();
@@ -215,7 +215,13 @@ fn check(setup: Vec<Step>, op: Step, expected: Value) {
     assert_eq!(got, expected, "answer: {answer:?}");
     match (&answer, expected["reason"]["code"].as_str()) {
         (Answer::Conflict(_), Some("op_id_conflict"))
-        | (Answer::OutsideWindow(_), Some("op_id_outside_window")) => {
+        | (Answer::Refused(_), Some("op_id_outside_window")) => {
+            assert!(effects.is_empty(), "pushed {effects:?}");
+            assert_eq!(p.state.dedups().count(), records, "recorded {answer:?}");
+        }
+        // An op id that is not v7 cannot be deduplicated: refused to the
+        // sender only, like an op id outside the window.
+        (Answer::Refused(d), Some("malformed")) if d.op_id.v7_unix_ms().is_none() => {
             assert!(effects.is_empty(), "pushed {effects:?}");
             assert_eq!(p.state.dedups().count(), records, "recorded {answer:?}");
         }
@@ -417,6 +423,40 @@ fn earlier_reason_wins() {
         req(1, open("b")),
         code("op_id_conflict"),
     );
+    // Until the record is past the compaction horizon (log time − retention
+    // − skew = T0 + 1 here): then it counts as gone, stored or not, and the
+    // op id is refused as too old.
+    check(
+        vec![req(1, open("a")), at(11_001)],
+        req(1, open("b")),
+        rejected(json!({
+            "code": "op_id_outside_window",
+            "op_time_ms": T0_MS,
+            "earliest_ms": T0_MS + 1_001,
+            "latest_ms": T0_MS + 12_001,
+        })),
+    );
+    // hold_already_voided while the hold is kept; hold_not_found once it
+    // was resolved before the horizon (T0 at 11_000, T0 + 1 at 11_001).
+    let voided = || {
+        let mut s = funded();
+        s.push(req(4, void("a", 3)));
+        s
+    };
+    let mut kept = voided();
+    kept.push(at(11_000));
+    check(
+        kept,
+        req_id(id_at(11_000, 5), void("a", 3)),
+        code("hold_already_voided"),
+    );
+    let mut gone = voided();
+    gone.push(at(11_001));
+    check(
+        gone,
+        req_id(id_at(11_001, 5), post("a", 3, None)),
+        code("hold_not_found"),
+    );
     // op_id_conflict before malformed: a bad body under a decided op id.
     check(
         vec![req(1, open("a"))],
@@ -443,11 +483,13 @@ fn earlier_reason_wins() {
         req_id(v4(1), credit("nobody", 1)),
         rejected(json!({ "code": "malformed", "detail": crate::reference::NOT_V7_DETAIL })),
     );
-    // A bad body under a non-v7 op id: malformed, with the body's detail.
+    // A bad body under a non-v7 op id: the op id is checked before the
+    // body, so malformed with the op id's detail (not the parser's), and
+    // refused to the sender only.
     check(
         vec![],
         zero_credit(v4(1)),
-        rejected(json!({ "code": "malformed", "detail": "amount must be at least 1" })),
+        rejected(json!({ "code": "malformed", "detail": crate::reference::NOT_V7_DETAIL })),
     );
     // unknown_account before overflow.
     check(
@@ -651,18 +693,20 @@ fn expiry_and_apology_effects() {
 }
 
 #[test]
-fn outside_window_is_for_the_sender_only() {
-    // Proves a refusal outside the op id window records and pushes nothing (no decision, no apology), for a request with an apology topic and for a malformed body alike, so the op id is judged afresh each time: a too-new one is decided once log time catches up, and after compaction a resend is refused outside the window rather than decided twice.
+fn refusals_of_the_op_id_are_for_the_sender_only() {
+    // Proves a refusal of the op id (outside the window, or not v7) records and pushes nothing (no decision, no apology), for a request with an apology topic and for a malformed body alike, so the op id is judged afresh each time: a too-new one is decided once log time catches up, a non-v7 one is refused every time, and a resend whose record is past the compaction horizon is refused outside the window, before and after compaction, rather than decided twice.
     let outside = |p: &mut Partition, s: Step| {
-        let records = p.state.dedups().count();
+        let before = p.state.clone();
         let (answer, effects) = p.step(s).expect("a message");
-        let Answer::OutsideWindow(d) = &answer else {
-            panic!("outside the window, got {answer:?}")
+        let Answer::Refused(d) = &answer else {
+            panic!("refused, got {answer:?}")
         };
         assert_eq!(d.position, p.position, "answered at its own position");
         assert!(effects.is_empty(), "pushed {effects:?}");
-        assert!(p.state.dedup(d.op_id).is_none(), "recorded {answer:?}");
-        assert_eq!(p.state.dedups().count(), records);
+        // A record past the horizon may still be stored, untouched.
+        let record = |s: &MemState| s.dedup(d.op_id).map(|r| r.decision);
+        assert_eq!(record(&p.state), record(&before), "recorded {answer:?}");
+        assert_eq!(p.state.dedups().count(), before.dedups().count());
     };
     let mut p = Partition::new();
     p.step(req(1, open("a")));
@@ -707,13 +751,29 @@ fn outside_window_is_for_the_sender_only() {
     let (again, _) = p.step(zero_credit(id_at(1_002, 3))).expect("a message");
     assert_eq!(again, Answer::Duplicate(bad));
 
+    // Not v7: refused as malformed every time, whatever the body, with no
+    // apology, and never a duplicate.
+    let not_v7 = || {
+        Step::Req(Request {
+            op_id: v4(7),
+            ..optimistic.clone()
+        })
+    };
+    outside(&mut p, not_v7());
+    outside(&mut p, not_v7());
+    outside(&mut p, zero_credit(v4(7)));
+
     // Too old: a new op id is refused; a decided one is still a duplicate
-    // while its record is kept, and refused once compaction forgot it.
+    // while its record is kept, and refused once the record is past the
+    // compaction horizon, whether compaction has removed it yet or not.
     p.step(at(10_001));
     outside(&mut p, req(4, credit("a", 1)));
     let (answer, _) = p.step(req(1, open("a"))).expect("a message");
     assert!(matches!(answer, Answer::Duplicate(_)), "got {answer:?}");
     p.step(at(20_000));
+    assert!(p.state.dedup(id(1)).is_some(), "nothing compacted yet");
+    outside(&mut p, req(1, open("a")));
+    outside(&mut p, zero_credit(id_at(1_002, 3)));
     let horizon = machine().config().compaction_horizon_ms(T0_MS + 20_000);
     p.state.compact(horizon);
     assert_eq!(

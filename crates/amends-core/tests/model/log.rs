@@ -64,6 +64,13 @@ pub enum HoldRef {
         /// Name the hold's own account (else the op's, maybe another).
         own_account: bool,
     },
+    /// One of the last few holds requested, on its own account: a hold
+    /// resolved before the compaction horizon counts as gone, so the hold
+    /// life-cycle refusals need recent holds.
+    Recent {
+        /// How many hold requests back (0: the last).
+        back: u8,
+    },
     /// An id no hold ever had.
     Unknown,
 }
@@ -375,6 +382,7 @@ fn hold_ref() -> impl Strategy<Value = HoldRef> {
     prop_oneof![
         6 => any::<Index>().prop_map(|of| HoldRef::Earlier { of, own_account: true }),
         2 => any::<Index>().prop_map(|of| HoldRef::Earlier { of, own_account: false }),
+        4 => (0..3u8).prop_map(|back| HoldRef::Recent { back }),
         1 => Just(HoldRef::Unknown),
     ]
 }
@@ -604,6 +612,11 @@ impl Builder {
             HoldRef::Earlier { of, own_account } if !b.holds.is_empty() => {
                 let (id, on) = b.holds[of.index(b.holds.len())].clone();
                 (if own_account { on } else { account_id(account) }, id)
+            }
+            HoldRef::Recent { back } if !b.holds.is_empty() => {
+                let back = usize::from(back).min(b.holds.len().saturating_sub(1));
+                let (id, on) = b.holds.iter().rev().nth(back).expect("a hold").clone();
+                (on, id)
             }
             _ => (account_id(account), b.op_id(IdSpec::Offset(0))),
         };

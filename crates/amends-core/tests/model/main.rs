@@ -6,10 +6,11 @@
 //! crashes and compactions) are applied to `Machine::apply` and checked
 //! against a naive reference model (`reference.rs`), against themselves
 //! (replay, batching through an overlay, restarts) and against the
-//! invariants of DESIGN.md after every message: one `Decided` per op id, and
-//! an answer that decides nothing (a duplicate, a conflict, a refusal outside
-//! the window) changes nothing but what a tick would. `cases.rs` holds small,
-//! data-driven cases, one per reason code.
+//! invariants of DESIGN.md after every message: one `Decided` per op id
+//! (never one for an op id that is not v7), an answer that decides nothing (a
+//! duplicate, a conflict, a refusal of the op id) changes nothing but what a
+//! tick would, and when compaction runs never changes an answer. `cases.rs`
+//! holds small, data-driven cases, one per reason code.
 
 mod cases;
 mod log;
@@ -68,34 +69,31 @@ impl Coverage {
         let tag = match answer {
             Answer::Decided(d) => match &d.outcome {
                 Outcome::Confirmed { .. } => "confirmed",
-                Outcome::Rejected { reason } => {
-                    if matches!(reason, Reason::Malformed { .. }) && op_time_ms(d.op_id).is_none() {
-                        self.insert("malformed:not_v7");
-                    }
-                    reason.code()
-                }
+                Outcome::Rejected { reason } => reason.code(),
             },
             Answer::Duplicate(_) => "duplicate",
             Answer::Conflict(_) => "conflict",
-            Answer::OutsideWindow(d) => {
-                let too_old = matches!(
-                    d.outcome.reason(),
-                    Some(Reason::OpIdOutsideWindow { op_time_ms, earliest_ms, .. })
-                        if op_time_ms < earliest_ms
-                );
-                self.insert(if too_old {
-                    "outside_window:too_old"
-                } else {
-                    "outside_window:too_new"
-                });
+            Answer::Refused(d) => {
+                let why = match d.outcome.reason() {
+                    Some(Reason::OpIdOutsideWindow {
+                        op_time_ms,
+                        earliest_ms,
+                        ..
+                    }) if op_time_ms < earliest_ms => "too_old",
+                    Some(Reason::OpIdOutsideWindow { .. }) => "too_new",
+                    _ => "not_v7",
+                };
+                self.insert(&format!("refused:{why}"));
                 match input {
-                    Input::Malformed { .. } => self.insert("outside_window:malformed_body"),
+                    Input::Malformed { .. } => {
+                        self.insert(&format!("refused:{why}:malformed_body"))
+                    }
                     Input::Request(r) if r.apology_topic.is_some() => {
-                        self.insert("outside_window:apology_topic");
+                        self.insert("refused:apology_topic");
                     }
                     Input::Request(_) => {}
                 }
-                "outside_window"
+                "refused"
             }
             Answer::Ticked => "ticked",
         };
@@ -130,8 +128,8 @@ impl Coverage {
 struct Books {
     /// The one `Decided` answer of every op id.
     decided: BTreeMap<OpId, Decision>,
-    /// Every op id ever answered `OutsideWindow`.
-    outside: BTreeSet<OpId>,
+    /// Every op id ever answered `Refused`.
+    refused: BTreeSet<OpId>,
     /// The request decided for each op id (absent for malformed ones).
     requests: BTreeMap<OpId, Request>,
     /// Confirmed credits minus confirmed debits minus posted amounts.
@@ -171,6 +169,11 @@ impl Books {
                         Some(Reason::OpIdConflict | Reason::OpIdOutsideWindow { .. })
                     ),
                     "a sender-only refusal was decided and published: {:?}",
+                    d
+                );
+                prop_assert!(
+                    op_time_ms(d.op_id).is_some(),
+                    "an op id that is not v7 was decided and published: {:?}",
                     d
                 );
                 let apology = match rest {
@@ -215,14 +218,21 @@ impl Books {
                 prop_assert_eq!(d.outcome.reason(), Some(&Reason::OpIdConflict));
                 prop_assert!(rest.is_empty(), "a conflict pushed {:?}", rest);
             }
-            Answer::OutsideWindow(d) => {
+            Answer::Refused(d) => {
+                prop_assert!(rest.is_empty(), "a refusal of the op id pushed {:?}", rest);
+                self.refused.insert(d.op_id);
                 // The window at the refusal's log time, from the settings.
                 let earliest = d.log_time_ms.saturating_sub(RETENTION_MS);
                 let latest = d.log_time_ms.saturating_add(SKEW_MS);
                 let Some(t) = op_time_ms(d.op_id) else {
-                    return Err(TestCaseError::fail(format!(
-                        "a non-v7 op id refused outside the window: {d:?}"
-                    )));
+                    // Not v7: malformed whatever the body, with the op id's
+                    // own detail (never the parser's, never outside the
+                    // window).
+                    let want = Reason::Malformed {
+                        detail: reference::NOT_V7_DETAIL.to_owned(),
+                    };
+                    prop_assert_eq!(d.outcome.reason(), Some(&want), "a non-v7 op id refused");
+                    return Ok(());
                 };
                 prop_assert!(
                     t < earliest || latest < t,
@@ -237,12 +247,18 @@ impl Books {
                     latest_ms: latest,
                 };
                 prop_assert_eq!(d.outcome.reason(), Some(&want));
-                prop_assert!(
-                    rest.is_empty(),
-                    "a refusal outside the window pushed {:?}",
-                    rest
-                );
-                self.outside.insert(d.op_id);
+                if let Some(first) = self.decided.get(&d.op_id) {
+                    // A decided op id is refused only once its record is
+                    // past the compaction horizon (log time − retention −
+                    // skew): its decision and its timestamp both before it.
+                    let horizon = earliest.saturating_sub(SKEW_MS);
+                    prop_assert!(
+                        t < horizon && first.log_time_ms < horizon,
+                        "op id decided as {:?} refused before its record passed the horizon: {:?}",
+                        first,
+                        d
+                    );
+                }
             }
             Answer::Ticked => prop_assert!(rest.is_empty(), "a tick pushed {:?}", rest),
         }
@@ -284,7 +300,7 @@ fn op_time_ms(op_id: OpId) -> Option<u64> {
 }
 
 /// Checks that a message whose answer decides nothing (a duplicate, a
-/// conflict, a refusal outside the window) changed the state and pushed
+/// conflict, a refusal of the op id) changed the state and pushed
 /// effects exactly as a tick at its position and log time would have: the
 /// clock and due hold expiries, nothing else (no record, no decision, no
 /// apology).
@@ -474,9 +490,32 @@ fn matches_reference() {
             let Ok(answer) = got else {
                 return Err(TestCaseError::fail("generated positions always advance"));
             };
-            if matches!(answer, Answer::Decided(_)) && books.outside.contains(&op_id_of(input)) {
-                // A too-new op id, now inside the window: its first decision.
-                coverage.borrow_mut().insert("decided after outside_window");
+            let op_id = op_id_of(input);
+            match &answer {
+                Answer::Decided(_) if books.refused.contains(&op_id) => {
+                    // A too-new op id, now inside the window: its first decision.
+                    coverage.borrow_mut().insert("decided after refused");
+                }
+                Answer::Refused(_) if books.decided.contains_key(&op_id) => {
+                    // Nothing compacts here: the record is still stored, and
+                    // counts as gone because it is past the horizon.
+                    prop_assert!(before.dedup(op_id).is_some(), "{} lost its record", op_id);
+                    coverage.borrow_mut().insert("refused:resend_past_horizon");
+                }
+                Answer::Decided(d) if d.outcome.reason() == Some(&Reason::HoldNotFound) => {
+                    if let Input::Request(Request {
+                        command:
+                            Command::Post { account, hold, .. } | Command::Void { account, hold },
+                        ..
+                    }) = input
+                        && before.hold(*hold).is_some_and(|h| h.account == *account)
+                    {
+                        // The hold is stored on this account, so it counts
+                        // as gone: resolved before the horizon.
+                        coverage.borrow_mut().insert("hold_not_found:past_horizon");
+                    }
+                }
+                _ => {}
             }
             books.record(input, &answer, &effects)?;
             if !matches!(answer, Answer::Decided(_)) {
@@ -488,8 +527,8 @@ fn matches_reference() {
         }
         Ok(())
     });
-    // Conflicts and refusals outside the window are never `Decided`: they
-    // are counted under their own answers.
+    // Conflicts and refusals of the op id are never `Decided`: they are
+    // counted under their own answers.
     let mut expected: Vec<&str> = Reason::CODES
         .iter()
         .filter(|c| !matches!(**c, "op_id_conflict" | "op_id_outside_window"))
@@ -499,13 +538,17 @@ fn matches_reference() {
         "confirmed",
         "duplicate",
         "conflict",
-        "outside_window",
-        "outside_window:too_old",
-        "outside_window:too_new",
-        "outside_window:malformed_body",
-        "outside_window:apology_topic",
-        "decided after outside_window",
-        "malformed:not_v7",
+        "refused",
+        "refused:too_old",
+        "refused:too_new",
+        "refused:not_v7",
+        "refused:too_old:malformed_body",
+        "refused:too_new:malformed_body",
+        "refused:not_v7:malformed_body",
+        "refused:apology_topic",
+        "refused:resend_past_horizon",
+        "decided after refused",
+        "hold_not_found:past_horizon",
         "ticked",
         "effect:apology",
         "effect:hold_expired",
@@ -769,7 +812,7 @@ fn overlay_batches_equal_direct_apply() {
 
 #[test]
 fn compaction_keeps_exactly_once() {
-    // Proves compaction at Config::compaction_horizon_ms (at random points, or eagerly before every message) never lets a v7 op id be decided twice: a resend is a Duplicate of the decision on record, or, once the record is gone, refused outside the window with nothing recorded or published. Only an op id that is not v7 (no timestamp to bound it) can be decided again, and only as malformed.
+    // Proves compaction at Config::compaction_horizon_ms (at random points, or eagerly before every message) never lets an op id be decided twice: a resend is a Duplicate of the decision on record, or, once the record is past the horizon (compacted or not), refused outside the window with nothing recorded or published.
     let coverage = RefCell::new(Coverage::default());
     run((log::ops(OPS_MAX, 0, 4), any::<bool>()), |(ops, eager)| {
         let machine = log::machine();
@@ -813,28 +856,23 @@ fn compaction_keeps_exactly_once() {
                     TestCaseError::fail(format!("generated positions always advance: {f}"))
                 })?;
             let op_id = op_id_of(&e.input);
-            let forgotten = books.decided.contains_key(&op_id) && before.dedup(op_id).is_none();
+            let decided = books.decided.contains_key(&op_id);
+            let forgotten = decided && before.dedup(op_id).is_none();
             match &answer {
-                Answer::Decided(d) if forgotten => {
-                    // Decided again: only an op id without a timestamp, whose
-                    // record nothing but its decision's log time bounds; it
-                    // is refused as malformed again, which applies nothing.
-                    let malformed = matches!(d.outcome.reason(), Some(Reason::Malformed { .. }));
-                    prop_assert!(
-                        op_time_ms(op_id).is_none() && malformed,
-                        "op id {} decided {:?}, then again {:?}",
-                        op_id,
+                // `record` fails any second decision; this names the cause.
+                Answer::Decided(d) if decided => {
+                    return Err(TestCaseError::fail(format!(
+                        "op id {op_id} decided {:?}, then again {d:?} (record compacted: {forgotten})",
                         books.decided.get(&op_id),
-                        d
-                    );
-                    // This refusal is the record now; `record` checks the rest.
-                    books.decided.remove(&op_id);
+                    )));
+                }
+                Answer::Refused(_) if forgotten => {
+                    coverage.borrow_mut().insert("refused after compaction");
+                }
+                Answer::Refused(_) if decided => {
                     coverage
                         .borrow_mut()
-                        .insert("not v7: malformed again after compaction");
-                }
-                Answer::OutsideWindow(_) if forgotten => {
-                    coverage.borrow_mut().insert("refused after compaction");
+                        .insert("refused past the horizon, record still stored");
                 }
                 Answer::Duplicate(_) | Answer::Conflict(_) => prop_assert!(
                     !forgotten,
@@ -855,8 +893,96 @@ fn compaction_keeps_exactly_once() {
     coverage.into_inner().assert_has(&[
         "compacted",
         "refused after compaction",
-        "not v7: malformed again after compaction",
+        "refused past the horizon, record still stored",
         "duplicate",
-        "outside_window",
+        "refused:too_old",
+        "refused:too_new",
+        "refused:not_v7",
+    ]);
+}
+
+#[test]
+fn compaction_timing_never_changes_answers() {
+    // Proves when compaction runs changes no decision: the same log run with no physical compaction and with MemState::compact at Config::compaction_horizon_ms (at random points, or eagerly before and after every message) gives exactly the same answers and effects, and states that are equal once both are compacted to the current horizon.
+    let coverage = RefCell::new(Coverage::default());
+    run((log::ops(OPS_MAX, 0, 4), any::<bool>()), |(ops, eager)| {
+        let machine = log::machine();
+        let config = *machine.config();
+        let mut plain = MemState::new();
+        let mut compacted = MemState::new();
+        let compact = |state: &mut MemState, now_ms: u64| {
+            let (dedups, holds) = (state.dedups().count(), state.holds().count());
+            state.compact(config.compaction_horizon_ms(now_ms));
+            if state.dedups().count() < dedups {
+                coverage.borrow_mut().insert("compacted a dedup record");
+            }
+            if state.holds().count() < holds {
+                coverage.borrow_mut().insert("compacted a hold");
+            }
+        };
+        for item in log::build(&ops) {
+            let e = match item {
+                Item::Message(e) => e,
+                Item::Compact => {
+                    let now_ms = compacted.clock().log_time_ms;
+                    compact(&mut compacted, now_ms);
+                    continue;
+                }
+                Item::Restart => continue,
+            };
+            if eager {
+                let now_ms = compacted.clock().log_time_ms.max(e.log_time_ms);
+                compact(&mut compacted, now_ms);
+            }
+            let op_id = op_id_of(&e.input);
+            let stored = plain.dedup(op_id).is_some();
+            let gone = stored && compacted.dedup(op_id).is_none();
+            let mut want_effects = Vec::new();
+            let want = machine.apply(
+                &mut plain,
+                e.position,
+                e.log_time_ms,
+                &e.input,
+                &mut want_effects,
+            );
+            let mut effects = Vec::new();
+            let got = machine.apply(
+                &mut compacted,
+                e.position,
+                e.log_time_ms,
+                &e.input,
+                &mut effects,
+            );
+            prop_assert_eq!(&got, &want, "answer at position {}", e.position);
+            prop_assert_eq!(
+                &effects,
+                &want_effects,
+                "effects at position {}",
+                e.position
+            );
+            if gone {
+                coverage.borrow_mut().insert(match got {
+                    Ok(Answer::Refused(_)) => "resend of a compacted record: refused",
+                    _ => "resend of a compacted record: other",
+                });
+            }
+            if eager {
+                let now_ms = compacted.clock().log_time_ms;
+                compact(&mut compacted, now_ms);
+            }
+            // Compacted to the current horizon, the states are the same.
+            let horizon = config.compaction_horizon_ms(compacted.clock().log_time_ms);
+            let mut a = plain.clone();
+            a.compact(horizon);
+            let mut b = compacted.clone();
+            b.compact(horizon);
+            prop_assert!(a == b, "states differ at position {}", e.position);
+        }
+        Ok(())
+    });
+    coverage.into_inner().assert_has(&[
+        "compacted a dedup record",
+        "compacted a hold",
+        "resend of a compacted record: refused",
     ]);
 }

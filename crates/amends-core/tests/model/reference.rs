@@ -2,8 +2,10 @@
 //!
 //! It is written from the documented rules (`specs/protocol.md` and the docs
 //! of `Command`, `Reason`, `Answer` and `Config`), not from `partition.rs`.
-//! It checks in the documented order (dedup; then the window, whose refusals
-//! are neither remembered nor published; then the body and the command),
+//! It checks in the documented order (dedup, where a record past the
+//! compaction horizon counts as gone; then the op id, which must be a v7
+//! inside the window, and whose refusals are neither remembered nor
+//! published; then the body and the command),
 //! with plain `BTreeMap`s, `i128` arithmetic checked against the `i64`
 //! range, a linear scan for expiries, and bodies compared as values (a parsed `Request`, or the raw bytes of a
 //! malformed message) instead of fingerprints. It shares only the data types
@@ -18,8 +20,8 @@ use amends_core::id::OpId;
 use amends_core::partition::{Answer, Apology, Effect, Fault, HoldExpired, Input};
 use amends_core::state::HoldStatus;
 
-/// The detail of the refusal of a well-formed request whose op id is not a
-/// UUID v7 (quoted from the protocol).
+/// The detail of the refusal of a message whose op id is not a UUID v7,
+/// whatever its body (quoted from the protocol).
 pub const NOT_V7_DETAIL: &str = "op_id must be a UUID version 7 (see specs/protocol.md)";
 
 /// The label of the id of a hold expiry event (quoted from the protocol).
@@ -85,7 +87,8 @@ pub struct Reference {
     pub holds: BTreeMap<OpId, Hold>,
     /// Claims: (namespace, key) to owner.
     pub claims: BTreeMap<(String, String), String>,
-    /// Every decided op id (never one refused outside the window).
+    /// Every decided op id (never one whose op id was refused), kept even
+    /// past the horizon: the model never compacts.
     pub seen: BTreeMap<OpId, Seen>,
 }
 
@@ -177,7 +180,17 @@ impl Reference {
             outcome,
         };
 
-        if let Some(seen) = self.seen.get(&op_id) {
+        // A record is forgotten, logically, once its decision and its op
+        // id's own timestamp (when it has one) are both older than
+        // retention + skew; physical compaction may lag, so the model never
+        // deletes, it just stops looking.
+        let forget_before = self.forget_before(now);
+        let remembered = self.seen.get(&op_id).filter(|seen| {
+            // Only v7 ids are ever remembered.
+            let ts_old = v7_unix_ms(op_id).is_some_and(|t| t < forget_before);
+            !(seen.decision.log_time_ms < forget_before && ts_old)
+        });
+        if let Some(seen) = remembered {
             let answer = if seen.body == body {
                 Answer::Duplicate(seen.decision.clone())
             } else {
@@ -188,10 +201,18 @@ impl Reference {
             return (Ok(answer), effects);
         }
 
-        // Then the window, for a v7 op id whatever its body. A refusal
-        // outside it goes to the sender alone: it is neither remembered nor
-        // published (no decision, no apology).
-        if let Some(op_time_ms) = v7_unix_ms(op_id) {
+        // Then the op id itself, whatever the body: it must be v7 and inside
+        // the window. A refusal here goes to the sender alone: it is neither
+        // remembered nor published (no decision, no apology).
+        let Some(op_time_ms) = v7_unix_ms(op_id) else {
+            let refusal = decision(Outcome::Rejected {
+                reason: Reason::Malformed {
+                    detail: NOT_V7_DETAIL.to_owned(),
+                },
+            });
+            return (Ok(Answer::Refused(refusal)), effects);
+        };
+        {
             let earliest_ms = now.saturating_sub(self.retention_ms);
             let latest_ms = now.saturating_add(self.skew_ms);
             if op_time_ms < earliest_ms || latest_ms < op_time_ms {
@@ -202,7 +223,7 @@ impl Reference {
                         latest_ms,
                     },
                 });
-                return (Ok(Answer::OutsideWindow(refusal)), effects);
+                return (Ok(Answer::Refused(refusal)), effects);
             }
         }
 
@@ -240,15 +261,9 @@ impl Reference {
         (Ok(Answer::Decided(decision)), effects)
     }
 
-    /// Decides a new, well-formed request whose op id is not outside the
-    /// window: an op id that is not v7, then the command's own checks in
-    /// precedence order.
+    /// Decides a new, well-formed request whose op id is a v7 id inside
+    /// the window: the command's own checks in precedence order.
     fn decide(&mut self, req: &Request) -> Result<Outcome, Reason> {
-        if v7_unix_ms(req.op_id).is_none() {
-            return Err(Reason::Malformed {
-                detail: NOT_V7_DETAIL.to_owned(),
-            });
-        }
         let now = self.now_ms;
 
         match &req.command {
@@ -442,6 +457,12 @@ impl Reference {
         }
     }
 
+    /// Records from before this log time are forgotten at `now`.
+    fn forget_before(&self, now: u64) -> u64 {
+        now.saturating_sub(self.retention_ms)
+            .saturating_sub(self.skew_ms)
+    }
+
     fn account(&self, id: &AccountId) -> Result<Account, Reason> {
         self.accounts
             .get(id.as_str())
@@ -451,8 +472,15 @@ impl Reference {
 
     /// The pending hold `id` on `account`, or why not.
     fn pending_hold(&self, account: &AccountId, id: OpId) -> Result<Hold, Reason> {
+        let forget_before = self.forget_before(self.now_ms);
+        let resolved_long_ago = |h: &Hold| match h.status {
+            HoldStatus::Pending => false,
+            HoldStatus::Posted { at_ms, .. }
+            | HoldStatus::Voided { at_ms }
+            | HoldStatus::Expired { at_ms } => at_ms < forget_before,
+        };
         let hold = match self.holds.get(&id) {
-            Some(h) if h.account == account.as_str() => h.clone(),
+            Some(h) if h.account == account.as_str() && !resolved_long_ago(h) => h.clone(),
             _ => return Err(Reason::HoldNotFound),
         };
         match hold.status {

@@ -1,0 +1,202 @@
+//! Corruption and misuse: clear errors, never a silent reinterpretation.
+
+use amends_core::route::Partitions;
+use amends_core::state::{ChangeSet, Clock, Read};
+use amends_store::{Error, Options, OutboxSeq, Store};
+
+use crate::support::{self, Runner};
+
+fn opts(n: u32) -> Options {
+    Options::new(Partitions::new(n).expect("valid count"))
+}
+
+#[test]
+fn reopening_with_another_partition_count_is_refused() {
+    // Proves the partition count is fixed at creation: reopening with
+    // another count fails naming both counts, and the right count still
+    // opens.
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Store::open(dir.path(), opts(4)).expect("create"));
+    let err = Store::open(dir.path(), opts(8)).expect_err("8 partitions refused");
+    assert!(
+        matches!(
+            err,
+            Error::PartitionCount {
+                stored: 4,
+                requested: 8
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("created with 4 partitions, opened with 8"),
+        "{msg}"
+    );
+    Store::open(dir.path(), opts(4)).expect("the original count opens");
+}
+
+#[test]
+fn another_format_version_is_refused() {
+    // Proves a store whose meta names another format version is refused
+    // with both versions in the message.
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Store::open(dir.path(), opts(4)).expect("create"));
+    {
+        let db = support::raw_sled(dir.path());
+        let meta = db.open_tree("amends/meta").expect("meta tree");
+        meta.insert("format_version", &99u32.to_be_bytes())
+            .expect("overwrite");
+        db.flush().expect("flush");
+    }
+    let err = Store::open(dir.path(), opts(4)).expect_err("version 99 refused");
+    assert!(
+        matches!(
+            err,
+            Error::FormatVersion {
+                found: 99,
+                expected: 1
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("format version 99 on disk"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_foreign_sled_database_is_refused() {
+    // Proves a sled database with data but no amends meta is not adopted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = support::raw_sled(dir.path());
+        db.open_tree("something-else")
+            .expect("tree")
+            .insert("k", "v")
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let err = Store::open(dir.path(), opts(4)).expect_err("foreign db refused");
+    assert!(matches!(err, Error::MissingMeta), "{err:?}");
+}
+
+#[test]
+fn partition_out_of_range_is_refused() {
+    // Proves a partition number at or above the count is an error, not a
+    // new tree.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = Store::open(dir.path(), opts(2)).expect("create");
+    let id = Partitions::new(8).expect("count").id(5).expect("id");
+    let err = small.partition(id).expect_err("out of range");
+    assert!(
+        matches!(
+            err,
+            Error::NoSuchPartition {
+                partition: 5,
+                partitions: 2
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_corrupt_record_fails_the_batch_and_names_its_key() {
+    // Proves a record that does not decode is reported as corruption naming
+    // its key: the decoding iterator fails, and a batch that read it is
+    // refused at commit instead of being decided on a missing account.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = support::generate(3, 400);
+    let applied = {
+        let (_store, p) = support::open(dir.path());
+        Runner::new().batch(&p, &log[..200]);
+        p.clock().position
+    };
+    {
+        let db = support::raw_sled(dir.path());
+        let tree = db
+            .open_tree(format!("amends/partition/{:04}", support::PARTITION))
+            .expect("tree");
+        let key = tree
+            .scan_prefix("a")
+            .keys()
+            .next()
+            .expect("an account exists")
+            .expect("read key");
+        tree.insert(&key, &[1u8, 0xff, 0xff][..]).expect("damage");
+        db.flush().expect("flush");
+    }
+    let (_store, p) = support::open(dir.path());
+    let err = p.records().find_map(Result::err).expect("a corrupt record");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Corrupt { .. }) && msg.contains("at key aacct-"),
+        "{msg}"
+    );
+
+    // Reading every account through the state machine's trait hits it.
+    for n in 0..24 {
+        let _ = p.account(&format!("acct-{n}"));
+    }
+    let mut changes = ChangeSet {
+        clock: Some(Clock {
+            position: 10_000,
+            log_time_ms: support::T0_MS,
+        }),
+        ..ChangeSet::default()
+    };
+    let err = p.commit(&mut changes, &[]).expect_err("batch refused");
+    assert!(matches!(err, Error::BatchRead { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("corrupt record at key aacct-"),
+        "{err}"
+    );
+    assert_eq!(p.clock().position, applied, "nothing was committed");
+}
+
+#[test]
+fn a_stale_change_set_is_refused() {
+    // Proves a change set that does not advance the applied position (two
+    // writers, or a batch committed twice) is refused and writes nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, p) = support::open(dir.path());
+    let log = support::generate(5, 50);
+    Runner::new().batch(&p, &log);
+    let before: Vec<_> = p.dump().collect::<Result<_, _>>().expect("dump");
+    let mut changes = ChangeSet {
+        clock: Some(Clock {
+            position: p.clock().position,
+            log_time_ms: support::T0_MS,
+        }),
+        ..ChangeSet::default()
+    };
+    let err = p.commit(&mut changes, &[]).expect_err("stale");
+    assert!(matches!(err, Error::PositionNotAdvancing { .. }), "{err:?}");
+    let after: Vec<_> = p.dump().collect::<Result<_, _>>().expect("dump");
+    assert_eq!(before, after);
+}
+
+#[test]
+fn confirming_beyond_the_outbox_is_refused() {
+    // Proves the publisher cannot confirm entries the store never wrote,
+    // and that confirming less than before is a no-op.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, p) = support::open(dir.path());
+    let log = support::generate(6, 100);
+    let (range, _) = Runner::new().batch(&p, &log);
+    let err = p
+        .outbox_confirm(OutboxSeq(range.end.0 + 1))
+        .expect_err("beyond");
+    assert!(matches!(err, Error::OutboxConfirmBeyond { .. }), "{err:?}");
+    p.outbox_confirm(range.end).expect("confirm all");
+    p.outbox_confirm(OutboxSeq(1))
+        .expect("going back is a no-op");
+    assert_eq!(p.outbox_confirmed().expect("watermark"), range.end);
+    assert!(
+        p.outbox_read(OutboxSeq(0), usize::MAX)
+            .expect("read")
+            .is_empty()
+    );
+}

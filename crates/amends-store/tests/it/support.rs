@@ -1,0 +1,536 @@
+//! Shared test support: a seeded RNG, a deterministic log generator, a
+//! batch driver over a store partition, the in-memory reference run and the
+//! invariants every state must keep.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+
+use amends_core::command::{
+    AccountId, Amount, ClaimKey, Command, Namespace, Owner, Request, Topic,
+};
+use amends_core::id::OpId;
+use amends_core::partition::{Config, Effect, Machine};
+use amends_core::route::{PartitionId, Partitions};
+use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, Read};
+use amends_core::wire;
+use amends_store::{Options, OutboxRange, Partition, Store};
+
+/// Log time of the first message.
+pub const T0_MS: u64 = 1_700_000_000_000;
+
+/// The partition count of every test store.
+pub const PARTITIONS: u32 = 4;
+
+/// The partition the tests write to (any would do).
+pub const PARTITION: u32 = 2;
+
+/// A short dedup window, so that compaction has work during a test.
+pub fn config() -> Config {
+    Config {
+        dedup_retention_ms: 20_000,
+        op_id_future_skew_ms: 5_000,
+    }
+}
+
+pub fn partitions() -> Partitions {
+    Partitions::new(PARTITIONS).expect("valid partition count")
+}
+
+pub fn partition_id() -> PartitionId {
+    partitions().id(PARTITION).expect("partition in range")
+}
+
+pub fn machine() -> Machine {
+    Machine::new(partition_id(), config())
+}
+
+pub fn open(dir: &Path) -> (Store, Partition) {
+    let store = Store::open(dir, Options::new(partitions())).expect("open store");
+    let p = store.partition(partition_id()).expect("partition");
+    (store, p)
+}
+
+/// SplitMix64: small, seedable, good enough for test data.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    pub fn index(&mut self, len: usize) -> usize {
+        let n = u64::try_from(len).expect("usize fits u64");
+        usize::try_from(self.below(n)).expect("index fits usize")
+    }
+
+    pub fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+
+    pub fn u128(&mut self) -> u128 {
+        (u128::from(self.next_u64()) << 64) | u128::from(self.next_u64())
+    }
+}
+
+/// One message of the request log.
+#[derive(Clone, Debug)]
+pub struct Msg {
+    pub position: u64,
+    pub log_time_ms: u64,
+    pub bytes: Vec<u8>,
+}
+
+const ACCOUNTS: u64 = 24;
+const NAMESPACES: [&str; 2] = ["username", "email"];
+const CLAIM_KEYS: u64 = 20;
+const OWNERS: u64 = 4;
+/// How many recent messages a duplicate or a conflict is drawn from: a few
+/// hundred milliseconds of log time, well inside the dedup window, so that
+/// when compaction ran never changes a decision.
+const RECENT_LEN: usize = 100;
+/// How many recent holds a post or a void is drawn from (the same reason).
+const RECENT_HOLDS: usize = 40;
+
+struct Gen {
+    rng: Rng,
+    now_ms: u64,
+    recent: VecDeque<(Vec<u8>, Option<Request>)>,
+    holds: VecDeque<(OpId, AccountId)>,
+}
+
+fn account(n: u64) -> AccountId {
+    AccountId::new(format!("acct-{n}")).expect("valid account id")
+}
+
+fn amount(v: u64) -> Amount {
+    Amount::new(v.max(1)).expect("positive amount")
+}
+
+impl Gen {
+    fn op_id(&mut self) -> OpId {
+        let ms = self.now_ms.saturating_sub(self.rng.below(2_000));
+        OpId::v7_from_parts(ms, self.rng.u128())
+    }
+
+    fn some_account(&mut self) -> AccountId {
+        account(self.rng.below(ACCOUNTS))
+    }
+
+    fn claim_parts(&mut self) -> (Namespace, ClaimKey, Owner) {
+        let ns = NAMESPACES[self.rng.index(NAMESPACES.len())];
+        (
+            Namespace::new(ns).expect("valid namespace"),
+            ClaimKey::new(format!("key-{}", self.rng.below(CLAIM_KEYS))).expect("valid key"),
+            Owner::new(format!("owner-{}", self.rng.below(OWNERS))).expect("valid owner"),
+        )
+    }
+
+    fn command(&mut self) -> Command {
+        match self.rng.below(100) {
+            0..10 => {
+                let floor = if self.rng.percent(30) {
+                    -i64::try_from(self.rng.below(500)).expect("small")
+                } else {
+                    0
+                };
+                let ceiling = self.rng.percent(20).then_some(20_000);
+                let floor = if self.rng.percent(3) { 5 } else { floor };
+                Command::OpenAccount {
+                    account: self.some_account(),
+                    floor,
+                    ceiling,
+                }
+            }
+            10..35 => {
+                let big = self.rng.percent(1);
+                let v = if big {
+                    u64::MAX
+                } else {
+                    self.rng.range(1, 1_000)
+                };
+                Command::Credit {
+                    account: self.some_account(),
+                    amount: amount(v),
+                }
+            }
+            35..50 => Command::Debit {
+                account: self.some_account(),
+                amount: amount(self.rng.range(1, 1_500)),
+            },
+            50..62 => Command::Hold {
+                account: self.some_account(),
+                amount: amount(self.rng.range(1, 800)),
+                timeout_ms: self.rng.percent(60).then(|| self.rng.range(20, 3_000)),
+            },
+            62..70 => {
+                let (hold, account) = self.recent_hold();
+                let amount = self.rng.percent(50).then(|| amount(self.rng.range(1, 900)));
+                Command::Post {
+                    account,
+                    hold,
+                    amount,
+                }
+            }
+            70..76 => {
+                let (hold, account) = self.recent_hold();
+                Command::Void { account, hold }
+            }
+            76..88 => {
+                let (namespace, key, owner) = self.claim_parts();
+                Command::Claim {
+                    namespace,
+                    key,
+                    owner,
+                }
+            }
+            88..95 => {
+                let (namespace, key, owner) = self.claim_parts();
+                Command::Release {
+                    namespace,
+                    key,
+                    owner,
+                }
+            }
+            _ => Command::Tick {},
+        }
+    }
+
+    fn recent_hold(&mut self) -> (OpId, AccountId) {
+        if self.holds.is_empty() || self.rng.percent(5) {
+            return (self.op_id(), self.some_account());
+        }
+        let i = self.rng.index(self.holds.len());
+        self.holds[i].clone()
+    }
+
+    fn request(&mut self, op_id: OpId, command: Command) -> (Vec<u8>, Option<Request>) {
+        let apology_topic = self
+            .rng
+            .percent(15)
+            .then(|| Topic::new("orders.refused").expect("valid topic"));
+        if let Command::Hold { account, .. } = &command {
+            if self.holds.len() == RECENT_HOLDS {
+                self.holds.pop_front();
+            }
+            self.holds.push_back((op_id, account.clone()));
+        }
+        let req = Request {
+            op_id,
+            command,
+            apology_topic,
+        };
+        (wire::encode(&req), Some(req))
+    }
+
+    fn message(&mut self) -> Vec<u8> {
+        let (bytes, req) = match self.rng.below(100) {
+            // An exact duplicate of a recent message.
+            0..10 if !self.recent.is_empty() => {
+                let i = self.rng.index(self.recent.len());
+                return self.recent[i].0.clone();
+            }
+            // A recent op id with another body: a conflict.
+            10..13 if !self.recent.is_empty() => {
+                let i = self.rng.index(self.recent.len());
+                match self.recent[i].1.clone() {
+                    Some(req) => {
+                        let command = self.command();
+                        let req = Request {
+                            op_id: req.op_id,
+                            command,
+                            apology_topic: None,
+                        };
+                        return wire::encode(&req);
+                    }
+                    None => return self.recent[i].0.clone(),
+                }
+            }
+            // Readable op id, unreadable body: refused as malformed.
+            13..16 => {
+                let id = self.op_id();
+                (
+                    format!(r#"{{"op_id":"{id}","command":{{"type":"bogus"}}}}"#).into_bytes(),
+                    None,
+                )
+            }
+            // No readable op id at all: a dead letter.
+            16 => (b"{not json".to_vec(), None),
+            // Not a UUID v7: malformed.
+            17..19 => {
+                let v4 =
+                    uuid::Builder::from_random_bytes(self.rng.u128().to_be_bytes()).into_uuid();
+                let command = self.command();
+                self.request(OpId::from_uuid(v4), command)
+            }
+            // Outside the window: too far in the future, or too old.
+            19..21 => {
+                let ms = if self.rng.percent(50) {
+                    self.now_ms + 60_000
+                } else {
+                    self.now_ms.saturating_sub(300_000)
+                };
+                let id = OpId::v7_from_parts(ms, self.rng.u128());
+                let command = self.command();
+                self.request(id, command)
+            }
+            _ => {
+                let id = self.op_id();
+                let command = self.command();
+                self.request(id, command)
+            }
+        };
+        if self.recent.len() == RECENT_LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((bytes.clone(), req));
+        bytes
+    }
+}
+
+/// A deterministic log of `len` messages (positions `1..=len`) with every
+/// kind of request, duplicates, conflicts, malformed and unreadable
+/// messages, ticks and hold expiries. Log time mostly advances by up to
+/// 30 ms and sometimes steps back a little (the machine never lets it go
+/// back).
+pub fn generate(seed: u64, len: usize) -> Vec<Msg> {
+    let mut g = Gen {
+        rng: Rng::new(seed),
+        now_ms: T0_MS,
+        recent: VecDeque::new(),
+        holds: VecDeque::new(),
+    };
+    (1..)
+        .take(len)
+        .map(|position| {
+            g.now_ms += g.rng.below(30);
+            let log_time_ms = if g.rng.percent(3) {
+                g.now_ms.saturating_sub(g.rng.below(50))
+            } else {
+                g.now_ms
+            };
+            Msg {
+                position,
+                log_time_ms,
+                bytes: g.message(),
+            }
+        })
+        .collect()
+}
+
+/// Applies batches of messages to a store partition, as a driver does.
+pub struct Runner {
+    pub machine: Machine,
+    changes: ChangeSet,
+    effects: Vec<Effect>,
+}
+
+impl Runner {
+    pub fn new() -> Runner {
+        Runner {
+            machine: machine(),
+            changes: ChangeSet::default(),
+            effects: Vec::new(),
+        }
+    }
+
+    /// Applies `msgs` on top of `p` into the pending change set, without
+    /// committing.
+    pub fn apply(&mut self, p: &Partition, msgs: &[Msg]) {
+        for m in msgs {
+            // An unreadable message is dead-lettered by a driver; it does
+            // not reach the machine.
+            if let Ok(input) = wire::decode_request(&m.bytes) {
+                let mut view = Overlay::new(p, &mut self.changes);
+                self.machine
+                    .apply(
+                        &mut view,
+                        m.position,
+                        m.log_time_ms,
+                        &input,
+                        &mut self.effects,
+                    )
+                    .expect("generated logs only advance");
+            }
+        }
+    }
+
+    /// Applies `msgs` and commits them as one batch; returns the outbox
+    /// range and the effects to publish.
+    pub fn batch(&mut self, p: &Partition, msgs: &[Msg]) -> (OutboxRange, Vec<Effect>) {
+        self.apply(p, msgs);
+        let committed = p.commit(&mut self.changes, &self.effects).expect("commit");
+        (committed.outbox, std::mem::take(&mut self.effects))
+    }
+
+    /// Forgets the uncommitted batch (a crash before the commit).
+    pub fn abandon(&mut self) {
+        self.changes.clear();
+        self.effects.clear();
+    }
+}
+
+/// The uninterrupted in-memory run of a log prefix: the state and every
+/// effect in order.
+pub fn reference(msgs: &[Msg]) -> (MemState, Vec<Effect>) {
+    let machine = machine();
+    let mut mem = MemState::new();
+    let mut effects = Vec::new();
+    for m in msgs {
+        if let Ok(input) = wire::decode_request(&m.bytes) {
+            machine
+                .apply(&mut mem, m.position, m.log_time_ms, &input, &mut effects)
+                .expect("generated logs only advance");
+        }
+    }
+    (mem, effects)
+}
+
+/// The compaction horizon at a state's log time.
+pub fn horizon<R: Read + ?Sized>(state: &R) -> u64 {
+    config().compaction_horizon_ms(state.clock().log_time_ms)
+}
+
+/// An effect as it is published: kind, deterministic id and JSON body.
+pub fn published(e: &Effect) -> (&'static str, OpId, String) {
+    let json = |b: Vec<u8>| String::from_utf8(b).expect("JSON is UTF-8");
+    match e {
+        Effect::Decided(d) => ("decided", d.op_id, json(wire::encode(d))),
+        Effect::Apology(a) => ("apology", a.decision.op_id, json(wire::encode(a))),
+        Effect::HoldExpired(h) => ("expired", h.event_id, json(wire::encode(h))),
+    }
+}
+
+/// Checks the invariants of the core tests on a whole state: holds add up
+/// to `held`, nothing below its floor or above its ceiling, the expiry index
+/// names exactly the pending holds with an expiry, no decision from the
+/// future.
+pub fn check_invariants(mem: &MemState) {
+    let mut held: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut expiring = BTreeSet::new();
+    for (id, h) in mem.holds() {
+        if h.status == HoldStatus::Pending {
+            let sum = held.entry(h.account.as_str()).or_default();
+            *sum = sum.checked_add(h.amount).expect("held fits i64");
+            if let Some(at_ms) = h.expires_at_ms {
+                expiring.insert((at_ms, *id));
+            }
+            assert!(
+                mem.account(h.account.as_str()).is_some(),
+                "pending hold {id:?} on no account"
+            );
+        }
+    }
+    for (id, a) in mem.accounts() {
+        assert_eq!(
+            a.held,
+            held.get(id.as_str()).copied().unwrap_or(0),
+            "held of {id:?}"
+        );
+        let available = a.available().expect("available fits i64");
+        assert!(available >= a.floor, "{id:?} below its floor: {a:?}");
+        if let Some(c) = a.ceiling {
+            assert!(a.balance <= c, "{id:?} above its ceiling: {a:?}");
+        }
+    }
+    let index: BTreeSet<_> = mem.expiries().map(|k| (k.at_ms, k.hold)).collect();
+    assert_eq!(index, expiring, "expiry index and pending holds disagree");
+    let clock = mem.clock();
+    for (op, d) in mem.dedups() {
+        assert!(
+            d.decision.position <= clock.position,
+            "decision of {op:?} from the future"
+        );
+        assert_eq!(d.decision.op_id, *op);
+    }
+}
+
+/// Asserts two states are equal record for record, naming the first
+/// difference of each kind.
+pub fn assert_same_state(got: &MemState, want: &MemState, context: &str) {
+    fn sorted<K: Ord + std::fmt::Debug, V: std::fmt::Debug>(
+        it: impl Iterator<Item = (K, V)>,
+    ) -> Vec<String> {
+        let mut v: Vec<(K, V)> = it.collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.iter().map(|(k, v)| format!("{k:?} => {v:?}")).collect()
+    }
+    fn first_diff(kind: &str, got: &[String], want: &[String]) -> Option<String> {
+        if got == want {
+            return None;
+        }
+        let at = got
+            .iter()
+            .zip(want)
+            .position(|(g, w)| g != w)
+            .unwrap_or(got.len().min(want.len()));
+        Some(format!(
+            "{kind}: {} stored vs {} expected; first difference at {at}: stored {:?}, expected {:?}",
+            got.len(),
+            want.len(),
+            got.get(at),
+            want.get(at)
+        ))
+    }
+    let diffs: Vec<String> = [
+        first_diff(
+            "accounts",
+            &sorted(got.accounts()),
+            &sorted(want.accounts()),
+        ),
+        first_diff("holds", &sorted(got.holds()), &sorted(want.holds())),
+        first_diff("claims", &sorted(got.claims()), &sorted(want.claims())),
+        first_diff("dedup", &sorted(got.dedups()), &sorted(want.dedups())),
+        first_diff(
+            "expiries",
+            &sorted(got.expiries().map(|k| (k, ()))),
+            &sorted(want.expiries().map(|k| (k, ()))),
+        ),
+        (got.clock() != want.clock()).then(|| {
+            format!(
+                "clock: stored {:?}, expected {:?}",
+                got.clock(),
+                want.clock()
+            )
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(diffs.is_empty(), "{context}:\n{}", diffs.join("\n"));
+    assert!(got == want, "{context}: states differ");
+}
+
+/// Opens a store's directory with sled directly (to damage it), waiting
+/// like `Store::open` for the lock a just-dropped store may still hold.
+pub fn raw_sled(dir: &Path) -> sled::Db {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("raw sled open of {}: {e}", dir.display()),
+        }
+    }
+}
