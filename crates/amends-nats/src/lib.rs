@@ -1,7 +1,7 @@
 //! amends-nats: the NATS JetStream side of amends.
 //!
-//! Today it holds the **topology**: the subject names and headers of
-//! `specs/protocol.md`, the names and settings of the four JetStream streams,
+//! It holds the **topology** and the **partition worker**. The topology:
+//! the subject names and headers of `specs/protocol.md`, the names and settings of the four JetStream streams,
 //! and [`topology::ensure`], which creates those streams on first start and
 //! checks them on every later start, refusing (never overwriting) a stream
 //! whose settings amends cannot rely on, and refusing a partition count other
@@ -14,6 +14,12 @@
 //!   [`topology::Topology`] (the deployment's configuration),
 //!   [`topology::ensure`] and its [`topology::Report`], and the integrity
 //!   notes on JetStream's fsync behaviour.
+//! - [`worker`]: [`worker::run_partition`], the driver of one partition:
+//!   fetch a batch from its durable pull consumer, decode, apply through
+//!   amends-core, one store commit, publish the outbox with deterministic
+//!   `Nats-Msg-Id`s, reply to `Amends-Reply-To`, acknowledge; on start it
+//!   republishes the unconfirmed outbox and recreates the consumer right
+//!   after the store's applied position.
 //! - [`Error`]: the one error type; async-nats errors are wrapped in it,
 //!   never re-exported.
 //! - `test_support` (cargo feature `test-support`): real `nats-server`
@@ -26,17 +32,21 @@
 //!
 //! # What it deliberately does not do (yet)
 //!
-//! No consumers, no partition workers, no outbox relay, no request-reply
-//! endpoints: they come with the worker part of the service issue. It does
+//! No supervisor (restart with backoff, reconnects, the stalled-pull
+//! watchdog), no ticks, no request-reply endpoints and no metrics yet: they
+//! come with the rest of the service issue. A worker that stops returns its
+//! [`worker::Error`]; restarting it is the caller's job. It does
 //! not connect to NATS either: the caller owns the connection (URLs,
 //! credentials, TLS) and hands [`topology::ensure`] a JetStream context. It
 //! never deletes or edits an existing stream: an incompatible stream is an
-//! operator's decision.
+//! operator's decision. (A worker does delete and recreate its own consumer,
+//! `worker-<p>`: the store, not the consumer, knows where to resume.)
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod error;
 pub mod topology;
+pub mod worker;
 
 #[cfg(feature = "test-support")]
 pub mod test_support;

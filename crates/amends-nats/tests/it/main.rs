@@ -7,3 +7,4 @@
 mod jetstream;
 mod support;
 mod topology;
+mod worker;

@@ -1,0 +1,542 @@
+//! The partition worker: the driver that moves one partition's request log
+//! through the core state machine and into the store, then out to NATS.
+//!
+//! ```text
+//! start:  republish the unconfirmed outbox; (re)create the pull consumer at applied + 1
+//! loop:   fetch a batch -> decode -> dead letters (published, awaited)
+//!         -> Machine::apply each message through an Overlay -> one Partition::commit
+//!         -> publish the batch's outbox (deterministic Nats-Msg-Id, PubAcks awaited)
+//!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS) -> ack the batch
+//! ```
+//!
+//! Every await point is a safe place to crash or be cancelled: the store's
+//! applied position and outbox say where to resume, the consumer is
+//! recreated from the store's position on every start, and everything
+//! published carries a deterministic `Nats-Msg-Id`, so a republish inside
+//! the streams' duplicate window stores nothing twice.
+//!
+//! Dead letters are not in the store's outbox (the core's `Effect` has no
+//! such variant), so they are published *before* the commit that moves the
+//! applied position past them: a crash before the commit replays them (the
+//! same id, `dlq-<p>-<position>`, drops the copy), a crash after it cannot
+//! lose them. A dead letter changes no state, so publishing it early
+//! exposes no undecided decision.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use amends_core::decision::Decision;
+use amends_core::partition::{Effect, Fault, Input, Machine};
+use amends_core::route::PartitionId;
+use amends_core::state::{ChangeSet, Overlay, Read};
+use amends_core::wire;
+use amends_store::{OutboxSeq, Partition};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+
+use crate::topology::{Prefix, Stream, Topology, header};
+use crate::{Error as NatsError, Source};
+
+/// The default largest batch: one commit (one fsync) per this many
+/// messages at most. Larger batches amortise the fsync; smaller ones answer
+/// sooner under light load (a batch is committed as soon as the fetch
+/// returns, full or not).
+pub const BATCH_LEN_MAX_DEFAULT: usize = 256;
+
+/// The default longest wait of one fetch for its batch to fill. An idle
+/// partition loops this often; a busy one never waits this long.
+pub const FETCH_WAIT_DEFAULT: Duration = Duration::from_millis(500);
+
+/// How long JetStream waits for the ack of a delivered batch before it
+/// delivers it again. A batch is acknowledged after its commit and its
+/// publishes; a redelivery of what was applied is skipped (see
+/// [`run_partition`]), so this only bounds how soon a lost ack is retried.
+pub const ACK_WAIT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Outbox entries republished per page on start.
+pub const OUTBOX_PAGE_LEN: usize = 1024;
+
+/// The worker's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The most messages per fetch, hence per commit.
+    pub batch_len_max: usize,
+    /// The longest a fetch waits for its batch.
+    pub fetch_wait: Duration,
+    /// The consumer's ack wait.
+    pub ack_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            batch_len_max: BATCH_LEN_MAX_DEFAULT,
+            fetch_wait: FETCH_WAIT_DEFAULT,
+            ack_wait: ACK_WAIT_DEFAULT,
+        }
+    }
+}
+
+/// Why a partition worker stopped. It runs until one of these happens.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The machine, the store partition and the topology disagree about
+    /// which partition this is, or the partition is not in the topology.
+    #[error("worker misconfigured: {0}")]
+    Misconfigured(String),
+    /// The log went backwards: a message at or below the applied position
+    /// was delivered for the first time, or the stream ends below the
+    /// applied position. The requests stream lost acknowledged messages (or
+    /// was replaced); deciding on would contradict published decisions, so
+    /// the partition stops until an operator looks.
+    #[error("partition {partition}: the log went backwards: {fault}")]
+    LogBehind {
+        /// The partition.
+        partition: u32,
+        /// What was seen.
+        fault: Fault,
+    },
+    /// The store failed (commit, outbox); the driver reopens it and starts
+    /// again from its durable state.
+    #[error("partition {partition}: store: {source}")]
+    Store {
+        /// The partition.
+        partition: u32,
+        /// The store's error.
+        #[source]
+        source: amends_store::Error,
+    },
+    /// A JetStream or NATS request failed (consumer, fetch, publish,
+    /// ack); starting again resumes from the store.
+    #[error("partition {partition}: {action} failed: {source}")]
+    Nats {
+        /// The partition.
+        partition: u32,
+        /// What the worker was doing.
+        action: &'static str,
+        /// The async-nats error.
+        #[source]
+        source: Source,
+    },
+    /// The blocking apply-and-commit task panicked: a broken internal
+    /// invariant of the core or the store. The store handle went with it;
+    /// reopen the store and start again (replay from the durable state).
+    #[error("partition {partition}: the apply-and-commit task panicked: {detail}")]
+    Panicked {
+        /// The partition.
+        partition: u32,
+        /// The panic, as text.
+        detail: String,
+    },
+    /// A topology error (for example an invalid one).
+    #[error(transparent)]
+    Topology(#[from] NatsError),
+}
+
+/// The durable consumer name of a partition's worker on the requests
+/// stream. Consumer names are scoped to their stream, which is the
+/// deployment's, so the partition number is enough.
+pub fn consumer_name(partition: PartitionId) -> String {
+    format!("worker-{partition}")
+}
+
+/// The `Nats-Msg-Id` of a dead letter: derived from its position, so the
+/// republish after a crash is dropped by the dead-letter stream.
+pub fn dead_letter_msg_id(partition: PartitionId, position: u64) -> String {
+    format!("dlq-{partition}-{position}")
+}
+
+/// Runs the worker of one partition until it fails.
+///
+/// `store` is the partition's handle in the store (its only writer while
+/// this runs); `machine` must be the same partition's. On start it
+/// republishes the unconfirmed outbox, checks that the requests stream
+/// does not end below the applied position, and recreates the durable
+/// consumer `worker-<p>` (filtered to `<prefix>.req.<p>`, ack-all) at the
+/// applied position + 1: the store is the source of truth, never the
+/// consumer's own progress.
+///
+/// A redelivered message (JetStream's `delivered > 1`) at or below the
+/// applied position was applied already and is skipped; a first delivery
+/// there is [`Error::LogBehind`]. Bad input never stops the partition.
+/// Cancel it by dropping the future (or aborting its task): every await is
+/// a safe point to stop, and the next start resumes from the store.
+pub async fn run_partition(
+    js: &jetstream::Context,
+    topology: &Topology,
+    machine: Machine,
+    store: Partition,
+    options: Options,
+) -> Result<Infallible, Error> {
+    topology.validate()?;
+    let id = store.id();
+    let p = id.get();
+    if machine.partition() != id || topology.partitions.id(p) != Some(id) {
+        return Err(Error::Misconfigured(format!(
+            "store partition {id}, machine partition {}, topology of {} partitions",
+            machine.partition(),
+            topology.partitions.get()
+        )));
+    }
+
+    let mut worker = Worker {
+        js: js.clone(),
+        prefix: topology.prefix.clone(),
+        machine,
+        store: Some(store),
+        changes: ChangeSet::default(),
+    };
+    worker.republish_outbox().await?;
+
+    let applied = worker.store()?.clock().position;
+    let requests = topology.prefix.stream_name(Stream::Requests);
+    let mut stream = js
+        .get_stream(&requests)
+        .await
+        .map_err(nats_error(p, "get stream"))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(nats_error(p, "stream info"))?
+        .state
+        .last_sequence;
+    if last < applied {
+        let fault = Fault::PositionNotAdvancing { applied, got: last };
+        tracing::error!(partition = p, %fault, "requests stream ends below the applied position; stopping the partition");
+        return Err(Error::LogBehind {
+            partition: p,
+            fault,
+        });
+    }
+    let name = consumer_name(id);
+    match stream.delete_consumer(&name).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+            ) => {}
+        Err(e) => return Err(nats_error(p, "delete consumer")(e)),
+    }
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("amends worker of partition {p}")),
+            filter_subject: topology.prefix.req(id),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: applied.saturating_add(1),
+            },
+            ack_policy: consumer::AckPolicy::All,
+            ack_wait: options.ack_wait,
+            ..consumer::pull::Config::default()
+        })
+        .await
+        .map_err(nats_error(p, "create consumer"))?;
+    tracing::info!(partition = p, consumer = %name, start = applied.saturating_add(1), "partition worker started");
+
+    loop {
+        let mut fetched = consumer
+            .fetch()
+            .max_messages(options.batch_len_max.max(1))
+            .expires(options.fetch_wait)
+            .messages()
+            .await
+            .map_err(nats_error(p, "fetch"))?;
+        let mut batch = Vec::new();
+        while let Some(message) = fetched.next().await {
+            batch.push(message.map_err(nats_error(p, "fetch"))?);
+        }
+        let Some(last) = batch.last() else {
+            continue;
+        };
+        worker.batch(&batch).await?;
+        last.ack().await.map_err(|e| Error::Nats {
+            partition: p,
+            action: "ack",
+            source: e,
+        })?;
+    }
+}
+
+/// Wraps a foreign error of `action` on partition `p`.
+fn nats_error<E: Into<Source>>(p: u32, action: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Nats {
+        partition: p,
+        action,
+        source: e.into(),
+    }
+}
+
+/// One message of a batch, read out of its JetStream envelope.
+struct Incoming {
+    position: u64,
+    log_time_ms: u64,
+    redelivered: bool,
+    input: Input,
+    reply_to: Option<String>,
+}
+
+struct Worker {
+    js: jetstream::Context,
+    prefix: Prefix,
+    machine: Machine,
+    /// `None` only while a blocking commit holds it.
+    store: Option<Partition>,
+    changes: ChangeSet,
+}
+
+impl Worker {
+    fn partition(&self) -> u32 {
+        self.machine.partition().get()
+    }
+
+    fn store(&self) -> Result<&Partition, Error> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| Error::Misconfigured("store handle lost by a failed commit".to_owned()))
+    }
+
+    fn nats_error(&self, action: &'static str, source: Source) -> Error {
+        Error::Nats {
+            partition: self.partition(),
+            action,
+            source,
+        }
+    }
+
+    fn store_error(&self, source: amends_store::Error) -> Error {
+        Error::Store {
+            partition: self.partition(),
+            source,
+        }
+    }
+
+    /// Publishes every unconfirmed outbox entry, page by page, confirming
+    /// each page once all its PubAcks are in.
+    async fn republish_outbox(&mut self) -> Result<(), Error> {
+        let mut from = OutboxSeq(0);
+        let mut total = 0_usize;
+        loop {
+            let page = self
+                .store()?
+                .outbox_read(from, OUTBOX_PAGE_LEN)
+                .map_err(|e| self.store_error(e))?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            let effects: Vec<Effect> = page.into_iter().map(|(_, e)| e).collect();
+            self.publish_effects(&effects).await?;
+            from = OutboxSeq(last.get().saturating_add(1));
+            self.store()?
+                .outbox_confirm(from)
+                .map_err(|e| self.store_error(e))?;
+            total = total.saturating_add(effects.len());
+        }
+        if total > 0 {
+            tracing::info!(
+                partition = self.partition(),
+                entries = total,
+                "republished the unconfirmed outbox"
+            );
+        }
+        Ok(())
+    }
+
+    /// Publishes effects in order, pipelined, and waits for every PubAck.
+    async fn publish_effects(&self, effects: &[Effect]) -> Result<(), Error> {
+        let mut acks = Vec::with_capacity(effects.len());
+        for effect in effects {
+            let (subject, msg_id, body) = match effect {
+                Effect::Decided(d) => (
+                    self.prefix.dec(self.machine.partition()),
+                    d.op_id.to_string(),
+                    wire::encode(d),
+                ),
+                Effect::HoldExpired(e) => (
+                    self.prefix.dec(self.machine.partition()),
+                    e.event_id.to_string(),
+                    wire::encode(e),
+                ),
+                Effect::Apology(a) => (
+                    self.prefix.apology(&a.topic),
+                    a.decision.op_id.to_string(),
+                    wire::encode(a),
+                ),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(header::MSG_ID, msg_id.as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, body.into())
+                .await
+                .map_err(|e| self.nats_error("publish", Box::new(e)))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| self.nats_error("publish ack", Box::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Decodes, dead-letters, applies and commits one batch, publishes its
+    /// outbox and sends its replies. The caller acknowledges it.
+    async fn batch(&mut self, batch: &[jetstream::Message]) -> Result<(), Error> {
+        let p = self.machine.partition();
+        let mut incoming = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        for message in batch {
+            let info = message
+                .info()
+                .map_err(|e| self.nats_error("read message info", e))?;
+            let position = info.stream_sequence;
+            let log_time_ms =
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            let redelivered = info.delivered > 1;
+            match wire::decode_request(&message.payload) {
+                Ok(input) => incoming.push(Incoming {
+                    position,
+                    log_time_ms,
+                    redelivered,
+                    input,
+                    reply_to: message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(header::REPLY_TO))
+                        .map(|v| v.as_str().to_owned()),
+                }),
+                Err(unreadable) => dead.push((position, message.payload.clone(), unreadable)),
+            }
+        }
+
+        // Dead letters first: they are not in the outbox (see the module docs).
+        let applied = self.store()?.clock().position;
+        let mut acks = Vec::new();
+        for (position, payload, unreadable) in dead {
+            if position <= applied {
+                continue;
+            }
+            tracing::warn!(partition = p.get(), position, detail = %unreadable.detail, "dead letter");
+            let mut headers = HeaderMap::new();
+            headers.insert(header::MSG_ID, dead_letter_msg_id(p, position).as_str());
+            headers.insert(header::ERROR, header_safe(&unreadable.detail).as_str());
+            let ack = self
+                .js
+                .publish_with_headers(self.prefix.dlq(p), headers, payload)
+                .await
+                .map_err(|e| self.nats_error("publish dead letter", Box::new(e)))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| self.nats_error("publish dead letter ack", Box::new(e)))?;
+        }
+
+        // Apply and commit off the async threads: sled reads and the fsync block.
+        let store = self.store.take().ok_or_else(|| {
+            Error::Misconfigured("store handle lost by a failed commit".to_owned())
+        })?;
+        let machine = self.machine;
+        let mut changes = std::mem::take(&mut self.changes);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let result = apply_and_commit(&machine, &store, &mut changes, &incoming);
+            (store, changes, result)
+        })
+        .await
+        .map_err(|e| Error::Panicked {
+            partition: p.get(),
+            detail: e.to_string(),
+        })?;
+        let (store, changes, result) = outcome;
+        self.store = Some(store);
+        self.changes = changes;
+        let (effects, replies, end) = result.map_err(|e| match e {
+            Stop::Fault(fault) => {
+                tracing::error!(partition = p.get(), %fault, "the log went backwards; stopping the partition");
+                Error::LogBehind {
+                    partition: p.get(),
+                    fault,
+                }
+            }
+            Stop::Store(e) => Error::Store {
+                partition: p.get(),
+                source: e,
+            },
+        })?;
+
+        self.publish_effects(&effects).await?;
+        self.store()?
+            .outbox_confirm(end)
+            .map_err(|e| self.store_error(e))?;
+
+        let client = self.js.client();
+        for (reply_to, decision) in replies {
+            // A reply subject inside the deployment's own subjects would let a
+            // client write into amends' streams: it is ignored.
+            if reply_to.starts_with(&format!("{}.", self.prefix.as_str())) {
+                tracing::warn!(partition = p.get(), %reply_to, "reply subject inside the prefix ignored");
+                continue;
+            }
+            if let Err(e) = client
+                .publish(reply_to.clone(), wire::encode(&decision).into())
+                .await
+            {
+                // A bad reply subject is the client's problem, never the
+                // partition's: the decision is on the decisions stream.
+                tracing::warn!(partition = p.get(), %reply_to, error = %e, "reply not sent");
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Stop {
+    Fault(Fault),
+    Store(amends_store::Error),
+}
+
+type Applied = (Vec<Effect>, Vec<(String, Decision)>, OutboxSeq);
+
+/// Applies a batch through an overlay and commits it: the blocking half of
+/// a batch.
+fn apply_and_commit(
+    machine: &Machine,
+    store: &Partition,
+    changes: &mut ChangeSet,
+    incoming: &[Incoming],
+) -> Result<Applied, Stop> {
+    changes.clear();
+    let mut effects = Vec::new();
+    let mut replies = Vec::new();
+    {
+        let mut state = Overlay::new(store, changes);
+        for msg in incoming {
+            let applied = state.clock().position;
+            if msg.position <= applied && msg.redelivered {
+                continue;
+            }
+            let answer = machine
+                .apply(
+                    &mut state,
+                    msg.position,
+                    msg.log_time_ms,
+                    &msg.input,
+                    &mut effects,
+                )
+                .map_err(Stop::Fault)?;
+            if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
+                replies.push((reply_to.clone(), decision.clone()));
+            }
+        }
+    }
+    let committed = store.commit(changes, &effects).map_err(Stop::Store)?;
+    Ok((effects, replies, committed.outbox.end))
+}
+
+/// A header value cannot hold line breaks: they are replaced by spaces.
+fn header_safe(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}

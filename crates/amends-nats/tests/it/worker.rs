@@ -1,0 +1,515 @@
+//! The partition worker against a real nats-server, driven by a plain
+//! async-nats client that follows specs/protocol.md and nothing else.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use amends_core::partition::{Config, Machine};
+use amends_core::route::{PartitionId, Partitions};
+use amends_nats::topology::{self, Stream, Topology, header};
+use amends_nats::worker::{self, Options};
+use amends_store::{Partition, Store};
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use crate::support::{Server, connect, topology, within};
+
+/// How long a test waits for something the worker should do promptly.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One deployment: a server, a client, a topology, a store directory.
+struct Fixture {
+    _server: Server,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    topology: Topology,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// A server with the topology ensured: one partition, `window` as the
+    /// duplicate window.
+    async fn start(window: Duration) -> Fixture {
+        let server = Server::start();
+        let client = connect(&server).await;
+        let js = jetstream::new(client.clone());
+        let mut topology = topology("amends", 1);
+        topology.duplicate_window = window;
+        topology::ensure(&js, &topology).await.expect("ensure");
+        Fixture {
+            _server: server,
+            client,
+            js,
+            topology,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn p0(&self) -> PartitionId {
+        self.topology.partitions.id(0).expect("partition 0")
+    }
+
+    /// Opens the store and spawns partition 0's worker.
+    fn spawn_worker(&self, options: Options) -> (Store, JoinHandle<()>) {
+        let partitions = Partitions::new(1).expect("count");
+        let store = Store::open(self.dir.path(), amends_store::Options::new(partitions))
+            .expect("open store");
+        let partition: Partition = store.partition(self.p0()).expect("partition");
+        let machine = Machine::new(self.p0(), Config::default());
+        let js = self.js.clone();
+        let topology = self.topology.clone();
+        let task = tokio::spawn(async move {
+            let stopped = worker::run_partition(&js, &topology, machine, partition, options).await;
+            match stopped {
+                Err(e) => panic!("worker stopped: {e}"),
+                Ok(never) => match never {},
+            }
+        });
+        (store, task)
+    }
+
+    /// Publishes `body` to partition 0 with `Nats-Msg-Id` = `msg_id` and,
+    /// if given, `Amends-Reply-To`; returns the stream sequence.
+    async fn publish(&self, msg_id: &str, reply_to: Option<&str>, body: Vec<u8>) -> u64 {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::MSG_ID, msg_id);
+        if let Some(reply_to) = reply_to {
+            headers.insert(header::REPLY_TO, reply_to);
+        }
+        let ack = self
+            .js
+            .publish_with_headers(self.topology.prefix.req(self.p0()), headers, body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("puback");
+        ack.sequence
+    }
+
+    /// Every message of `stream`, in order: (subject, headers, body).
+    async fn read_stream(&self, stream: Stream) -> Vec<(String, HeaderMap, Vec<u8>)> {
+        let name = self.topology.prefix.stream_name(stream);
+        let mut stream = self.js.get_stream(&name).await.expect("stream");
+        let last = stream.info().await.expect("info").state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push((m.subject.to_string(), m.headers, m.payload.to_vec()));
+            }
+        }
+        out
+    }
+
+    /// The decisions stream's messages as JSON, once it holds `len`.
+    async fn decisions(&self, len: usize) -> Vec<Value> {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let found = self.read_stream(Stream::Decisions).await;
+            if found.len() >= len || Instant::now() > deadline {
+                return found
+                    .iter()
+                    .map(|(_, _, body)| serde_json::from_slice(body).expect("decision json"))
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn op_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn request(op_id: &str, command: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "op_id": op_id, "command": command })).expect("json")
+}
+
+/// A waiting client's inbox: one subscription, answers read in order.
+struct Inbox {
+    subject: String,
+    sub: async_nats::Subscriber,
+}
+
+impl Inbox {
+    async fn new(client: &async_nats::Client) -> Inbox {
+        let subject = client.new_inbox();
+        let sub = client.subscribe(subject.clone()).await.expect("subscribe");
+        client.flush().await.expect("flush");
+        Inbox { subject, sub }
+    }
+
+    async fn next(&mut self) -> Value {
+        let msg = tokio::time::timeout(ANSWER_TIMEOUT, self.sub.next())
+            .await
+            .expect("an answer in time")
+            .expect("subscription open");
+        serde_json::from_slice(&msg.payload).expect("decision json")
+    }
+}
+
+/// Publishes a request with a reply subject and waits for its answer.
+async fn ask(fx: &Fixture, inbox: &mut Inbox, op_id: &str, command: Value) -> Value {
+    fx.publish(op_id, Some(&inbox.subject), request(op_id, command))
+        .await;
+    inbox.next().await
+}
+
+fn code(decision: &Value) -> &str {
+    match decision["outcome"].as_str() {
+        Some("confirmed") => "confirmed",
+        _ => decision["reason"]["code"].as_str().expect("a reason code"),
+    }
+}
+
+#[tokio::test]
+async fn answers_confirm_refuse_duplicate_conflict_and_apology() {
+    // Proves the request/decision round trip of protocol.md: each kind of answer arrives on the reply subject, and the decisions and apology streams hold exactly the new decisions.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(1)).await;
+        let (_store, task) = fx.spawn_worker(Options::default());
+        let mut inbox = Inbox::new(&fx.client).await;
+
+        let open = op_id();
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &open,
+            json!({"type": "open_account", "account": "alice"}),
+        )
+        .await;
+        assert_eq!(code(&d), "confirmed", "{d}");
+        let credit = op_id();
+        let credited = ask(
+            &fx,
+            &mut inbox,
+            &credit,
+            json!({"type": "credit", "account": "alice", "amount": 100}),
+        )
+        .await;
+        assert_eq!(credited["balance"], 100, "{credited}");
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &op_id(),
+            json!({"type": "debit", "account": "alice", "amount": 150}),
+        )
+        .await;
+        assert_eq!(code(&d), "insufficient_funds", "{d}");
+        assert_eq!(d["reason"]["available"], 100, "{d}");
+        let claim = op_id();
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &claim,
+            json!({"type": "claim", "namespace": "users", "key": "bob", "owner": "o1"}),
+        )
+        .await;
+        assert_eq!(code(&d), "confirmed", "{d}");
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &op_id(),
+            json!({"type": "claim", "namespace": "users", "key": "bob", "owner": "o2"}),
+        )
+        .await;
+        assert_eq!(code(&d), "already_claimed", "{d}");
+        assert_eq!(d["reason"]["owner"], "o1", "{d}");
+
+        // Optimistic: refused, so an apology is published too.
+        let optimistic = op_id();
+        let body = serde_json::to_vec(&json!({
+            "op_id": optimistic,
+            "command": {"type": "debit", "account": "alice", "amount": 1000},
+            "apology_topic": "orders.payments",
+        }))
+        .expect("json");
+        fx.publish(&optimistic, None, body).await;
+
+        // After the 1 s duplicate window, JetStream appends resubmissions.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let again = ask(
+            &fx,
+            &mut inbox,
+            &credit,
+            json!({"type": "credit", "account": "alice", "amount": 100}),
+        )
+        .await;
+        assert_eq!(again, credited, "a duplicate gets the original decision");
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &claim,
+            json!({"type": "claim", "namespace": "users", "key": "bob", "owner": "o3"}),
+        )
+        .await;
+        assert_eq!(code(&d), "op_id_conflict", "{d}");
+
+        let decisions = fx.decisions(6).await;
+        let codes: Vec<&str> = decisions.iter().map(code).collect();
+        assert_eq!(
+            codes,
+            [
+                "confirmed",
+                "confirmed",
+                "insufficient_funds",
+                "confirmed",
+                "already_claimed",
+                "insufficient_funds"
+            ],
+        );
+        assert_eq!(decisions[1], credited);
+        let apologies = fx.read_stream(Stream::Apologies).await;
+        assert_eq!(apologies.len(), 1);
+        let (subject, headers, body) = &apologies[0];
+        assert_eq!(subject, "amends.apology.orders.payments");
+        assert_eq!(
+            headers.get(header::MSG_ID).map(|v| v.as_str()),
+            Some(optimistic.as_str())
+        );
+        let apology: Value = serde_json::from_slice(body).expect("apology json");
+        assert_eq!(apology["decision"], decisions[5]);
+        assert_eq!(apology["command"]["amount"], 1000);
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_or_dead_lettered_and_the_partition_goes_on() {
+    // Proves bad input never stops a partition: a readable op id gets `malformed`, unreadable bytes land on the dlq stream with the error, and a later request is still confirmed.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let (_store, task) = fx.spawn_worker(Options::default());
+        let mut inbox = Inbox::new(&fx.client).await;
+
+        let bad = op_id();
+        let body =
+            format!(r#"{{"op_id":"{bad}","command":{{"type":"debit","account":"a","amount":0}}}}"#);
+        fx.publish(&bad, Some(&inbox.subject), body.into_bytes())
+            .await;
+        let d = inbox.next().await;
+        assert_eq!(code(&d), "malformed", "{d}");
+        assert_eq!(d["op_id"], bad.as_str());
+
+        let position = fx
+            .publish("junk-1", Some(&inbox.subject), b"not json at all".to_vec())
+            .await;
+        let ok = op_id();
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &ok,
+            json!({"type": "open_account", "account": "a"}),
+        )
+        .await;
+        assert_eq!(code(&d), "confirmed", "{d}");
+
+        let dead = fx.read_stream(Stream::DeadLetters).await;
+        assert_eq!(dead.len(), 1);
+        let (subject, headers, body) = &dead[0];
+        assert_eq!(subject, "amends.dlq.0");
+        assert_eq!(body, b"not json at all");
+        let msg_id = worker::dead_letter_msg_id(fx.p0(), position);
+        assert_eq!(
+            headers.get(header::MSG_ID).map(|v| v.as_str()),
+            Some(msg_id.as_str())
+        );
+        let error = headers.get(header::ERROR).expect("Amends-Error").as_str();
+        assert!(error.contains("expected"), "{error}");
+        let codes: Vec<String> = fx
+            .decisions(2)
+            .await
+            .iter()
+            .map(|d| code(d).to_owned())
+            .collect();
+        assert_eq!(codes, ["malformed", "confirmed"]);
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restarts_mid_workload_answer_every_op_exactly_once() {
+    // Proves crash safety of the driver loop: the worker task is aborted at eight assorted moments (some between a commit and its publish) and restarted on a reopened store; each op has exactly one stored decision, and decisions and balances match a naive model of the log.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        const ACCOUNTS: usize = 4;
+        const OPS: usize = 1500;
+        let mut ops = Vec::new(); // (position, op id, account, credit?, amount)
+        for a in 0..ACCOUNTS {
+            let id = op_id();
+            let seq = fx
+                .publish(
+                    &id,
+                    None,
+                    request(
+                        &id,
+                        json!({"type": "open_account", "account": format!("acct-{a}")}),
+                    ),
+                )
+                .await;
+            ops.push((seq, id, a, None));
+        }
+        let mut acks = Vec::new();
+        let mut bodies = Vec::new();
+        for i in 0..OPS {
+            let id = op_id();
+            let account = i % ACCOUNTS;
+            let amount = u64::try_from((i * 7919) % 100 + 1).expect("small");
+            let kind = if (i / ACCOUNTS) % 3 == 2 {
+                "debit"
+            } else {
+                "credit"
+            };
+            let kind = if i % 5 == 4 { "debit" } else { kind };
+            let mut headers = HeaderMap::new();
+            headers.insert(header::MSG_ID, id.as_str());
+            let body = request(
+                &id,
+                json!({"type": kind, "account": format!("acct-{account}"), "amount": amount}),
+            );
+            acks.push(
+                fx.js
+                    .publish_with_headers(fx.topology.prefix.req(fx.p0()), headers, body.into())
+                    .await
+                    .expect("publish"),
+            );
+            bodies.push((id, account, kind == "credit", amount));
+        }
+        for (ack, (id, account, credit, amount)) in acks.into_iter().zip(bodies) {
+            let seq = ack.await.expect("puback").sequence;
+            ops.push((seq, id, account, Some((credit, amount))));
+        }
+        ops.sort_by_key(|op| op.0);
+
+        let options = Options {
+            batch_len_max: 16,
+            ..Options::default()
+        };
+        // Stops at assorted moments: between batches, in a commit, while
+        // the outbox is being published. (decisions stored, unconfirmed outbox)
+        let mut stopped_at = Vec::new();
+        for run_ms in [40, 9, 13, 7, 11, 15, 6, 10] {
+            let (store, task) = fx.spawn_worker(options);
+            tokio::time::sleep(Duration::from_millis(run_ms)).await;
+            task.abort();
+            let _ = task.await;
+            let stream = fx.js.get_stream("AMENDS_DEC").await.expect("stream");
+            // A commit still running on its blocking thread holds the store
+            // open; the reopen below waits for it, like a real restart.
+            let partition = store.partition(fx.p0()).expect("partition");
+            let unconfirmed = partition.outbox_end().expect("end").get()
+                - partition.outbox_confirmed().expect("confirmed").get();
+            stopped_at.push((stream.cached_info().state.messages, unconfirmed));
+            drop((partition, store));
+        }
+        let total = ACCOUNTS + OPS;
+        eprintln!("decisions stored when each worker stopped: {stopped_at:?}");
+        assert!(
+            stopped_at
+                .iter()
+                .all(|&(n, _)| n < u64::try_from(total).expect("small")),
+            "every stop is mid-workload: {stopped_at:?}"
+        );
+        assert!(
+            stopped_at.iter().any(|&(_, unconfirmed)| unconfirmed > 0),
+            "some stop fell between a commit and its publish: {stopped_at:?}"
+        );
+        let (store, task) = fx.spawn_worker(options);
+        let decisions = fx.decisions(total).await;
+        task.abort();
+        let _ = task.await;
+
+        let mut by_op: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+        for d in &decisions {
+            by_op
+                .entry(d["op_id"].as_str().expect("op id").to_owned())
+                .or_default()
+                .push(d);
+        }
+        assert_eq!(decisions.len(), total, "one stored decision per op");
+        assert_eq!(by_op.len(), total, "every op answered");
+
+        // A naive model of the log, in log order.
+        let mut balances = [0_i64; ACCOUNTS];
+        for (position, id, account, op) in &ops {
+            let d = by_op[id][0];
+            assert_eq!(d["position"], *position, "{d}");
+            let expected = match op {
+                None => "confirmed",
+                Some((true, amount)) => {
+                    balances[*account] += i64::try_from(*amount).expect("small");
+                    "confirmed"
+                }
+                Some((false, amount)) => {
+                    let amount = i64::try_from(*amount).expect("small");
+                    if balances[*account] >= amount {
+                        balances[*account] -= amount;
+                        "confirmed"
+                    } else {
+                        "insufficient_funds"
+                    }
+                }
+            };
+            assert_eq!(code(d), expected, "{d}");
+            if op.is_some() && expected == "confirmed" {
+                assert_eq!(d["balance"], balances[*account], "{d}");
+            }
+        }
+        let state = store
+            .partition(fx.p0())
+            .expect("partition")
+            .to_mem_state()
+            .expect("state");
+        for (id, account) in state.accounts() {
+            let a: usize = id
+                .as_str()
+                .trim_start_matches("acct-")
+                .parse()
+                .expect("index");
+            assert_eq!(account.balance, balances[a], "{id:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_log_that_went_backwards_stops_the_partition() {
+    // Proves the Jepsen guard: after the requests stream is deleted and recreated (the log lost what the store applied), a restarted worker refuses to decide and returns LogBehind.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let (store, task) = fx.spawn_worker(Options::default());
+        let mut inbox = Inbox::new(&fx.client).await;
+        for account in ["a", "b"] {
+            let d = ask(
+                &fx,
+                &mut inbox,
+                &op_id(),
+                json!({"type": "open_account", "account": account}),
+            )
+            .await;
+            assert_eq!(code(&d), "confirmed", "{d}");
+        }
+        task.abort();
+        let _ = task.await;
+        let partition = store.partition(fx.p0()).expect("partition");
+
+        let requests = fx.topology.prefix.stream_name(Stream::Requests);
+        fx.js.delete_stream(&requests).await.expect("delete stream");
+        topology::ensure(&fx.js, &fx.topology)
+            .await
+            .expect("ensure");
+        let machine = Machine::new(fx.p0(), Config::default());
+        let stopped =
+            worker::run_partition(&fx.js, &fx.topology, machine, partition, Options::default())
+                .await;
+        match stopped {
+            Err(worker::Error::LogBehind { partition: 0, .. }) => {}
+            other => panic!("expected LogBehind, got {other:?}"),
+        }
+    })
+    .await;
+}
