@@ -716,6 +716,13 @@ async fn record_partitions(
     }
 }
 
+/// The durable consumer name of a partition's worker on the requests
+/// stream, e.g. `worker-3`. Consumer names are scoped to their stream,
+/// which is the deployment's, so the partition number is enough.
+pub fn worker_consumer(partition: PartitionId) -> String {
+    format!("worker-{partition}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

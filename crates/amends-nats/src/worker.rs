@@ -135,11 +135,10 @@ pub enum Error {
     Topology(#[from] NatsError),
 }
 
-/// The durable consumer name of a partition's worker on the requests
-/// stream. Consumer names are scoped to their stream, which is the
-/// deployment's, so the partition number is enough.
+/// The durable consumer name of a partition's worker (see
+/// [`crate::topology::worker_consumer`]).
 pub fn consumer_name(partition: PartitionId) -> String {
-    format!("worker-{partition}")
+    crate::topology::worker_consumer(partition)
 }
 
 /// The `Nats-Msg-Id` of a dead letter: derived from its position, so the
