@@ -1,4 +1,72 @@
-//! amends-client: the Rust client (submit, wait, resubmit, status, apologies).
+//! amends-client: the Rust client of amends.
 //!
-//! Not built yet: this crate is a placeholder until its issue ("The service
-//! over NATS JetStream") lands. It exports nothing.
+//! A [`Client`] connects to NATS, routes each [`Request`] to the partition
+//! that owns its routing key, publishes it to that partition's request log
+//! and waits for its one [`Decision`], exactly as `specs/protocol.md` says a
+//! client in any language must.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), amends_client::Error> {
+//! use std::time::Duration;
+//! use amends_client::{Client, Options};
+//! use amends_core::{Command, Request};
+//! use amends_core::command::AccountId;
+//!
+//! let client = Client::connect(Options::new("nats://127.0.0.1:4222")).await?;
+//! let request = Request {
+//!     op_id: Client::new_op_id(),
+//!     command: Command::OpenAccount {
+//!         account: AccountId::new("alice").expect("a valid id"),
+//!         floor: 0,
+//!         ceiling: None,
+//!     },
+//!     apology_topic: None,
+//! };
+//! let decision = client
+//!     .submit_and_wait(&request, Duration::from_secs(2), 5)
+//!     .await?;
+//! println!("{:?}", decision.outcome);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`Client`]: connect, [`Client::submit`], [`Client::wait`],
+//!   [`Client::submit_and_wait`]. One inbox subscription per client,
+//!   `_INBOX.<nuid>.*`; each operation's reply subject is
+//!   `_INBOX.<nuid>.<op id>`, and a map of waiters keyed by op id hands each
+//!   decision to whoever waits for it. Many operations may be in flight at
+//!   once; `Client` is a cheap handle to clone into tasks.
+//! - [`Options`], [`Auth`], [`Tls`]: how to reach the deployment.
+//! - [`Prefix`]: the validated subject prefix. The few subject and header
+//!   names the client uses are restated from the protocol in a private
+//!   module, tested against amends-nats's so that they cannot drift.
+//! - [`Error`]: the one error type; async-nats errors are boxed inside it,
+//!   never re-exported.
+//!
+//! # What it deliberately does not do (yet)
+//!
+//! It depends on amends-core only, never on amends-nats or a store. It does
+//! not send ticks (amends appends its own). It has no `status` query, no
+//! optimistic submit without a reply subject and no apology consumer yet:
+//! those come with the rest of the service issue. It keeps no record of
+//! decisions it has handed out, so a resubmission of an answered operation
+//! inside the requests stream's duplicate window (which JetStream drops
+//! without a reply) is not answered again.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod options;
+mod subject;
+
+pub use amends_core::{Decision, OpId, Request};
+pub use client::{Client, Submitted};
+pub use error::{Error, Source};
+pub use options::{Auth, ClientCert, Options, Tls};
+pub use subject::{PREFIX_BYTES_MAX, Prefix};
+
+/// The client's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

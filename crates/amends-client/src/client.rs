@@ -1,0 +1,394 @@
+//! The client: connect, submit, wait, resubmit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use amends_core::route::{PartitionId, Partitions, partition_of};
+use amends_core::wire::{REQUEST_BYTES_MAX, encode};
+use amends_core::{Decision, OpId, Request};
+use async_nats::jetstream;
+use async_nats::{HeaderMap, ServerAddr};
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::options::{Auth, Options};
+use crate::subject::{self, Prefix};
+use crate::{Error, Result};
+
+/// What [`Client::submit`] learned from JetStream: the request is durably in
+/// the log of its partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// The operation.
+    pub op_id: OpId,
+    /// The partition whose log holds it.
+    pub partition: PartitionId,
+    /// Its position in the requests stream (the original message's, for a
+    /// duplicate).
+    pub sequence: u64,
+    /// JetStream dropped this publish as a duplicate of one inside the
+    /// stream's duplicate window. Not an error: the reply goes to the reply
+    /// subject of the copy that was appended, which this client chose the
+    /// same.
+    pub duplicate: bool,
+}
+
+/// The state of one operation this client submitted.
+enum Slot {
+    /// Submitted; no decision yet. Each sender is one pending
+    /// [`Client::wait`] (a timed-out wait leaves a closed sender behind).
+    Waiting(Vec<oneshot::Sender<Decision>>),
+    /// The decision arrived while nobody waited; the next wait takes it.
+    Decided(Decision),
+}
+
+/// The operations in flight, by op id.
+type Pending = DashMap<OpId, Slot>;
+
+/// A connection to an amends deployment. Cheap to clone; clones share the
+/// connection, the inbox and the operations in flight.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    prefix: Prefix,
+    partitions: Partitions,
+    /// `_INBOX.<nuid>`: this client's inbox; it subscribes to `<inbox>.*`.
+    inbox: String,
+    pending: Arc<Pending>,
+    /// Set when the inbox subscription ends: no decision can arrive.
+    closed: Arc<AtomicBool>,
+    demux: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.demux.abort();
+    }
+}
+
+impl Client {
+    /// Connects to NATS, learns the partition count (from `options`, or
+    /// from the deployment's meta bucket) and subscribes to the client's
+    /// inbox.
+    pub async fn connect(options: Options) -> Result<Client> {
+        if options.servers.is_empty() {
+            return Err(Error::NoServers);
+        }
+        let addrs = options
+            .servers
+            .iter()
+            .map(|url| {
+                url.parse::<ServerAddr>().map_err(|e| Error::InvalidUrl {
+                    url: url.clone(),
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut connect = async_nats::ConnectOptions::new();
+        if let Some(name) = &options.name {
+            connect = connect.name(name);
+        }
+        connect = match options.auth {
+            Auth::None => connect,
+            Auth::UserPassword { user, password } => connect.user_and_password(user, password),
+            Auth::Token(token) => connect.token(token),
+            Auth::NkeySeed(seed) => connect.nkey(seed),
+            Auth::CredsFile(path) => connect
+                .credentials_file(&path)
+                .await
+                .map_err(|source| Error::Credentials { path, source })?,
+        };
+        if options.tls.required {
+            connect = connect.require_tls(true);
+        }
+        if let Some(ca) = options.tls.ca_file {
+            connect = connect.add_root_certificates(ca);
+        }
+        if let Some(cert) = options.tls.client_cert {
+            connect = connect.add_client_certificate(cert.cert_file, cert.key_file);
+        }
+        let nats = connect
+            .connect(addrs)
+            .await
+            .map_err(|e| Error::Connect(Box::new(e)))?;
+        let js = jetstream::new(nats.clone());
+        let prefix = options.prefix;
+        let partitions = match options.partitions {
+            Some(partitions) => partitions,
+            None => read_partitions(&js, &prefix).await?,
+        };
+
+        let inbox = nats.new_inbox();
+        let sub = nats
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| Error::Subscribe(Box::new(e)))?;
+        // The server has the subscription before any request names it.
+        nats.flush()
+            .await
+            .map_err(|e| Error::Subscribe(Box::new(e)))?;
+        let pending = Arc::new(Pending::new());
+        let closed = Arc::new(AtomicBool::new(false));
+        let demux = tokio::spawn(demux(sub, Arc::clone(&pending), Arc::clone(&closed)));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                js,
+                prefix,
+                partitions,
+                inbox,
+                pending,
+                closed,
+                demux,
+            }),
+        })
+    }
+
+    /// A new op id: a UUID v7 from this machine's clock.
+    ///
+    /// Make one per operation, when the operation is created, and keep it
+    /// for every resubmission (protocol: "Operation ids"). The clock must be
+    /// within 15 minutes (by default) of the deployment's, or amends refuses
+    /// the op id as `op_id_outside_window`.
+    pub fn new_op_id() -> OpId {
+        OpId::from_uuid(uuid::Uuid::now_v7())
+    }
+
+    /// The deployment's partition count.
+    pub fn partitions(&self) -> Partitions {
+        self.inner.partitions
+    }
+
+    /// The deployment's subject prefix.
+    pub fn prefix(&self) -> &Prefix {
+        &self.inner.prefix
+    }
+
+    /// The partition that owns `request`, or [`Error::Tick`] for a tick.
+    pub fn partition_of(&self, request: &Request) -> Result<PartitionId> {
+        let key = request.command.routing_key().ok_or(Error::Tick {
+            op_id: request.op_id,
+        })?;
+        Ok(partition_of(&key, self.inner.partitions))
+    }
+
+    /// The reply subject of an operation: fixed for the life of this
+    /// client, so every resubmission names the same one.
+    fn reply_subject(&self, op_id: OpId) -> String {
+        format!("{}.{op_id}", self.inner.inbox)
+    }
+
+    /// Publishes `request` to its partition's request log and returns once
+    /// JetStream acknowledged it (it is then durably in the log).
+    ///
+    /// The decision is sent to this client's inbox; collect it with
+    /// [`Client::wait`]. Submitting the same request again (same op id and
+    /// body) is safe: see [`Client::submit_and_wait`].
+    pub async fn submit(&self, request: &Request) -> Result<Submitted> {
+        let op_id = request.op_id;
+        let partition = self.partition_of(request)?;
+        let body = encode(request);
+        if body.len() > REQUEST_BYTES_MAX {
+            return Err(Error::TooLarge {
+                op_id,
+                len: body.len(),
+                max: REQUEST_BYTES_MAX,
+            });
+        }
+        // Registered before the publish, so that a decision arriving before
+        // the caller waits is kept for it.
+        self.inner
+            .pending
+            .entry(op_id)
+            .or_insert_with(|| Slot::Waiting(Vec::new()));
+
+        let subject = self.inner.prefix.req(partition);
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::MSG_ID, op_id.to_string().as_str());
+        headers.insert(subject::REPLY_TO, self.reply_subject(op_id).as_str());
+        let publish_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Publish {
+            op_id,
+            subject: subject.clone(),
+            source,
+        };
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(subject.clone(), headers, body.into())
+            .await
+            .map_err(|e| publish_err(Box::new(e)))?
+            .await
+            .map_err(|e| publish_err(Box::new(e)))?;
+        Ok(Submitted {
+            op_id,
+            partition,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Waits up to `timeout` for the decision of an operation this client
+    /// submitted.
+    ///
+    /// A decision is handed out once: to every wait pending when it arrives,
+    /// or else to the next wait. [`Error::Timeout`] leaves the operation
+    /// registered, so a later wait (or resubmission) can still collect it.
+    pub async fn wait(&self, op_id: OpId, timeout: Duration) -> Result<Decision> {
+        let rx = match self.inner.pending.entry(op_id) {
+            Entry::Vacant(_) => return Err(Error::NotSubmitted { op_id }),
+            Entry::Occupied(mut slot) => match slot.get_mut() {
+                Slot::Waiting(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.retain(|w| !w.is_closed());
+                    waiters.push(tx);
+                    rx
+                }
+                Slot::Decided(decision) => {
+                    let decision = decision.clone();
+                    slot.remove();
+                    return Ok(decision);
+                }
+            },
+        };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(decision)) => Ok(decision),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout {
+                op_id,
+                tries: 1,
+                per_try: timeout,
+            }),
+        }
+    }
+
+    /// Submits `request` and waits up to `timeout_per_try` for its decision,
+    /// submitting it again on each timeout or unacknowledged publish, at most
+    /// `tries` times in all (at least once).
+    ///
+    /// Resubmitting is safe by construction (protocol: "Timeouts and
+    /// resubmission"): every try sends the same op id as `Nats-Msg-Id`, the
+    /// same body and the same reply subject. Inside the requests stream's
+    /// duplicate window JetStream drops the copy, and the decision of the
+    /// copy in the log comes to the same reply subject; after it, amends
+    /// finds the op id in its dedup records and answers with the original
+    /// decision. Either way an operation takes effect at most once, and if
+    /// no earlier copy reached the log, this one is decided for the first
+    /// time. A rejected decision is returned in `Ok`: it is an answer, not a
+    /// failure, and is never retried.
+    pub async fn submit_and_wait(
+        &self,
+        request: &Request,
+        timeout_per_try: Duration,
+        tries: u32,
+    ) -> Result<Decision> {
+        let tries = tries.max(1);
+        let mut last_publish_err = None;
+        for attempt in 1..=tries {
+            match self.submit(request).await {
+                Ok(_) => last_publish_err = None,
+                Err(e @ Error::Publish { .. }) => {
+                    tracing::debug!(op_id = %request.op_id, attempt, error = %e, "publish not acknowledged; will resubmit");
+                    last_publish_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+            // A failed publish may still have reached the log, so wait
+            // either way: this is also the backoff between attempts.
+            match self.wait(request.op_id, timeout_per_try).await {
+                Ok(decision) => return Ok(decision),
+                Err(Error::Timeout { .. }) => {
+                    tracing::debug!(op_id = %request.op_id, attempt, "no decision in time; resubmitting");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_publish_err.unwrap_or(Error::Timeout {
+            op_id: request.op_id,
+            tries,
+            per_try: timeout_per_try,
+        }))
+    }
+}
+
+/// Reads the partition count from the deployment's meta bucket.
+async fn read_partitions(js: &jetstream::Context, prefix: &Prefix) -> Result<Partitions> {
+    let bucket = prefix.meta_bucket();
+    let meta = |detail: String, source: Option<crate::Source>| Error::Meta {
+        bucket: bucket.clone(),
+        detail,
+        source,
+    };
+    let store = js
+        .get_key_value(bucket.clone())
+        .await
+        .map_err(|e| meta("open failed".to_owned(), Some(Box::new(e))))?;
+    let value = store
+        .get(subject::PARTITIONS_KEY)
+        .await
+        .map_err(|e| meta("read failed".to_owned(), Some(Box::new(e))))?
+        .ok_or_else(|| meta(format!("no key {:?}", subject::PARTITIONS_KEY), None))?;
+    let n = std::str::from_utf8(&value)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| {
+            meta(
+                format!(
+                    "key {:?} holds {:?}, not a partition count",
+                    subject::PARTITIONS_KEY,
+                    String::from_utf8_lossy(&value)
+                ),
+                None,
+            )
+        })?;
+    Ok(Partitions::new(n)?)
+}
+
+/// Hands each decision that arrives on the inbox to its operation's waiters.
+async fn demux(mut sub: async_nats::Subscriber, pending: Arc<Pending>, closed: Arc<AtomicBool>) {
+    while let Some(msg) = sub.next().await {
+        match serde_json::from_slice::<Decision>(&msg.payload) {
+            Ok(decision) => deliver(&pending, decision),
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "inbox message is not a decision; dropped");
+            }
+        }
+    }
+    closed.store(true, Ordering::Release);
+    // Dropping the senders ends every pending wait with `Closed`.
+    pending.retain(|_, slot| matches!(slot, Slot::Decided(_)));
+}
+
+/// Delivers one decision: to the waits pending, or kept for the next one.
+fn deliver(pending: &Pending, decision: Decision) {
+    match pending.entry(decision.op_id) {
+        Entry::Vacant(_) => {
+            // Handed out already (a later copy of the same answer), or never
+            // submitted through this client.
+            tracing::debug!(op_id = %decision.op_id, "decision for no pending operation; dropped");
+        }
+        Entry::Occupied(mut slot) => match slot.get_mut() {
+            Slot::Decided(_) => {}
+            Slot::Waiting(waiters) => {
+                let mut delivered = false;
+                for waiter in waiters.drain(..) {
+                    delivered |= waiter.send(decision.clone()).is_ok();
+                }
+                if delivered {
+                    slot.remove();
+                } else {
+                    *slot.get_mut() = Slot::Decided(decision);
+                }
+            }
+        },
+    }
+}
