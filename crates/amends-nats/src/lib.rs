@@ -20,6 +20,12 @@
 //!   `Nats-Msg-Id`s, reply to `Amends-Reply-To`, acknowledge; on start it
 //!   republishes the unconfirmed outbox and recreates the consumer right
 //!   after the store's applied position.
+//! - [`service`]: [`service::Service`], the supervisor of every partition
+//!   in one process: restarts workers after transient failures with a
+//!   capped exponential backoff, stops a partition for good (loudly, in its
+//!   [`service::Status`]) when its log went backwards, publishes ticks so
+//!   holds expire on idle partitions, and compacts each partition on a
+//!   blocking thread.
 //! - [`Error`]: the one error type; async-nats errors are wrapped in it,
 //!   never re-exported.
 //! - `test_support` (cargo feature `test-support`): real `nats-server`
@@ -32,10 +38,9 @@
 //!
 //! # What it deliberately does not do (yet)
 //!
-//! No supervisor (restart with backoff, reconnects, the stalled-pull
-//! watchdog), no ticks, no request-reply endpoints and no metrics yet: they
-//! come with the rest of the service issue. A worker that stops returns its
-//! [`worker::Error`]; restarting it is the caller's job. It does
+//! No stalled-pull watchdog, no request-reply endpoints and no metrics yet:
+//! they come with the rest of the service issue. A worker that stops returns
+//! its [`worker::Error`]; [`service`] restarts it or stops its partition. It does
 //! not connect to NATS either: the caller owns the connection (URLs,
 //! credentials, TLS) and hands [`topology::ensure`] a JetStream context. It
 //! never deletes or edits an existing stream: an incompatible stream is an
@@ -45,6 +50,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod service;
 pub mod topology;
 pub mod worker;
 

@@ -130,6 +130,24 @@ pub enum Error {
         /// The panic, as text.
         detail: String,
     },
+    /// The durable consumer went backwards: it delivered a consumer
+    /// sequence at or below one it delivered before. A restarted
+    /// nats-server may restore an older consumer state than it acknowledged
+    /// (consumer state is written asynchronously), and then delivers again,
+    /// as first deliveries, messages this worker applied. That is not the
+    /// log going backwards; starting again recreates the consumer from the
+    /// store's applied position.
+    #[error(
+        "partition {partition}: the consumer went backwards (consumer sequence {got} after {last}); it must be recreated"
+    )]
+    ConsumerReset {
+        /// The partition.
+        partition: u32,
+        /// The consumer sequence delivered last before.
+        last: u64,
+        /// The consumer sequence delivered now.
+        got: u64,
+    },
     /// A topology error (for example an invalid one).
     #[error(transparent)]
     Topology(#[from] NatsError),
@@ -236,6 +254,7 @@ pub async fn run_partition(
         .map_err(nats_error(p, "create consumer"))?;
     tracing::info!(partition = p, consumer = %name, start = applied.saturating_add(1), "partition worker started");
 
+    let mut consumer_seq = 0_u64;
     loop {
         let mut fetched = consumer
             .fetch()
@@ -251,6 +270,23 @@ pub async fn run_partition(
         let Some(last) = batch.last() else {
             continue;
         };
+        for message in &batch {
+            let info = message.info().map_err(nats_error(p, "read message info"))?;
+            if info.consumer_sequence <= consumer_seq {
+                tracing::warn!(
+                    partition = p,
+                    last = consumer_seq,
+                    got = info.consumer_sequence,
+                    "the consumer went backwards; recreating it"
+                );
+                return Err(Error::ConsumerReset {
+                    partition: p,
+                    last: consumer_seq,
+                    got: info.consumer_sequence,
+                });
+            }
+            consumer_seq = info.consumer_sequence;
+        }
         worker.batch(&batch).await?;
         last.ack().await.map_err(|e| Error::Nats {
             partition: p,

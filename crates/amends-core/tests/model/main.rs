@@ -37,6 +37,10 @@ const CASES: u32 = 256;
 /// Longest generated log, in ops.
 const OPS_MAX: usize = 200;
 
+/// The seed of the property tests unless `AMENDS_PROPTEST_SEED` says
+/// otherwise.
+const DEFAULT_SEED: u64 = 0x616d_656e_6473;
+
 /// Runs `test` on `CASES` values of `strategy` (`PROPTEST_CASES` overrides
 /// it, for a longer soak); panics with the shrunk failing input on failure.
 fn run<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
@@ -54,9 +58,32 @@ where
         failure_persistence: None,
         ..ProptestConfig::default()
     };
-    let mut runner = TestRunner::new(config);
+    // A fixed seed by default, so the suite (and its coverage checks) is the
+    // same on every run; `AMENDS_PROPTEST_SEED=<u64>` picks another, and
+    // `AMENDS_PROPTEST_SEED=random` draws one (for soaks). The seed is
+    // printed on failure.
+    let seed: u64 = match std::env::var("AMENDS_PROPTEST_SEED").ok().as_deref() {
+        None => DEFAULT_SEED,
+        Some("random") => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| {
+                d.as_nanos().to_le_bytes()[..8]
+                    .iter()
+                    .fold(0u64, |a, b| (a << 8) | u64::from(*b))
+            })
+            .unwrap_or(DEFAULT_SEED),
+        Some(v) => v
+            .parse()
+            .expect("AMENDS_PROPTEST_SEED is a u64 or `random`"),
+    };
+    let mut seed_bytes = [0u8; 32];
+    for chunk in seed_bytes.chunks_mut(8) {
+        chunk.copy_from_slice(&seed.to_le_bytes());
+    }
+    let rng = proptest::test_runner::TestRng::from_seed(config.rng_algorithm, &seed_bytes);
+    let mut runner = TestRunner::new_with_rng(config, rng);
     if let Err(e) = runner.run(&strategy, test) {
-        panic!("{e}");
+        panic!("{e} (AMENDS_PROPTEST_SEED={seed})");
     }
 }
 

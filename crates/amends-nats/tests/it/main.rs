@@ -5,6 +5,7 @@
 //! nats-server every test fails with the install hint; none is skipped.
 
 mod jetstream;
+mod service;
 mod support;
 mod topology;
 mod worker;
