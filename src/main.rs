@@ -1,9 +1,15 @@
 //! The `amends` command line.
 //!
-//! Today it carries the offline tools a client developer needs to follow
-//! `specs/protocol.md`: where a routing key goes (`route`) and how amends
-//! reads a request body (`decode`). The service commands (`dev`, `serve`,
-//! `submit`, `status`, `audit`, `rebuild`, `bench`) arrive with the service.
+//! The service (`serve`: every partition of a deployment in one process),
+//! a one-shot client (`submit`), and the offline tools a client developer
+//! needs to follow `specs/protocol.md`: where a routing key goes (`route`)
+//! and how amends reads a request body (`decode`). Configuration is flags
+//! with environment fallbacks; there is no configuration file yet. `dev`,
+//! `status`, `audit`, `rebuild` and `bench` are not built yet.
+
+mod nats;
+mod serve;
+mod submit;
 
 use std::io::Read as _;
 
@@ -23,6 +29,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Runs every partition of a deployment until Ctrl-C or SIGTERM:
+    /// creates or checks the JetStream streams, opens the store in
+    /// --data-dir and serves. Configured by flags and environment variables
+    /// (no configuration file yet); logs go to stderr, filtered by RUST_LOG
+    /// (default `info`).
+    Serve(serve::ServeArgs),
+    /// Submits one operation and prints its decision as JSON. Exit code 0:
+    /// confirmed; 1: rejected; 2: error (no decision).
+    Submit(submit::SubmitArgs),
     /// Prints the partition of a routing key (FNV-1a 64, then jump hash).
     Route {
         /// The number of partitions of the deployment.
@@ -50,6 +65,20 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Serve(args) => {
+            init_logging("info");
+            runtime()?.block_on(serve::run(args))?;
+        }
+        Cmd::Submit(args) => {
+            init_logging("warn");
+            match runtime()?.block_on(submit::run(args)) {
+                Ok(code) => std::process::exit(i32::from(code)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
         Cmd::Route {
             partitions,
             namespace,
@@ -106,4 +135,21 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (else `default`).
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

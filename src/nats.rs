@@ -1,0 +1,120 @@
+//! The NATS connection flags shared by `serve` and `submit`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+
+/// How to reach NATS. Every flag has an environment fallback.
+#[derive(Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URLs; repeat the flag or give a comma-separated list.
+    #[arg(
+        long = "nats-url",
+        env = "AMENDS_NATS_URL",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub urls: Vec<String>,
+    /// The NATS user (with --nats-password).
+    #[arg(long, env = "AMENDS_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// The NATS password (with --nats-user).
+    #[arg(
+        long,
+        env = "AMENDS_NATS_PASSWORD",
+        requires = "nats_user",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+    /// A NATS authentication token.
+    #[arg(
+        long,
+        env = "AMENDS_NATS_TOKEN",
+        conflicts_with_all = ["nats_user", "nats_creds"],
+        hide_env_values = true
+    )]
+    pub nats_token: Option<String>,
+    /// A NATS `.creds` file (user JWT and nkey seed).
+    #[arg(long, env = "AMENDS_NATS_CREDS", conflicts_with = "nats_user")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// The URLs, trimmed, empty entries dropped; an error if none is left.
+    pub fn servers(&self) -> anyhow::Result<Vec<String>> {
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        anyhow::ensure!(
+            !urls.is_empty(),
+            "no NATS URL given (--nats-url or AMENDS_NATS_URL)"
+        );
+        Ok(urls)
+    }
+
+    /// The client's authentication.
+    pub fn client_auth(&self) -> amends_client::Auth {
+        match (
+            &self.nats_user,
+            &self.nats_password,
+            &self.nats_token,
+            &self.nats_creds,
+        ) {
+            (Some(user), Some(password), _, _) => amends_client::Auth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            (_, _, Some(token), _) => amends_client::Auth::Token(token.clone()),
+            (_, _, _, Some(creds)) => amends_client::Auth::CredsFile(creds.clone()),
+            _ => amends_client::Auth::None,
+        }
+    }
+
+    /// Connects a raw NATS client (for the service), retrying the first
+    /// connection with backoff until it succeeds; the client then
+    /// reconnects on its own for as long as it lives.
+    pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let servers = self.servers()?.join(",");
+        let mut attempt: u32 = 0;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let mut options = async_nats::ConnectOptions::new()
+                .name(name)
+                .connection_timeout(Duration::from_secs(5))
+                .reconnect_delay_callback(|attempts| {
+                    let attempts = u64::try_from(attempts).unwrap_or(u64::MAX);
+                    Duration::from_millis(attempts.saturating_mul(100).min(2_000))
+                });
+            if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+                options = options.user_and_password(user.clone(), password.clone());
+            }
+            if let Some(token) = &self.nats_token {
+                options = options.token(token.clone());
+            }
+            if let Some(creds) = &self.nats_creds {
+                options = options
+                    .credentials_file(creds)
+                    .await
+                    .with_context(|| format!("reading the NATS creds file {}", creds.display()))?;
+            }
+            match options.connect(servers.as_str()).await {
+                Ok(client) => return Ok(client),
+                Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
+                    return Err(e).with_context(|| format!("invalid NATS URL in {servers:?}"));
+                }
+                Err(e) => {
+                    let delay = Duration::from_millis(
+                        100u64.saturating_mul(1u64 << attempt.min(5)).min(2_000),
+                    );
+                    tracing::warn!(servers = %servers, attempt, error = %e, "cannot connect to NATS yet; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}

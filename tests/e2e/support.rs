@@ -1,0 +1,133 @@
+//! The `amends serve` child process and helpers shared by the tests.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amends_client::{Client, Options};
+use amends_core::route::Partitions;
+
+pub use amends_nats::test_support::Server;
+
+/// The built binary.
+pub const AMENDS: &str = env!("CARGO_BIN_EXE_amends");
+
+/// An `amends serve` process. Dropping it kills it (SIGKILL, by its own
+/// `Child` handle, hence its PID) and reaps it, so a failing test leaves
+/// no process behind.
+pub struct Serve {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Serve {
+    /// Starts `amends serve` on `server` with its store in `data_dir`,
+    /// `partitions` partitions and a 1 s duplicate window (so that a
+    /// resubmission after a crash that lost a reply reaches the log and is
+    /// answered from the dedup records).
+    pub fn start(server: &Server, data_dir: &Path, partitions: u32) -> Serve {
+        let args = vec![
+            "serve".to_owned(),
+            "--nats-url".to_owned(),
+            server.url(),
+            "--data-dir".to_owned(),
+            data_dir.display().to_string(),
+            "--partitions".to_owned(),
+            partitions.to_string(),
+            "--batch-max".to_owned(),
+            "64".to_owned(),
+            "--duplicate-window-ms".to_owned(),
+            "1000".to_owned(),
+        ];
+        let mut serve = Serve {
+            args,
+            log: data_dir.with_extension("log"),
+            child: None,
+        };
+        serve.spawn();
+        serve
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the serve log");
+        let child = Command::new(AMENDS)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn amends serve");
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL amends serve");
+            child.wait().expect("reap amends serve");
+        }
+    }
+
+    /// Kills (SIGKILL) and starts it again with the same flags and store.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Whether the process still runs (it must never exit on its own).
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let status = child.try_wait().expect("poll amends serve");
+            assert!(
+                status.is_none(),
+                "amends serve exited: {status:?}\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// What it logged so far, every run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client of the deployment, once `amends serve` has created it (the
+/// client reads the partition count from the meta bucket).
+pub async fn client(server: &Server, partitions: u32) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut options = Options::new(server.url());
+        options.name = Some("e2e".to_owned());
+        match Client::connect(options).await {
+            Ok(client) => {
+                assert_eq!(
+                    client.partitions(),
+                    Partitions::new(partitions).expect("count")
+                );
+                return client;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no deployment after 10 s: {e}"),
+        }
+    }
+}
