@@ -4,9 +4,11 @@
 //! a one-shot client (`submit`), and the offline tools a client developer
 //! needs to follow `specs/protocol.md`: where a routing key goes (`route`)
 //! and how amends reads a request body (`decode`). Configuration is flags
-//! with environment fallbacks; there is no configuration file yet. `dev`,
-//! `status`, `audit`, `rebuild` and `bench` are not built yet.
+//! with environment fallbacks; there is no configuration file yet. `dev`
+//! runs a whole deployment (its own nats-server) with a demo. `status`,
+//! `audit`, `rebuild` and `bench` are not built yet.
 
+mod dev;
 mod nats;
 mod serve;
 mod submit;
@@ -29,6 +31,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Starts its own nats-server (the pinned one from scripts/setup) on a
+    /// free loopback port, runs the service on every partition in this
+    /// process, shows a demo, then serves until Ctrl-C (or exits with
+    /// --no-wait), stopping the server with it.
+    Dev(dev::DevArgs),
     /// Runs every partition of a deployment until Ctrl-C or SIGTERM:
     /// creates or checks the JetStream streams, opens the store in
     /// --data-dir and serves. Configured by flags and environment variables
@@ -65,6 +72,13 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Dev(args) => {
+            init_logging("warn");
+            if let Err(e) = runtime()?.block_on(dev::run(args)) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Serve(args) => {
             init_logging("info");
             runtime()?.block_on(serve::run(args))?;

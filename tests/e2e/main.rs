@@ -3,6 +3,8 @@
 //! and `amends submit` against it.
 #![allow(clippy::unwrap_used, clippy::as_conversions)]
 
+mod dev;
+mod python;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,0 +1,76 @@
+"""Demo of the Python amends client against a running `amends serve`.
+
+Opens an account, credits it, tries an overdraft and claims a username twice,
+printing each decision as one JSON line. Exits 0 only if the outcomes are:
+confirmed, confirmed, rejected insufficient_funds, confirmed, rejected
+already_claimed.
+
+    PYTHONPATH=.tools/pypi/nats-py python3 examples/python/demo.py --nats-url nats://127.0.0.1:4222
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from amends_client import AmendsClient, new_request  # noqa: E402
+
+
+async def connect(url: str, prefix: str, wait: float) -> AmendsClient:
+    """Connects, retrying until the deployment (its meta bucket) exists."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await AmendsClient.connect(url, prefix)
+        except Exception as e:
+            if time.monotonic() >= deadline:
+                raise SystemExit(f"demo: no amends deployment at {url}: {e!r}")
+            await asyncio.sleep(0.2)
+
+
+async def run(url: str, prefix: str, wait: float) -> int:
+    client = await connect(url, prefix, wait)
+    suffix = os.urandom(4).hex()  # fresh names, so the demo can run again
+    account = f"py-demo-{suffix}"
+    user = f"py-user-{suffix}"
+    steps = [
+        ("open account", {"type": "open_account", "account": account}, ("confirmed", None)),
+        ("credit 100", {"type": "credit", "account": account, "amount": 100}, ("confirmed", None)),
+        ("debit 150", {"type": "debit", "account": account, "amount": 150}, ("rejected", "insufficient_funds")),
+        ("claim as ann", {"type": "claim", "namespace": "username", "key": user, "owner": "ann"}, ("confirmed", None)),
+        ("claim as bob", {"type": "claim", "namespace": "username", "key": user, "owner": "bob"}, ("rejected", "already_claimed")),
+    ]
+    ok = True
+    try:
+        print(f"partitions: {client.partitions}")
+        for label, command, (want_outcome, want_code) in steps:
+            request = new_request(command)
+            decision = await client.submit_and_wait(request, timeout=2.0, tries=5)
+            outcome = decision.get("outcome")
+            code = (decision.get("reason") or {}).get("code")
+            good = outcome == want_outcome and code == want_code
+            ok &= good
+            print(f"{label}: {'ok' if good else 'UNEXPECTED'} {json.dumps(decision, sort_keys=True)}")
+    finally:
+        await client.close()
+    print("all outcomes as expected" if ok else "some outcomes were unexpected")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="amends Python client demo")
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--prefix", default="amends")
+    parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the deployment")
+    args = parser.parse_args()
+    return asyncio.run(run(args.nats_url, args.prefix, args.wait))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+//! `amends dev`: a whole deployment on this machine, with a demo.
+//!
+//! Starts the pinned `nats-server` (JetStream, loopback, a free port, its
+//! store in the data directory), runs the service on every partition in
+//! this process through the same code as `amends serve`, walks through a
+//! short demo with amends-client (a confirmation, two refusals, a duplicate
+//! and an apology), then serves until Ctrl-C or SIGTERM. On the way out the
+//! child server is killed by its PID and reaped, whatever happened before.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amends_client::{Client, Decision, Options, Request};
+use amends_core::command::{AccountId, Amount, ClaimKey, Command as Cmd, Namespace, Owner, Topic};
+use amends_core::wire;
+use amends_nats::topology::{self, Prefix, Stream};
+use amends_nats::worker;
+use anyhow::Context as _;
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use clap::Args;
+use futures_util::StreamExt as _;
+
+use crate::nats::NatsArgs;
+use crate::serve::{self, DurabilityArg, ServeArgs};
+
+/// The environment variable naming the `nats-server` binary.
+const SERVER_ENV: &str = "AMENDS_NATS_SERVER";
+
+/// Where `scripts/setup` installs the pinned server, under the repository.
+const SERVER_IN_REPO: &str = ".tools/bin/nats-server";
+
+/// The error when no `nats-server` binary is found.
+const NOT_FOUND: &str = "nats-server not found: run scripts/setup (installs the pinned nats-server 2.15.1 into .tools/bin)";
+
+/// How long the server may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many free ports to try when another process takes the one picked.
+const PORT_ATTEMPTS_MAX: u32 = 5;
+
+/// The default NATS port, never used: a system server often has it.
+const PORT_DEFAULT_NATS: u16 = 4222;
+
+/// The requests stream's duplicate window of the dev deployment. Short, so
+/// that the demo's resubmission (made after it) reaches the log and is
+/// answered from amends's own dedup records.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long each demo step waits for a decision per try.
+const TRY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many tries each demo step makes.
+const TRIES: u32 = 5;
+
+/// The flags of `amends dev`.
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// The directory of the dev deployment: the nats-server's JetStream
+    /// store, the service's store and the server's log. Kept between runs.
+    #[arg(long, default_value = ".amends-dev")]
+    pub data_dir: PathBuf,
+    /// The partition count (recorded on the first run; must match later).
+    #[arg(long, short = 'n', default_value_t = 4)]
+    pub partitions: u32,
+    /// Exit after the demo instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// Runs the dev deployment and its demo.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let binary = locate_server()?;
+    fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    // Killed and reaped when dropped: on every return below, and on a panic.
+    let mut server = NatsServer::start(binary, &args.data_dir)?;
+    println!(
+        "nats-server {} (pid {}) on 127.0.0.1:{}, store and log in {}",
+        server.binary.display(),
+        server.pid(),
+        server.port,
+        args.data_dir.display()
+    );
+    println!("NATS URL: {}", server.url());
+    let url = server.url();
+    let result = tokio::select! {
+        r = run_with(&args, &url) => r,
+        signal = shutdown_signal() => signal.map(|name| println!("{name}: stopping")),
+    };
+    server.stop();
+    println!(
+        "stopped: nats-server (pid {}) killed and reaped",
+        server.pid()
+    );
+    result
+}
+
+/// The service, the demo, and then serving until Ctrl-C (or not).
+async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
+    let duplicate_window_ms = u64::try_from(DUPLICATE_WINDOW.as_millis()).unwrap_or(u64::MAX);
+    let serve_args = ServeArgs {
+        nats: NatsArgs {
+            urls: vec![url.to_owned()],
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            nats_creds: None,
+        },
+        data_dir: args.data_dir.join("store"),
+        partitions: Some(args.partitions),
+        prefix: topology::PREFIX_DEFAULT.to_owned(),
+        batch_max: worker::BATCH_LEN_MAX_DEFAULT,
+        durability: DurabilityArg::Fsync,
+        flush_every_ms: 100,
+        duplicate_window_ms,
+        replicas: 1,
+    };
+    // `amends serve` itself, in this process; it also stops on Ctrl-C.
+    let mut service = tokio::spawn(serve::run(serve_args));
+    let result = tokio::select! {
+        joined = &mut service => match joined {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e).context("the service task failed"),
+        },
+        demo = demo_then_wait(args, url) => demo,
+    };
+    service.abort();
+    result
+}
+
+async fn demo_then_wait(args: &DevArgs, url: &str) -> anyhow::Result<()> {
+    println!(
+        "service: {} partitions in this process (as `amends serve`), store in {}",
+        args.partitions,
+        args.data_dir.join("store").display()
+    );
+    let client = connect(url).await?;
+    demo(&client, url).await?;
+    if args.no_wait {
+        println!("\n--no-wait: stopping after the demo");
+        return Ok(());
+    }
+    println!("\namends dev is running. NATS URL: {url}");
+    println!(
+        "Try, in another terminal:\n  cargo run -- submit --nats-url {url} '{{\"command\":{{\"type\":\"open_account\",\"account\":\"bob\"}}}}'"
+    );
+    println!("Press Ctrl-C to stop.");
+    std::future::pending::<anyhow::Result<()>>().await
+}
+
+/// A client, once the service has created the deployment.
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut options = Options::new(url.to_owned());
+        options.name = Some("amends dev".to_owned());
+        match Client::connect(options).await {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "deployment not ready yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("the service did not come up within 20 s"),
+        }
+    }
+}
+
+/// The demo, step by step, each decision printed as JSON.
+async fn demo(client: &Client, url: &str) -> anyhow::Result<()> {
+    // Names of this run, so that a rerun on the same data dir starts fresh.
+    let run = Client::new_op_id().to_string();
+    let run = run.get(run.len().saturating_sub(6)..).unwrap_or("run");
+    let account = AccountId::new(format!("alice-{run}"))?;
+    let username = ClaimKey::new(format!("alice-{run}"))?;
+    let namespace = Namespace::new("username")?;
+
+    println!("\n1. A confirmation: open account {account}, then credit it 100.");
+    let open = request(Cmd::OpenAccount {
+        account: account.clone(),
+        floor: 0,
+        ceiling: None,
+    });
+    show("open_account", &decide(client, &open).await?);
+    let credit = request(Cmd::Credit {
+        account: account.clone(),
+        amount: Amount::new(100)?,
+    });
+    let credited = decide(client, &credit).await?;
+    show("credit 100", &credited);
+
+    println!("\n2. A refusal: debit 250 from {account}, which holds 100.");
+    let debit = request(Cmd::Debit {
+        account: account.clone(),
+        amount: Amount::new(250)?,
+    });
+    show("debit 250", &decide(client, &debit).await?);
+
+    println!("\n3. A taken username: alice claims {namespace}/{username}, then mallory tries.");
+    let claim = |owner: &str| -> anyhow::Result<Request> {
+        Ok(request(Cmd::Claim {
+            namespace: namespace.clone(),
+            key: username.clone(),
+            owner: Owner::new(owner)?,
+        }))
+    };
+    show("claim by alice", &decide(client, &claim("alice")?).await?);
+    show(
+        "claim by mallory",
+        &decide(client, &claim("mallory")?).await?,
+    );
+
+    println!(
+        "\n4. A duplicate: the credit of step 1 submitted again, same op id {}.",
+        credit.op_id
+    );
+    // Past the requests stream's duplicate window, so the copy reaches the
+    // log and amends itself answers it (inside the window JetStream drops it
+    // and the client resubmits after its timeout).
+    tokio::time::sleep(DUPLICATE_WINDOW + Duration::from_millis(200)).await;
+    let again = decide(client, &credit).await?;
+    show("credit 100 again", &again);
+    anyhow::ensure!(
+        again == credited,
+        "the resubmitted credit got a different decision:\nfirst: {}\nagain: {}",
+        json(&credited),
+        json(&again)
+    );
+    println!(
+        "   duplicate: same decision as the first time (applied once; the balance is still 100)"
+    );
+
+    let topic = Topic::new(format!("dev.{run}"))?;
+    let prefix = Prefix::new(topology::PREFIX_DEFAULT)?;
+    println!(
+        "\n5. An apology: an optimistic debit of 1000 from {account}, naming apology topic {}; the client does not wait.",
+        topic.as_str()
+    );
+    let optimistic = Request {
+        op_id: Client::new_op_id(),
+        command: Cmd::Debit {
+            account: account.clone(),
+            amount: Amount::new(1000)?,
+        },
+        apology_topic: Some(topic.clone()),
+    };
+    let submitted = client
+        .submit(&optimistic)
+        .await
+        .with_context(|| format!("submitting operation {}", optimistic.op_id))?;
+    println!(
+        "   debit 1000 (optimistic): in the log of partition {} at sequence {}",
+        submitted.partition.get(),
+        submitted.sequence
+    );
+    let subject = prefix.apology(&topic);
+    let apology = read_apology(url, &prefix.stream_name(Stream::Apologies), &subject).await?;
+    println!(
+        "   apology on {subject} (read with a JetStream consumer on stream {}):",
+        prefix.stream_name(Stream::Apologies)
+    );
+    println!("   {}", String::from_utf8_lossy(&apology));
+    println!(
+        "\ndemo done: confirmed, insufficient_funds, already_claimed, a duplicate, an apology"
+    );
+    Ok(())
+}
+
+fn request(command: Cmd) -> Request {
+    Request {
+        op_id: Client::new_op_id(),
+        command,
+        apology_topic: None,
+    }
+}
+
+async fn decide(client: &Client, request: &Request) -> anyhow::Result<Decision> {
+    client
+        .submit_and_wait(request, TRY_TIMEOUT, TRIES)
+        .await
+        .with_context(|| format!("submitting operation {}", request.op_id))
+}
+
+fn json(decision: &Decision) -> String {
+    String::from_utf8_lossy(&wire::encode(decision)).into_owned()
+}
+
+/// Prints a decision in plain words, then as JSON.
+fn show(what: &str, decision: &Decision) {
+    let words = match decision.outcome.reason() {
+        None => "confirmed".to_owned(),
+        Some(reason) => format!("rejected: {}", reason.code()),
+    };
+    println!("   {what} -> {words}");
+    println!("   {}", json(decision));
+}
+
+/// The first message on `subject` in `stream`, through a plain JetStream
+/// pull consumer (ephemeral, acknowledged).
+async fn read_apology(url: &str, stream: &str, subject: &str) -> anyhow::Result<Vec<u8>> {
+    let nats = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let js = jetstream::new(nats);
+    let consumer = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("opening stream {stream}"))?
+        .create_consumer(pull::Config {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            inactive_threshold: Duration::from_secs(30),
+            ..pull::Config::default()
+        })
+        .await
+        .with_context(|| format!("creating a consumer on {stream}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .with_context(|| format!("fetching from {stream}"))?;
+        if let Some(msg) = batch.next().await {
+            let msg = msg.map_err(|e| anyhow::anyhow!("fetching from {stream}: {e}"))?;
+            msg.ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("acknowledging the apology: {e}"))?;
+            return Ok(msg.payload.to_vec());
+        }
+    }
+    anyhow::bail!("no apology on {subject} within 15 s")
+}
+
+/// Waits for Ctrl-C or SIGTERM; returns its name.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("waiting for Ctrl-C"),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        Ok("Ctrl-C")
+    }
+}
+
+/// The `nats-server` binary: `$AMENDS_NATS_SERVER` if it names a file, else
+/// `.tools/bin/nats-server` in the current directory or one above it, else
+/// in a directory above this executable (`target/debug/amends` of the repo).
+fn locate_server() -> anyhow::Result<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os(SERVER_ENV).filter(|v: &OsString| !v.is_empty()) {
+        candidates.push(PathBuf::from(path));
+    }
+    let mut roots = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        roots.push(dir.to_owned());
+    }
+    roots.dedup();
+    for root in &roots {
+        candidates.extend(root.ancestors().map(|dir| dir.join(SERVER_IN_REPO)));
+    }
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(found) => Ok(found.clone()),
+        None => {
+            let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            anyhow::bail!(
+                "{NOT_FOUND} (looked at ${SERVER_ENV}, then {SERVER_IN_REPO} in and above: {})",
+                roots.join(", ")
+            )
+        }
+    }
+}
+
+/// The child `nats-server`. Dropping it kills it (SIGKILL, by its PID
+/// through the `Child` handle) and reaps it.
+struct NatsServer {
+    binary: PathBuf,
+    port: u16,
+    pid: u32,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts the server with JetStream on a free loopback port, its store in
+    /// `dir/nats` and its log in `dir/nats-server.log`, and waits until it
+    /// accepts connections.
+    fn start(binary: PathBuf, dir: &Path) -> anyhow::Result<NatsServer> {
+        let log_path = dir.join("nats-server.log");
+        for attempt in 1..=PORT_ATTEMPTS_MAX {
+            let port = free_port()?;
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("opening {}", log_path.display()))?;
+            let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+            let child = Command::new(&binary)
+                .arg("-js")
+                .arg("-sd")
+                .arg(dir.join("nats"))
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .arg("--ports_file_dir")
+                .arg(dir)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().context("cloning the log's handle")?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            let pid = child.id();
+            let mut server = NatsServer {
+                binary: binary.clone(),
+                port,
+                pid,
+                child: Some(child),
+            };
+            match server.wait_ready(dir) {
+                Ok(()) => return Ok(server),
+                Err(exited) => {
+                    server.stop();
+                    let log = fs::read_to_string(&log_path).unwrap_or_default();
+                    let this_run = log
+                        .get(usize::try_from(log_len).unwrap_or(0)..)
+                        .unwrap_or(&log);
+                    if this_run.contains("address already in use") && attempt < PORT_ATTEMPTS_MAX {
+                        continue;
+                    }
+                    anyhow::bail!(
+                        "{exited}\nbinary: {}\nlog ({}):\n{this_run}",
+                        binary.display(),
+                        log_path.display()
+                    );
+                }
+            }
+        }
+        anyhow::bail!(
+            "every one of {PORT_ATTEMPTS_MAX} free ports was taken before nats-server bound it"
+        )
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits until this process has written its ports file (so the port is
+    /// its own) and accepts a connection.
+    fn wait_ready(&mut self, dir: &Path) -> Result<(), String> {
+        let ports_file_suffix = format!("_{}.ports", self.pid);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Err("nats-server is not running".to_owned());
+            };
+            match child.try_wait() {
+                Ok(Some(status)) => return Err(format!("nats-server exited at start ({status})")),
+                Ok(None) => {}
+                Err(e) => return Err(format!("polling nats-server: {e}")),
+            }
+            if has_file_ending(dir, &ports_file_suffix)
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(10)).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server did not accept connections on {addr} within {READY_TIMEOUT:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the server by its PID and reaps it. Does nothing the second
+    /// time.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Fails only if the process was reaped already, which `take`
+            // rules out; an exited but unreaped process is still reaped.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loopback port that was free a moment ago, never 4222.
+fn free_port() -> anyhow::Result<u16> {
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .context("binding a loopback port to find a free one")?;
+        let port = listener
+            .local_addr()
+            .context("reading the bound port")?
+            .port();
+        if port != PORT_DEFAULT_NATS {
+            return Ok(port);
+        }
+    }
+}
+
+fn has_file_ending(dir: &Path, suffix: &str) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|entry| entry.file_name().to_string_lossy().ends_with(suffix))
+    })
+}

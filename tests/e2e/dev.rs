@@ -1,0 +1,68 @@
+//! Proves that `amends dev --no-wait` runs its whole demo against its own nats-server (a confirmation, `insufficient_funds`, `already_claimed`, a duplicate answered with the same decision, an apology read from the apology stream), exits 0 and leaves no nats-server running.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::AMENDS;
+
+#[test]
+fn dev_no_wait_runs_the_demo_and_stops_its_nats_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("dev");
+    let mut command = Command::new(AMENDS);
+    command
+        .args(["dev", "--no-wait", "--data-dir"])
+        .arg(&data_dir);
+    // scripts/test sets it; without it `dev` finds .tools/bin/nats-server
+    // above the current directory, as a user's run would.
+    if let Some(server) = std::env::var_os("AMENDS_NATS_SERVER") {
+        command.env("AMENDS_NATS_SERVER", server);
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "exit {:?}\n{context}",
+        output.status
+    );
+
+    for expected in [
+        "open_account -> confirmed",
+        "credit 100 -> confirmed",
+        "debit 250 -> rejected: insufficient_funds",
+        "claim by mallory -> rejected: already_claimed",
+        "duplicate: same decision as the first time",
+        "apology on amends.apology.dev.",
+        r#""reason":{"code":"insufficient_funds""#,
+        "killed and reaped",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?}\n{context}");
+    }
+    let apology = stdout
+        .lines()
+        .skip_while(|l| !l.contains("apology on "))
+        .nth(1)
+        .unwrap_or_default();
+    let apology: serde_json::Value = serde_json::from_str(apology.trim())
+        .unwrap_or_else(|e| panic!("the apology is not JSON ({e})\n{context}"));
+    assert_eq!(apology["decision"]["outcome"], "rejected", "{context}");
+    assert_eq!(apology["command"]["amount"], 1000, "{context}");
+
+    // The server it started is gone: its port no longer accepts connections.
+    let port: u16 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS URL: nats://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no NATS URL printed\n{context}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(port, 4222, "{context}");
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
+        "port {port} still accepts connections after `amends dev` exited\n{context}"
+    );
+}
