@@ -90,7 +90,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let url = server.url();
     let result = tokio::select! {
         r = run_with(&args, &url) => r,
-        signal = shutdown_signal() => signal.map(|name| println!("{name}: stopping")),
+        signal = crate::serve::shutdown_signal() => signal.map(|name| println!("{name}: stopping")),
     };
     server.stop();
     println!(
@@ -338,26 +338,6 @@ async fn read_apology(url: &str, stream: &str, subject: &str) -> anyhow::Result<
         }
     }
     anyhow::bail!("no apology on {subject} within 15 s")
-}
-
-/// Waits for Ctrl-C or SIGTERM; returns its name.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("waiting for Ctrl-C"),
-            _ = term.recv() => Ok("SIGTERM"),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-        Ok("Ctrl-C")
-    }
 }
 
 /// The `nats-server` binary: `$AMENDS_NATS_SERVER` if it names a file, else

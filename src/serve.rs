@@ -176,7 +176,7 @@ async fn recorded_partitions(
 }
 
 /// Waits for Ctrl-C or SIGTERM; returns its name.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
+pub(crate) async fn shutdown_signal() -> anyhow::Result<&'static str> {
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
