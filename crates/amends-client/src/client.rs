@@ -37,6 +37,19 @@ pub struct Submitted {
     pub duplicate: bool,
 }
 
+/// What a partition's status endpoint knows of an operation
+/// ([`Client::status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpStatus {
+    /// The operation was decided; this is its decision (the original one,
+    /// whoever submitted it).
+    Decided(Decision),
+    /// The partition has no record of it: not yet in the log, not yet
+    /// applied, refused to its sender only (a conflict or a refused op id
+    /// is not recorded), or forgotten past the dedup horizon.
+    Unknown,
+}
+
 /// The state of one operation this client submitted.
 enum Slot {
     /// Submitted; no decision yet. Each sender is one pending
@@ -234,6 +247,51 @@ impl Client {
         })
     }
 
+    /// Asks the status endpoint of `partition` what it knows of `op_id`
+    /// (use [`Client::partition_of`] for a request's partition). It answers
+    /// for any operation, not only this client's, and takes no part in
+    /// [`Client::wait`]: a decision learned here is not also handed to a
+    /// wait.
+    ///
+    /// [`Error::Status`] if nobody answers within `timeout` (no service
+    /// runs, or it is slow) or the endpoint refuses the request.
+    pub async fn status(
+        &self,
+        op_id: OpId,
+        partition: PartitionId,
+        timeout: Duration,
+    ) -> Result<OpStatus> {
+        let subject = self.inner.prefix.status(partition);
+        let fail = |detail: String, source: Option<crate::Source>| Error::Status {
+            op_id,
+            subject: subject.clone(),
+            detail,
+            source,
+        };
+        let nats = self.inner.js.client();
+        let request = nats.request(subject.clone(), op_id.to_string().into());
+        let reply = match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => return Err(fail("no reply".to_owned(), Some(Box::new(e)))),
+            Err(_) => return Err(fail(format!("no reply within {timeout:?}"), None)),
+        };
+        // The reply (protocol: "Subjects"): `{"status":"decided","decision":
+        // ...}`, `{"status":"unknown"}` or `{"status":"error","detail":...}`.
+        let mut value = serde_json::from_slice::<serde_json::Value>(&reply.payload)
+            .map_err(|e| fail("unreadable reply".to_owned(), Some(Box::new(e))))?;
+        match value.get("status").and_then(serde_json::Value::as_str) {
+            Some("decided") => serde_json::from_value(value["decision"].take())
+                .map(OpStatus::Decided)
+                .map_err(|e| fail("unreadable decision".to_owned(), Some(Box::new(e)))),
+            Some("unknown") => Ok(OpStatus::Unknown),
+            Some("error") => Err(fail(
+                value["detail"].as_str().unwrap_or("an error").to_owned(),
+                None,
+            )),
+            _ => Err(fail(format!("unreadable reply {value}"), None)),
+        }
+    }
+
     /// Waits up to `timeout` for the decision of an operation this client
     /// submitted.
     ///
@@ -285,6 +343,14 @@ impl Client {
     /// no earlier copy reached the log, this one is decided for the first
     /// time. A rejected decision is returned in `Ok`: it is an answer, not a
     /// failure, and is never retried.
+    ///
+    /// After a wait times out it first asks the status endpoint
+    /// ([`Client::status`], bounded by `timeout_per_try`): if the operation
+    /// was decided, that decision is returned. This covers a reply that was
+    /// lost (the service died between its commit and its reply) while a
+    /// resubmission would be dropped as a JetStream duplicate and answered
+    /// by nobody. A status query that fails or says unknown just leads to
+    /// the resubmission.
     pub async fn submit_and_wait(
         &self,
         request: &Request,
@@ -307,6 +373,17 @@ impl Client {
             match self.wait(request.op_id, timeout_per_try).await {
                 Ok(decision) => return Ok(decision),
                 Err(Error::Timeout { .. }) => {
+                    let partition = self.partition_of(request)?;
+                    match self.status(request.op_id, partition, timeout_per_try).await {
+                        Ok(OpStatus::Decided(decision)) => {
+                            self.forget(request.op_id);
+                            return Ok(decision);
+                        }
+                        Ok(OpStatus::Unknown) => {}
+                        Err(e) => {
+                            tracing::debug!(op_id = %request.op_id, error = %e, "status query failed");
+                        }
+                    }
                     tracing::debug!(op_id = %request.op_id, attempt, "no decision in time; resubmitting");
                 }
                 Err(e) => return Err(e),
@@ -317,6 +394,17 @@ impl Client {
             tries,
             per_try: timeout_per_try,
         }))
+    }
+}
+
+impl Client {
+    /// Drops an operation's slot once its decision was learned elsewhere (a
+    /// reply arriving later is then dropped), unless a wait still pends.
+    fn forget(&self, op_id: OpId) {
+        self.inner.pending.remove_if(&op_id, |_, slot| match slot {
+            Slot::Waiting(waiters) => waiters.iter().all(|w| w.is_closed()),
+            Slot::Decided(_) => true,
+        });
     }
 }
 

@@ -120,6 +120,20 @@ pub enum Error {
         /// How long each wait lasted.
         per_try: Duration,
     },
+    /// The status endpoint did not answer, or answered something other than
+    /// a status (an error reply for a bad request, or an unreadable one).
+    #[error("op {op_id}: status query on {subject}: {detail}")]
+    Status {
+        /// The op id.
+        op_id: OpId,
+        /// The status subject asked.
+        subject: String,
+        /// What went wrong.
+        detail: String,
+        /// The underlying async-nats error, if there is one.
+        #[source]
+        source: Option<Source>,
+    },
     /// The client's inbox subscription ended (the connection was closed for
     /// good); no more decisions can arrive.
     #[error("the client's inbox subscription is closed")]

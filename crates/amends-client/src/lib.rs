@@ -63,7 +63,7 @@ mod options;
 mod subject;
 
 pub use amends_core::{Decision, OpId, Request};
-pub use client::{Client, Submitted};
+pub use client::{Client, OpStatus, Submitted};
 pub use error::{Error, Source};
 pub use options::{Auth, ClientCert, Options, Tls};
 pub use subject::{PREFIX_BYTES_MAX, Prefix};

@@ -69,6 +69,12 @@ impl Prefix {
         format!("{}.req.{partition}", self.0)
     }
 
+    /// The status endpoint of a partition: `<prefix>.status.<p>` (core
+    /// NATS request-reply).
+    pub(crate) fn status(&self, partition: PartitionId) -> String {
+        format!("{}.status.{partition}", self.0)
+    }
+
     /// The meta bucket, `<PREFIX>_META`: the prefix upper-cased, every
     /// character other than a letter or digit replaced by `_`.
     pub(crate) fn meta_bucket(&self) -> String {
@@ -123,6 +129,7 @@ mod tests {
         for p in [0, 1, 9, 10, 1023] {
             let p = partitions.id(p).expect("in range");
             assert_eq!(ours.req(p), theirs.req(p));
+            assert_eq!(ours.status(p), theirs.status(p));
         }
         assert_eq!(ours.meta_bucket(), theirs.meta_bucket());
     }

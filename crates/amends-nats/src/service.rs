@@ -6,6 +6,7 @@
 //!                                       -- integrity error -> Stopped (loud), never restarted
 //! ticks:         every tick_interval, a tick to each running partition with a hold due
 //! compaction:    every compact_interval, Partition::compact on a blocking thread
+//! status:        <prefix>.status.* (queue group amends-status): what a partition knows of an op id
 //! ```
 //!
 //! [`Service::run`] runs until every partition has stopped (then it returns
@@ -263,6 +264,12 @@ impl Service {
         let mut background = JoinSet::new();
         background.spawn(tick(js.clone(), topology.clone(), options, status.clone()));
         background.spawn(compact(config, options, status.clone()));
+        background.spawn(serve_status(
+            js.client(),
+            topology.clone(),
+            config,
+            status.clone(),
+        ));
         while workers.join_next().await.is_some() {}
         let reasons: Vec<String> = status
             .snapshot()
@@ -462,6 +469,90 @@ async fn compact(config: Config, options: Options, status: Status) {
                 Err(e) => tracing::warn!(partition = p, error = %e, "compaction panicked"),
             }
         }
+    }
+}
+
+/// The queue group of the status endpoint: several processes serving the
+/// same deployment share its requests.
+pub const STATUS_QUEUE_GROUP: &str = "amends-status";
+
+/// The status endpoint: answers each request on `<prefix>.status.<p>` (body:
+/// an op id in canonical text) with what partition `p` knows of the op:
+/// `{"status":"decided","decision":...}`, `{"status":"unknown"}`, or
+/// `{"status":"error","detail":...}` for a bad request. A record past the
+/// compaction horizon is unknown, as it is to the core. If the subscription
+/// fails or ends, it is made again after a backoff.
+async fn serve_status(
+    nats: async_nats::Client,
+    topology: Topology,
+    config: Config,
+    status: Status,
+) {
+    use futures_util::StreamExt;
+    let subject = topology.prefix.status_wildcard();
+    loop {
+        match nats
+            .queue_subscribe(subject.clone(), STATUS_QUEUE_GROUP.to_owned())
+            .await
+        {
+            Ok(mut sub) => {
+                while let Some(msg) = sub.next().await {
+                    let Some(reply) = msg.reply.clone() else {
+                        continue;
+                    };
+                    let answer = status_answer(&topology, config, &status, &msg).await;
+                    let body = serde_json::to_vec(&answer).unwrap_or_default();
+                    if let Err(e) = nats.publish(reply, body.into()).await {
+                        tracing::debug!(error = %e, "status reply not sent");
+                    }
+                }
+                tracing::warn!("status subscription ended; subscribing again");
+            }
+            Err(e) => tracing::warn!(error = %e, "status subscription failed; retrying"),
+        }
+        tokio::time::sleep(RESTART_BACKOFF_MAX).await;
+    }
+}
+
+/// The reply to one status request.
+async fn status_answer(
+    topology: &Topology,
+    config: Config,
+    status: &Status,
+    msg: &async_nats::Message,
+) -> serde_json::Value {
+    use serde_json::json;
+    let error = |detail: String| json!({"status": "error", "detail": detail});
+    let p = msg
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .and_then(|t| t.parse::<u32>().ok())
+        .and_then(|p| topology.partitions.id(p));
+    let Some(p) = p else {
+        return error(format!("{} names no partition", msg.subject));
+    };
+    let Some(store) = status.stores.iter().find(|s| s.id() == p).cloned() else {
+        return error(format!("partition {p} is not served here"));
+    };
+    let text = match std::str::from_utf8(&msg.payload) {
+        Ok(text) => text,
+        Err(_) => return error("the body is not UTF-8".to_owned()),
+    };
+    let op_id = match text.parse::<OpId>() {
+        Ok(op_id) if op_id.to_string() == text => op_id,
+        _ => return error(format!("{text:?} is not an op id in canonical text")),
+    };
+    let found = tokio::task::spawn_blocking(move || {
+        let horizon_ms = config.compaction_horizon_ms(store.clock().log_time_ms);
+        store.dedup(op_id).filter(|d| !d.is_compactable(horizon_ms))
+    })
+    .await;
+    match found {
+        Ok(Some(dedup)) => json!({"status": "decided", "decision": dedup.decision}),
+        Ok(None) => json!({"status": "unknown"}),
+        Err(e) => error(format!("the lookup failed: {e}")),
     }
 }
 

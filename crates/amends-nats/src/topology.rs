@@ -12,6 +12,9 @@
 //! | apologies | `AMENDS_APOLOGY` | `amends.apology.>` | refused optimistic operations, by apology topic |
 //! | dead letters | `AMENDS_DLQ` | `amends.dlq.*` | input without a readable op id |
 //!
+//! One more subject has no stream: the status endpoint `amends.status.<p>`
+//! ([`Prefix::status`]), core NATS request-reply, served by the service.
+//!
 //! Stream names are the prefix in upper case with every character that is
 //! not a letter or a digit replaced by `_`, then `_REQ`, `_DEC`, `_APOLOGY`
 //! or `_DLQ`. Two prefixes that differ only there (`a-b` and `a.b`) map to
@@ -188,6 +191,18 @@ impl Prefix {
     /// Every dead-letter subject: `<prefix>.dlq.*`.
     pub fn dlq_wildcard(&self) -> String {
         format!("{}.dlq.*", self.0)
+    }
+
+    /// The status endpoint of a partition: `<prefix>.status.<p>`, a core
+    /// NATS request-reply subject (no stream): the body is an op id, the
+    /// reply what the partition knows of it (see [`crate::service`]).
+    pub fn status(&self, partition: PartitionId) -> String {
+        format!("{}.status.{partition}", self.0)
+    }
+
+    /// Every status endpoint: `<prefix>.status.*`.
+    pub fn status_wildcard(&self) -> String {
+        format!("{}.status.*", self.0)
     }
 
     /// The subjects a stream takes: one wildcard subject.

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use amends_client::{Error, Options};
+use amends_client::{Error, OpStatus, Options};
 use amends_core::decision::{Outcome, Reason};
 use amends_core::route::Partitions;
 use amends_core::{Command, Decision};
@@ -272,6 +272,72 @@ async fn connect_reads_or_takes_the_partition_count() {
             amends_client::Client::connect(empty).await,
             Err(Error::NoServers)
         ));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_lost_reply_is_recovered_through_the_status_endpoint() {
+    // Proves submit_and_wait survives a lost reply: the op is published without Amends-Reply-To (as if the service died between its commit and its reply) and decided; a resubmission inside the duplicate window is dropped by JetStream and answered by nobody, yet submit_and_wait returns the decision, learned from the status endpoint after its wait times out.
+    within(async {
+        let mut dep = Deployment::start_with_window("amends", 2, Duration::from_secs(120)).await;
+        dep.spawn_service();
+        let client = dep.client().await;
+        let req = request(open("alice"));
+        let p = client.partition_of(&req).expect("routable");
+
+        let unknown = client.status(req.op_id, p, TRY_TIMEOUT).await;
+        // The service may not have subscribed yet; once it answers, it is unknown.
+        let deadline = Instant::now() + TRY_TIMEOUT;
+        let mut unknown = unknown;
+        while unknown.is_err() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            unknown = client.status(req.op_id, p, TRY_TIMEOUT).await;
+        }
+        assert_eq!(unknown.expect("status"), OpStatus::Unknown);
+
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", text(req.op_id).as_str());
+        dep.js()
+            .publish_with_headers(
+                dep.topology().prefix.req(p),
+                headers,
+                amends_core::wire::encode(&req).into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        let decided = loop {
+            match client.status(req.op_id, p, TRY_TIMEOUT).await {
+                Ok(OpStatus::Decided(d)) => break d,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        assert!(decided.outcome.is_confirmed(), "{decided:?}");
+
+        let started = Instant::now();
+        let d = client
+            .submit_and_wait(&req, Duration::from_millis(300), 3)
+            .await
+            .expect("decided through status");
+        assert_eq!(d, decided);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        // The resubmission was a JetStream duplicate: nobody replied to it.
+        let again = client.submit(&req).await.expect("submit");
+        assert!(again.duplicate, "{again:?}");
+        // A body that is not an op id is refused by the endpoint.
+        let nats = dep.js().client();
+        let reply = nats
+            .request(format!("amends.status.{p}"), "garbage".into())
+            .await
+            .expect("reply");
+        let reply: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+        assert_eq!(reply["status"], "error", "{reply}");
     })
     .await;
 }

@@ -9,6 +9,7 @@ use amends_core::command::{AccountId, Amount};
 use amends_core::partition::{Config, Machine};
 use amends_core::route::Partitions;
 use amends_core::{Command, OpId, Request};
+use amends_nats::service::{self, Service};
 use amends_nats::test_support::{Server, connect};
 use amends_nats::topology::{self, Prefix, Topology};
 use amends_nats::worker;
@@ -46,12 +47,21 @@ impl Deployment {
     /// `prefix`, a 1 s duplicate window so tests can outlast it), no
     /// workers yet.
     pub async fn start(prefix: &str, partitions: u32) -> Deployment {
+        Deployment::start_with_window(prefix, partitions, Duration::from_secs(1)).await
+    }
+
+    /// As [`Deployment::start`], with another duplicate window.
+    pub async fn start_with_window(
+        prefix: &str,
+        partitions: u32,
+        duplicate_window: Duration,
+    ) -> Deployment {
         let server = Server::start();
         let nats = connect(&server).await;
         let js = jetstream::new(nats);
         let mut topology = Topology::new(Partitions::new(partitions).expect("a valid count"));
         topology.prefix = Prefix::new(prefix).expect("a valid prefix");
-        topology.duplicate_window = Duration::from_secs(1);
+        topology.duplicate_window = duplicate_window;
         topology::ensure(&js, &topology).await.expect("ensure");
         Deployment {
             server,
@@ -85,6 +95,41 @@ impl Deployment {
             }));
         }
         self._store = Some(store);
+    }
+
+    /// Opens the store and runs the service (every partition, the ticker,
+    /// the status endpoint) in the background, instead of bare workers.
+    pub fn spawn_service(&mut self) {
+        let partitions = self.topology.partitions;
+        let store = Store::open(self.dir.path(), amends_store::Options::new(partitions))
+            .expect("open store");
+        let options = service::Options {
+            worker: worker::Options {
+                fetch_wait: Duration::from_millis(100),
+                ..worker::Options::default()
+            },
+            ..service::Options::default()
+        };
+        let service = Service::new(&self.js, &self.topology, &store, Config::default(), options)
+            .expect("service");
+        self.workers.push(tokio::spawn(async move {
+            match service.run().await {
+                Err(e) => panic!("service returned: {e}"),
+                Ok(never) => match never {},
+            }
+        }));
+        self._store = Some(store);
+    }
+
+    /// The deployment's JetStream context, to publish behind the client's
+    /// back.
+    pub fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The deployment's topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// A client with the given prefix, reading the partition count from

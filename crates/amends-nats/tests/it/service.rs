@@ -404,3 +404,56 @@ async fn a_partition_whose_log_went_backwards_stops_and_the_others_go_on() {
     })
     .await;
 }
+
+/// Asks the status endpoint of partition `p`, retrying while nobody answers
+/// yet (the service subscribes when it starts).
+async fn ask_status(fx: &Fixture, p: PartitionId, body: &str) -> Value {
+    let nats = fx.js.client();
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    loop {
+        match nats
+            .request(fx.topology.prefix.status(p), body.to_owned().into())
+            .await
+        {
+            Ok(reply) => return serde_json::from_slice(&reply.payload).expect("json"),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no status reply: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_endpoint_tells_decided_unknown_and_bad_requests() {
+    // Proves the status endpoint: a decided op comes back with the decision the decisions stream holds, an op never sent is unknown, and a body that is not an op id is an error.
+    within(async {
+        let (_server, fx) = Fixture::start(2).await;
+        let (_status, task) = fx.spawn();
+        let p = fx.partition_of("alice");
+        let opened = op_id();
+        fx.publish(
+            p,
+            &opened,
+            json!({"type": "open_account", "account": "alice"}),
+        )
+        .await;
+        let decisions = fx.decisions(1).await;
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
+
+        let reply = ask_status(&fx, p, &opened).await;
+        assert_eq!(reply["status"], "decided", "{reply}");
+        assert_eq!(reply["decision"], decisions[0], "{reply}");
+
+        let reply = ask_status(&fx, p, &op_id()).await;
+        assert_eq!(reply, json!({"status": "unknown"}));
+
+        for garbage in ["not an op id", "", &opened.to_uppercase()] {
+            let reply = ask_status(&fx, p, garbage).await;
+            assert_eq!(reply["status"], "error", "{garbage:?}: {reply}");
+            assert!(reply["detail"].is_string(), "{reply}");
+        }
+        task.abort();
+    })
+    .await;
+}
