@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use amends_core::command::is_subject_token_byte;
 use amends_core::route::PartitionId;
 
 use crate::Error;
@@ -47,7 +48,7 @@ impl Prefix {
             Some("it has an empty token")
         } else if !prefix
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            .all(|b| is_subject_token_byte(b) || b == b'.')
         {
             Some("a token has a character other than A-Z a-z 0-9 _ -")
         } else {

@@ -66,6 +66,14 @@ pub enum FieldError {
 /// [`char::is_control`] refuses: U+0000..U+001F and U+007F..U+009F).
 const NO_CONTROL_PATTERN: &str = r"^[^\u0000-\u001F\u007F-\u009F]*$";
 
+/// Whether `b` may stand in a token of a NATS subject that amends builds
+/// from user text (an apology topic, a deployment's subject prefix):
+/// `A-Z a-z 0-9 _ -`. One rule for the protocol, so the service, the client
+/// and the core agree.
+pub fn is_subject_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
 fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), FieldError> {
     if s.is_empty() {
         return Err(FieldError::Empty { field });
@@ -178,11 +186,7 @@ impl Topic {
     pub fn new(s: impl Into<String>) -> Result<Topic, FieldError> {
         let s = s.into();
         check_text("apology_topic", &s, TOPIC_BYTES_MAX)?;
-        let token_ok = |t: &str| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        };
+        let token_ok = |t: &str| !t.is_empty() && t.bytes().all(is_subject_token_byte);
         if !s.split('.').all(token_ok) {
             return Err(FieldError::BadTopic);
         }

@@ -300,7 +300,7 @@ impl Machine {
                     detail: detail.clone(),
                 },
             },
-            Input::Request(req) => match self.execute(state, req, now) {
+            Input::Request(req) => match self.execute(state, req, now, horizon_ms) {
                 Ok(outcome) => outcome,
                 Err(reason) => Outcome::Rejected { reason },
             },
@@ -390,7 +390,15 @@ impl Machine {
         }
     }
 
-    fn execute<S: Read + Write + ?Sized>(&self, state: &mut S, req: &Request, now: u64) -> Decided {
+    /// Decides `req` at log time `now`; records resolved before `horizon_ms`
+    /// count as gone (see the dedup lookup in `apply`).
+    fn execute<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        req: &Request,
+        now: u64,
+        horizon_ms: u64,
+    ) -> Decided {
         match &req.command {
             Command::OpenAccount {
                 account,
@@ -452,7 +460,6 @@ impl Machine {
                     Some(t) => Some(now.checked_add(*t).ok_or(Reason::Overflow)?),
                 };
                 spendable(&account, amt, amount.get())?;
-                let horizon_ms = self.config.compaction_horizon_ms(now);
                 if state
                     .hold(req.op_id)
                     .is_some_and(|h| !h.is_compactable(horizon_ms))
@@ -488,8 +495,7 @@ impl Machine {
                 hold: hold_id,
                 amount,
             } => {
-                let (mut hold, mut account) =
-                    pending_hold(state, id, *hold_id, self.config.compaction_horizon_ms(now))?;
+                let (mut hold, mut account) = pending_hold(state, id, *hold_id, horizon_ms)?;
                 let take = match amount {
                     None => hold.amount,
                     Some(a) => {
@@ -518,8 +524,7 @@ impl Machine {
                 account: id,
                 hold: hold_id,
             } => {
-                let (mut hold, mut account) =
-                    pending_hold(state, id, *hold_id, self.config.compaction_horizon_ms(now))?;
+                let (mut hold, mut account) = pending_hold(state, id, *hold_id, horizon_ms)?;
                 account.held = release(account.held, hold.amount);
                 hold.status = HoldStatus::Voided { at_ms: now };
                 finish_hold(state, id, *hold_id, hold, &account);

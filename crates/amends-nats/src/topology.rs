@@ -72,6 +72,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use amends_core::command::Topic;
+use amends_core::command::is_subject_token_byte;
 use amends_core::route::{PartitionId, Partitions};
 use async_nats::jetstream::{self, kv, stream};
 
@@ -137,10 +138,7 @@ impl Prefix {
             if token.is_empty() {
                 return Err(refuse("it has an empty token"));
             }
-            if !token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
+            if !token.bytes().all(is_subject_token_byte) {
                 return Err(refuse("a token has a character other than A-Z a-z 0-9 _ -"));
             }
         }

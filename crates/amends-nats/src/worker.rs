@@ -153,12 +153,6 @@ pub enum Error {
     Topology(#[from] NatsError),
 }
 
-/// The durable consumer name of a partition's worker (see
-/// [`crate::topology::worker_consumer`]).
-pub fn consumer_name(partition: PartitionId) -> String {
-    crate::topology::worker_consumer(partition)
-}
-
 /// The `Nats-Msg-Id` of a dead letter: derived from its position, so the
 /// republish after a crash is dropped by the dead-letter stream.
 pub fn dead_letter_msg_id(partition: PartitionId, position: u64) -> String {
@@ -227,7 +221,7 @@ pub async fn run_partition(
             fault,
         });
     }
-    let name = consumer_name(id);
+    let name = crate::topology::worker_consumer(id);
     match stream.delete_consumer(&name).await {
         Ok(_) => {}
         Err(e)
