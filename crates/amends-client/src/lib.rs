@@ -48,12 +48,12 @@
 //! # What it deliberately does not do (yet)
 //!
 //! It depends on amends-core only, never on amends-nats or a store. It does
-//! not send ticks (amends appends its own). It has no `status` query, no
-//! optimistic submit without a reply subject and no apology consumer yet:
-//! those come with the rest of the service issue. It keeps no record of
-//! decisions it has handed out, so a resubmission of an answered operation
-//! inside the requests stream's duplicate window (which JetStream drops
-//! without a reply) is not answered again.
+//! not send ticks (amends appends its own). It has no optimistic submit
+//! without a reply subject and no apology consumer yet: those come with the
+//! rest of the service issue. It keeps no record of decisions it has handed
+//! out; a resubmission that JetStream drops as a duplicate (no reply comes)
+//! is answered through the status endpoint, which `submit_and_wait` asks
+//! after a timeout.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

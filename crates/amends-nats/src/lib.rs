@@ -38,8 +38,9 @@
 //!
 //! # What it deliberately does not do (yet)
 //!
-//! No stalled-pull watchdog, no request-reply endpoints and no metrics yet:
-//! they come with the rest of the service issue. A worker that stops returns
+//! No stalled-pull watchdog, no request-reply endpoints besides the status
+//! of an op id, and no metrics yet: they come with the rest of the service
+//! issue. A worker that stops returns
 //! its [`worker::Error`]; [`service`] restarts it or stops its partition. It does
 //! not connect to NATS either: the caller owns the connection (URLs,
 //! credentials, TLS) and hands [`topology::ensure`] a JetStream context. It
