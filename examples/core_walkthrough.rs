@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let partitions = Partitions::new(16)?;
     // Every message of this walk lands on the partition of account "alice".
     let partition = route::partition_of("alice", partitions);
-    let machine = Machine::new(partition, Config::default());
+    let machine = Machine::new(partition, partitions, Config::default());
     let mut state = MemState::new();
 
     // Log time as JetStream would stamp it; op ids are UUID v7 made by the
@@ -84,6 +84,8 @@ fn main() -> anyhow::Result<()> {
             Answer::Conflict(_) => "conflict",
             Answer::Refused(_) => "refused to the sender",
             Answer::Ticked => "ticked",
+            Answer::Accepted(_) => "saga accepted, decision to follow",
+            Answer::Internal(_) => "saga step decided",
         };
         println!("\n#{position} {kind}: {label}");
         if let Some(decision) = answer.decision() {
@@ -94,6 +96,14 @@ fn main() -> anyhow::Result<()> {
                 Effect::Decided(d) => ("decision", serde_json::to_string(d)?),
                 Effect::Apology(a) => ("apology", serde_json::to_string(a)?),
                 Effect::HoldExpired(e) => ("hold expired", serde_json::to_string(e)?),
+                Effect::Send { partition, request } => (
+                    "message for another partition",
+                    format!("{partition}: {}", serde_json::to_string(request)?),
+                ),
+                Effect::Reply { to, decision } => (
+                    "reply",
+                    format!("{to}: {}", serde_json::to_string(decision)?),
+                ),
             };
             println!("  outbox, {what}: {json}");
         }

@@ -104,6 +104,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
     let duplicate_window_ms = u64::try_from(DUPLICATE_WINDOW.as_millis()).unwrap_or(u64::MAX);
     let serve_args = ServeArgs {
+        config: None,
         nats: NatsArgs {
             urls: vec![url.to_owned()],
             nats_user: None,
@@ -111,14 +112,15 @@ async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
             nats_token: None,
             nats_creds: None,
         },
-        data_dir: args.data_dir.join("store"),
+        data_dir: Some(args.data_dir.join("store")),
         partitions: Some(args.partitions),
-        prefix: topology::PREFIX_DEFAULT.to_owned(),
-        batch_max: worker::BATCH_LEN_MAX_DEFAULT,
-        durability: DurabilityArg::Fsync,
-        flush_every_ms: 100,
-        duplicate_window_ms,
-        replicas: 1,
+        prefix: Some(topology::PREFIX_DEFAULT.to_owned()),
+        batch_max: Some(worker::BATCH_LEN_MAX_DEFAULT),
+        durability: Some(DurabilityArg::Fsync),
+        flush_every_ms: Some(100),
+        duplicate_window_ms: Some(duplicate_window_ms),
+        replicas: Some(1),
+        metrics_addr: None,
     };
     // `amends serve` itself, in this process; it also stops on Ctrl-C.
     let mut service = tokio::spawn(serve::run(serve_args));
@@ -343,7 +345,7 @@ async fn read_apology(url: &str, stream: &str, subject: &str) -> anyhow::Result<
 /// The `nats-server` binary: `$AMENDS_NATS_SERVER` if it names a file, else
 /// `.tools/bin/nats-server` in the current directory or one above it, else
 /// in a directory above this executable (`target/debug/amends` of the repo).
-fn locate_server() -> anyhow::Result<PathBuf> {
+pub(crate) fn locate_server() -> anyhow::Result<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(path) = std::env::var_os(SERVER_ENV).filter(|v: &OsString| !v.is_empty()) {
         candidates.push(PathBuf::from(path));
@@ -375,7 +377,7 @@ fn locate_server() -> anyhow::Result<PathBuf> {
 
 /// The child `nats-server`. Dropping it kills it (SIGKILL, by its PID
 /// through the `Child` handle) and reaps it.
-struct NatsServer {
+pub(crate) struct NatsServer {
     binary: PathBuf,
     port: u16,
     pid: u32,
@@ -386,7 +388,7 @@ impl NatsServer {
     /// Starts the server with JetStream on a free loopback port, its store in
     /// `dir/nats` and its log in `dir/nats-server.log`, and waits until it
     /// accepts connections.
-    fn start(binary: PathBuf, dir: &Path) -> anyhow::Result<NatsServer> {
+    pub(crate) fn start(binary: PathBuf, dir: &Path) -> anyhow::Result<NatsServer> {
         let log_path = dir.join("nats-server.log");
         for attempt in 1..=PORT_ATTEMPTS_MAX {
             let port = free_port()?;
@@ -439,11 +441,11 @@ impl NatsServer {
         )
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
 
@@ -478,7 +480,7 @@ impl NatsServer {
 
     /// Kills the server by its PID and reaps it. Does nothing the second
     /// time.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // Fails only if the process was reaped already, which `take`
             // rules out; an exited but unreaped process is still reaped.

@@ -4,12 +4,17 @@
 //! a one-shot client (`submit`), and the offline tools a client developer
 //! needs to follow `specs/protocol.md`: where a routing key goes (`route`)
 //! and how amends reads a request body (`decode`). Configuration is flags
-//! with environment fallbacks; there is no configuration file yet. `dev`
-//! runs a whole deployment (its own nats-server) with a demo. `status`,
-//! `audit`, `rebuild` and `bench` are not built yet.
+//! with environment fallbacks (and `serve --config`, a TOML file). `dev`
+//! runs a whole deployment (its own nats-server) with a demo; `bench`
+//! compares it with the transport ceiling and PostgreSQL. `status`,
+//! `balance`, `claim-owner` and `stats` ask the service's endpoints
+//! (`query.rs`). `audit` and `rebuild` are not built yet.
 
+mod bench;
 mod dev;
+mod metrics;
 mod nats;
+mod query;
 mod serve;
 mod submit;
 
@@ -36,15 +41,32 @@ enum Cmd {
     /// process, shows a demo, then serves until Ctrl-C (or exits with
     /// --no-wait), stopping the server with it.
     Dev(dev::DevArgs),
+    /// Drives the transport ceiling (JetStream alone), PostgreSQL and
+    /// amends with one seeded workload on this machine, and prints their
+    /// throughput, latency and ratios side by side.
+    Bench(bench::BenchArgs),
     /// Runs every partition of a deployment until Ctrl-C or SIGTERM:
     /// creates or checks the JetStream streams, opens the store in
     /// --data-dir and serves. Configured by flags and environment variables
-    /// (no configuration file yet); logs go to stderr, filtered by RUST_LOG
+    /// (or a TOML file, --config); logs go to stderr, filtered by RUST_LOG
     /// (default `info`).
     Serve(serve::ServeArgs),
     /// Submits one operation and prints its decision as JSON. Exit code 0:
     /// confirmed; 1: rejected; 2: error (no decision).
     Submit(submit::SubmitArgs),
+    /// Prints what the deployment knows of an op id as JSON (asking every
+    /// partition, or --partition). Exit code 0: decided confirmed; 1:
+    /// decided rejected; 3: unknown; 2: error.
+    Status(query::StatusArgs),
+    /// Prints an account's balance, held amount and limits as JSON. Exit
+    /// code 0: found; 3: unknown account; 2: error.
+    Balance(query::BalanceArgs),
+    /// Prints who holds the claim (NAMESPACE, KEY) as JSON. Exit code 0:
+    /// answered (claimed or free); 2: error.
+    ClaimOwner(query::ClaimOwnerArgs),
+    /// Prints every partition's state, applied position, last sequence and
+    /// lag as a table. Exit code 0: every partition answered; 2: error.
+    Stats(query::StatsArgs),
     /// Prints the partition of a routing key (FNV-1a 64, then jump hash).
     Route {
         /// The number of partitions of the deployment.
@@ -79,6 +101,13 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Cmd::Bench(args) => {
+            init_logging("warn");
+            if let Err(e) = runtime()?.block_on(bench::run(args)) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Serve(args) => {
             init_logging("info");
             runtime()?.block_on(serve::run(args))?;
@@ -92,6 +121,22 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             }
+        }
+        Cmd::Status(args) => {
+            init_logging("warn");
+            query::exit(runtime()?.block_on(query::status(args)));
+        }
+        Cmd::Balance(args) => {
+            init_logging("warn");
+            query::exit(runtime()?.block_on(query::balance(args)));
+        }
+        Cmd::ClaimOwner(args) => {
+            init_logging("warn");
+            query::exit(runtime()?.block_on(query::claim_owner(args)));
+        }
+        Cmd::Stats(args) => {
+            init_logging("warn");
+            query::exit(runtime()?.block_on(query::stats(args)));
         }
         Cmd::Route {
             partitions,
@@ -125,7 +170,7 @@ fn main() -> anyhow::Result<()> {
                             "warning: op_id is not a UUID v7; it will be refused as malformed"
                         );
                     }
-                    match (req.command.routing_key(), n) {
+                    match (req.routing_key(), n) {
                         (Some(k), Some(n)) => {
                             println!(
                                 "routing key {k:?} -> partition {}",

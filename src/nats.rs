@@ -6,16 +6,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
+/// The NATS server used when no URL is given.
+pub const NATS_URL_DEFAULT: &str = "nats://127.0.0.1:4222";
+
 /// How to reach NATS. Every flag has an environment fallback.
 #[derive(Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// NATS server URLs; repeat the flag or give a comma-separated list.
-    #[arg(
-        long = "nats-url",
-        env = "AMENDS_NATS_URL",
-        value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
-    )]
+    /// NATS server URLs; repeat the flag or give a comma-separated list
+    /// [default: nats://127.0.0.1:4222]. (No clap default: `serve` tells
+    /// a URL given from none, to take one from its config file.)
+    #[arg(long = "nats-url", env = "AMENDS_NATS_URL", value_delimiter = ',')]
     pub urls: Vec<String>,
     /// The NATS user (with --nats-password).
     #[arg(long, env = "AMENDS_NATS_USER", requires = "nats_password")]
@@ -42,8 +42,12 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
-    /// The URLs, trimmed, empty entries dropped; an error if none is left.
+    /// The URLs, trimmed, empty entries dropped; [`NATS_URL_DEFAULT`] if
+    /// none was given at all, an error if only empty ones were.
     pub fn servers(&self) -> anyhow::Result<Vec<String>> {
+        if self.urls.is_empty() {
+            return Ok(vec![NATS_URL_DEFAULT.to_owned()]);
+        }
         let urls: Vec<String> = self
             .urls
             .iter()

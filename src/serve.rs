@@ -1,6 +1,6 @@
 //! `amends serve`: runs every partition of a deployment in this process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use amends_core::partition::Config;
@@ -12,48 +12,220 @@ use amends_store::{Durability, Store};
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::{Args, ValueEnum};
+use serde::Deserialize;
 
 use crate::nats::NatsArgs;
 
 /// The flags of `amends serve`.
+///
+/// Every setting but `--config` may also come from the configuration file:
+/// a flag beats its environment variable, which beats the file, which beats
+/// the default (see [`ServeArgs::resolve`] and `examples/amends.toml`).
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// A TOML configuration file (see examples/amends.toml). Unknown keys
+    /// are an error; relative paths in it are relative to its directory.
+    #[arg(long, env = "AMENDS_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub nats: NatsArgs,
     /// The directory of this process's store (created if missing). One
-    /// process per directory.
+    /// process per directory. Required (here or in the file).
     #[arg(long, env = "AMENDS_DATA_DIR")]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
     /// The partition count. Required on the first start of a deployment
     /// (it is then recorded in NATS and fixed); later it may be left out,
     /// and if given must match.
     #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
     pub partitions: Option<u32>,
-    /// The subject prefix of the deployment.
-    #[arg(long, env = "AMENDS_PREFIX", default_value = topology::PREFIX_DEFAULT)]
-    pub prefix: String,
-    /// The most messages per fetch, hence per store commit.
-    #[arg(long, env = "AMENDS_BATCH_MAX", default_value_t = worker::BATCH_LEN_MAX_DEFAULT)]
-    pub batch_max: usize,
+    /// The subject prefix of the deployment [default: amends].
+    #[arg(long, env = "AMENDS_PREFIX")]
+    pub prefix: Option<String>,
+    /// The most messages per fetch, hence per store commit [default: 256].
+    #[arg(long, env = "AMENDS_BATCH_MAX")]
+    pub batch_max: Option<usize>,
     /// When a store commit is durable: `fsync` before anything is
     /// published or acknowledged, or `deferred` (flushed every
-    /// --flush-every-ms; only with a synced log, see amends_store::Durability).
-    #[arg(long, env = "AMENDS_DURABILITY", value_enum, default_value_t = DurabilityArg::Fsync)]
-    pub durability: DurabilityArg,
-    /// The background flush interval of `--durability deferred`.
-    #[arg(long, env = "AMENDS_FLUSH_EVERY_MS", default_value_t = 100)]
-    pub flush_every_ms: u64,
+    /// --flush-every-ms; only with a synced log, see
+    /// amends_store::Durability) [default: fsync].
+    #[arg(long, env = "AMENDS_DURABILITY", value_enum)]
+    pub durability: Option<DurabilityArg>,
+    /// The background flush interval of `--durability deferred`
+    /// [default: 100].
+    #[arg(long, env = "AMENDS_FLUSH_EVERY_MS")]
+    pub flush_every_ms: Option<u64>,
     /// The streams' duplicate window, in milliseconds; must match existing
-    /// streams.
-    #[arg(long, env = "AMENDS_DUPLICATE_WINDOW_MS", default_value_t = 120_000)]
+    /// streams [default: 120000].
+    #[arg(long, env = "AMENDS_DUPLICATE_WINDOW_MS")]
+    pub duplicate_window_ms: Option<u64>,
+    /// The streams' replica count; must match existing streams
+    /// [default: 1].
+    #[arg(long, env = "AMENDS_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// Serve Prometheus metrics over HTTP on this address (e.g.
+    /// 127.0.0.1:9464, path /metrics); off when unset.
+    #[arg(long, env = "AMENDS_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// The default of `--flush-every-ms`.
+pub const FLUSH_EVERY_MS_DEFAULT: u64 = 100;
+/// The default of `--duplicate-window-ms`: two minutes, JetStream's own.
+pub const DUPLICATE_WINDOW_MS_DEFAULT: u64 = 120_000;
+/// The default of `--replicas`.
+pub const REPLICAS_DEFAULT: usize = 1;
+
+/// The configuration file: every setting of [`ServeArgs`] but `config`,
+/// by the same names in snake_case, NATS ones in a `[nats]` table.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// As `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// As `--partitions`.
+    pub partitions: Option<u32>,
+    /// As `--prefix`.
+    pub prefix: Option<String>,
+    /// As `--batch-max`.
+    pub batch_max: Option<usize>,
+    /// As `--durability`: `"fsync"` or `"deferred"`.
+    pub durability: Option<DurabilityArg>,
+    /// As `--flush-every-ms`.
+    pub flush_every_ms: Option<u64>,
+    /// As `--duplicate-window-ms`.
+    pub duplicate_window_ms: Option<u64>,
+    /// As `--replicas`.
+    pub replicas: Option<usize>,
+    /// As `--metrics-addr`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The `[nats]` table.
+    #[serde(default)]
+    pub nats: FileNats,
+}
+
+/// The `[nats]` table of the configuration file.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileNats {
+    /// As `--nats-url` (a list).
+    pub urls: Option<Vec<String>>,
+    /// As `--nats-user`.
+    pub user: Option<String>,
+    /// As `--nats-password`.
+    pub password: Option<String>,
+    /// As `--nats-token`.
+    pub token: Option<String>,
+    /// As `--nats-creds`.
+    pub creds: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`; relative paths in it become relative to
+    /// its directory. An unknown key is an error that names it.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        let mut config: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for relative in [&mut config.data_dir, &mut config.nats.creds]
+            .into_iter()
+            .flatten()
+        {
+            if relative.is_relative() {
+                *relative = base.join(&*relative);
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// `amends serve`'s settings once flags, environment, file and defaults
+/// are merged.
+#[derive(Debug)]
+pub struct Settings {
+    /// How to reach NATS.
+    pub nats: NatsArgs,
+    /// See [`ServeArgs::data_dir`].
+    pub data_dir: PathBuf,
+    /// See [`ServeArgs::partitions`].
+    pub partitions: Option<u32>,
+    /// See [`ServeArgs::prefix`].
+    pub prefix: String,
+    /// See [`ServeArgs::batch_max`].
+    pub batch_max: usize,
+    /// See [`ServeArgs::durability`].
+    pub durability: DurabilityArg,
+    /// See [`ServeArgs::flush_every_ms`].
+    pub flush_every_ms: u64,
+    /// See [`ServeArgs::duplicate_window_ms`].
     pub duplicate_window_ms: u64,
-    /// The streams' replica count; must match existing streams.
-    #[arg(long, env = "AMENDS_REPLICAS", default_value_t = 1)]
+    /// See [`ServeArgs::replicas`].
     pub replicas: usize,
+    /// See [`ServeArgs::metrics_addr`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl ServeArgs {
+    /// Merges the flags (clap already put each flag before its
+    /// environment variable) over the file named by `config`, over the
+    /// defaults. NATS authentication is taken whole from one place: the
+    /// flags if any of them is set, else the file.
+    pub fn resolve(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mut nats = self.nats;
+        if nats.urls.is_empty() {
+            nats.urls = file.nats.urls.unwrap_or_default();
+        }
+        let auth_given = nats.nats_user.is_some()
+            || nats.nats_password.is_some()
+            || nats.nats_token.is_some()
+            || nats.nats_creds.is_some();
+        if !auth_given {
+            nats.nats_user = file.nats.user;
+            nats.nats_password = file.nats.password;
+            nats.nats_token = file.nats.token;
+            nats.nats_creds = file.nats.creds;
+        }
+        let data_dir = self.data_dir.or(file.data_dir).context(
+            "--data-dir (or AMENDS_DATA_DIR, or data_dir in the config file) is required",
+        )?;
+        Ok(Settings {
+            nats,
+            data_dir,
+            partitions: self.partitions.or(file.partitions),
+            prefix: self
+                .prefix
+                .or(file.prefix)
+                .unwrap_or_else(|| topology::PREFIX_DEFAULT.to_owned()),
+            batch_max: self
+                .batch_max
+                .or(file.batch_max)
+                .unwrap_or(worker::BATCH_LEN_MAX_DEFAULT),
+            durability: self
+                .durability
+                .or(file.durability)
+                .unwrap_or(DurabilityArg::Fsync),
+            flush_every_ms: self
+                .flush_every_ms
+                .or(file.flush_every_ms)
+                .unwrap_or(FLUSH_EVERY_MS_DEFAULT),
+            duplicate_window_ms: self
+                .duplicate_window_ms
+                .or(file.duplicate_window_ms)
+                .unwrap_or(DUPLICATE_WINDOW_MS_DEFAULT),
+            replicas: self.replicas.or(file.replicas).unwrap_or(REPLICAS_DEFAULT),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+        })
+    }
 }
 
 /// `--durability`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum DurabilityArg {
     /// fsync every commit (the default).
     Fsync,
@@ -63,6 +235,7 @@ pub enum DurabilityArg {
 
 /// Runs the service until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let args = args.resolve()?;
     tokio::select! {
         result = serve(&args) => result,
         signal = shutdown_signal() => {
@@ -73,10 +246,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: &Settings) -> anyhow::Result<()> {
     let prefix = Prefix::new(args.prefix.clone())
         .with_context(|| format!("invalid --prefix {:?}", args.prefix))?;
     anyhow::ensure!(args.batch_max > 0, "--batch-max must be at least 1");
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::install(addr)?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    }
     let client = args.nats.connect("amends serve").await?;
     tracing::info!(servers = ?args.nats.urls, "connected to NATS");
     let js = jetstream::ContextBuilder::new()
@@ -192,5 +369,104 @@ pub(crate) async fn shutdown_signal() -> anyhow::Result<&'static str> {
             .await
             .context("waiting for Ctrl-C")?;
         Ok("Ctrl-C")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(config: Option<PathBuf>) -> ServeArgs {
+        ServeArgs {
+            config,
+            nats: NatsArgs {
+                urls: Vec::new(),
+                nats_user: None,
+                nats_password: None,
+                nats_token: None,
+                nats_creds: None,
+            },
+            data_dir: None,
+            partitions: None,
+            prefix: None,
+            batch_max: None,
+            durability: None,
+            flush_every_ms: None,
+            duplicate_window_ms: None,
+            replicas: None,
+            metrics_addr: None,
+        }
+    }
+
+    fn example() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/amends.toml")
+    }
+
+    #[test]
+    fn the_example_file_loads_and_sets_every_setting() {
+        // Proves examples/amends.toml is valid (no unknown key) and that each of its settings reaches the resolved settings, relative paths joined to the file's directory.
+        let settings = args(Some(example())).resolve().expect("the example loads");
+        let dir = example().parent().expect("a directory").to_path_buf();
+        assert_eq!(settings.data_dir, dir.join("amends-data"));
+        assert_eq!(settings.partitions, Some(16));
+        assert_eq!(settings.prefix, "amends");
+        assert_eq!(settings.batch_max, 256);
+        assert_eq!(settings.durability, DurabilityArg::Fsync);
+        assert_eq!(settings.flush_every_ms, 100);
+        assert_eq!(settings.duplicate_window_ms, 120_000);
+        assert_eq!(settings.replicas, 1);
+        assert_eq!(
+            settings.metrics_addr,
+            Some("127.0.0.1:9464".parse().expect("an address"))
+        );
+        assert_eq!(settings.nats.urls, ["nats://127.0.0.1:4222"]);
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_the_defaults() {
+        // Proves the precedence below the environment (clap merges flag over env): a flag overrides the file, the file a default, and an unset one falls back to the default.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/srv/a\"\nprefix = \"file\"\nbatch_max = 7\n[nats]\nurls = [\"nats://file:1\"]\ntoken = \"t\"\n",
+        )
+        .expect("write");
+        let mut flags = args(Some(path));
+        flags.prefix = Some("flag".to_owned());
+        flags.nats.nats_user = Some("u".to_owned());
+        flags.nats.nats_password = Some("p".to_owned());
+        let settings = flags.resolve().expect("resolves");
+        assert_eq!(settings.prefix, "flag");
+        assert_eq!(settings.batch_max, 7);
+        assert_eq!(settings.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(settings.replicas, REPLICAS_DEFAULT);
+        assert_eq!(settings.nats.urls, ["nats://file:1"]);
+        assert_eq!(
+            settings.nats.nats_token, None,
+            "auth comes whole from the flags"
+        );
+        assert_eq!(settings.nats.nats_user.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn unknown_keys_and_a_missing_data_dir_are_clear_errors() {
+        // Proves an unknown key, top level or in [nats], fails naming the key and the file, and that no data dir anywhere is an error naming every way to give one.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (text, key) in [
+            ("data_dir = \"d\"\nbogus_key = 1\n", "bogus_key"),
+            ("data_dir = \"d\"\n[nats]\nurl = \"nats://x\"\n", "url"),
+        ] {
+            let path = dir.path().join("bad.toml");
+            std::fs::write(&path, text).expect("write");
+            let e = format!(
+                "{:#}",
+                args(Some(path.clone())).resolve().expect_err("refused")
+            );
+            assert!(e.contains(&format!("unknown field `{key}`")), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        let e = format!("{:#}", args(None).resolve().expect_err("refused"));
+        assert!(e.contains("--data-dir") && e.contains("config file"), "{e}");
     }
 }

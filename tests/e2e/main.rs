@@ -3,8 +3,12 @@
 //! and `amends submit` against it.
 #![allow(clippy::unwrap_used, clippy::as_conversions)]
 
+mod bad_input;
+mod config;
 mod dev;
 mod python;
+mod query;
+mod sagas;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -170,7 +174,7 @@ fn check_against_model(answers: &[(Request, Decision)]) -> HashMap<String, i64> 
 fn assert_balance(d: &Decision, want: i64) {
     match &d.outcome {
         Outcome::Confirmed { balance, .. } => assert_eq!(*balance, Some(want), "{d:?}"),
-        Outcome::Rejected { .. } => panic!("rejected: {d:?}"),
+        Outcome::Rejected { .. } | Outcome::InFlight { .. } => panic!("not confirmed: {d:?}"),
     }
 }
 

@@ -174,6 +174,27 @@ impl Client {
         OpId::from_uuid(uuid::Uuid::now_v7())
     }
 
+    /// A new op id for a saga (a `transfer` or `saga`) that places the saga
+    /// on the partition of `routing_key`: usually its first step's (for a
+    /// transfer, the `from` account).
+    ///
+    /// A saga lives on the partition of its op id and decides steps on that
+    /// same partition within the message that reaches them, without a log
+    /// append. A transfer whose saga lives with its `from` account costs 4
+    /// appends to the request logs instead of 7 (protocol: "Sagas"). Any v7
+    /// id is valid; this one is drawn until it routes there (on average as
+    /// many draws as there are partitions).
+    pub fn new_saga_op_id(&self, routing_key: &str) -> OpId {
+        let target = partition_of(routing_key, self.inner.partitions);
+        loop {
+            let id = Client::new_op_id();
+            let key = amends_core::route::saga_routing_key(&id.0);
+            if partition_of(&key, self.inner.partitions) == target {
+                return id;
+            }
+        }
+    }
+
     /// The deployment's partition count.
     pub fn partitions(&self) -> Partitions {
         self.inner.partitions
@@ -184,9 +205,15 @@ impl Client {
         &self.inner.prefix
     }
 
-    /// The partition that owns `request`, or [`Error::Tick`] for a tick.
+    /// The JetStream context (for the other modules of the client).
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The partition that owns `request` (a saga's is its op id's), or
+    /// [`Error::Tick`] for a tick.
     pub fn partition_of(&self, request: &Request) -> Result<PartitionId> {
-        let key = request.command.routing_key().ok_or(Error::Tick {
+        let key = request.routing_key().ok_or(Error::Tick {
             op_id: request.op_id,
         })?;
         Ok(partition_of(&key, self.inner.partitions))
@@ -375,11 +402,13 @@ impl Client {
                 Err(Error::Timeout { .. }) => {
                     let partition = self.partition_of(request)?;
                     match self.status(request.op_id, partition, timeout_per_try).await {
-                        Ok(OpStatus::Decided(decision)) => {
+                        Ok(OpStatus::Decided(decision)) if decision.outcome.is_final() => {
                             self.forget(request.op_id);
                             return Ok(decision);
                         }
-                        Ok(OpStatus::Unknown) => {}
+                        // A saga in flight: resubmitting names this
+                        // client's reply subject for its final decision.
+                        Ok(OpStatus::Decided(_) | OpStatus::Unknown) => {}
                         Err(e) => {
                             tracing::debug!(op_id = %request.op_id, error = %e, "status query failed");
                         }
@@ -458,6 +487,11 @@ async fn demux(mut sub: async_nats::Subscriber, pending: Arc<Pending>, closed: A
 
 /// Delivers one decision: to the waits pending, or kept for the next one.
 fn deliver(pending: &Pending, decision: Decision) {
+    if !decision.outcome.is_final() {
+        // A resubmitted saga still in flight: its final decision follows.
+        tracing::debug!(op_id = %decision.op_id, "saga in flight; still waiting");
+        return;
+    }
     match pending.entry(decision.op_id) {
         Entry::Vacant(_) => {
             // Handed out already (a later copy of the same answer), or never
@@ -478,5 +512,112 @@ fn deliver(pending: &Pending, decision: Decision) {
                 }
             }
         },
+    }
+}
+
+/// The query endpoints (protocol: "Queries"): an account's balance, a
+/// claim's owner and a partition's stats, each routed like a submit.
+impl Client {
+    /// Asks `account`'s partition for its balance, holds and limits;
+    /// `None` if the partition has no such account (as of the position it
+    /// has applied). [`Error::Query`] if nobody answers within `timeout`
+    /// or the endpoint refuses the request.
+    pub async fn balance(
+        &self,
+        account: &amends_core::command::AccountId,
+        timeout: Duration,
+    ) -> Result<Option<crate::Balance>> {
+        let partition = partition_of(account.as_str(), self.inner.partitions);
+        let subject = self.inner.prefix.query_balance(partition);
+        let answer = self
+            .query(&subject, account.as_str().as_bytes().to_vec(), timeout)
+            .await?;
+        match answer.get("status").and_then(serde_json::Value::as_str) {
+            Some("found") => serde_json::from_value(answer)
+                .map(Some)
+                .map_err(|e| query_error(&subject, "unreadable balance", Some(Box::new(e)))),
+            Some("unknown") => Ok(None),
+            _ => Err(query_error(
+                &subject,
+                format!("unreadable answer {answer}"),
+                None,
+            )),
+        }
+    }
+
+    /// Asks the partition of the claim `(namespace, key)` who holds it.
+    pub async fn claim_owner(
+        &self,
+        namespace: &amends_core::command::Namespace,
+        key: &amends_core::command::ClaimKey,
+        timeout: Duration,
+    ) -> Result<crate::ClaimOwner> {
+        let routing_key = amends_core::route::claim_routing_key(namespace.as_str(), key.as_str());
+        let partition = partition_of(&routing_key, self.inner.partitions);
+        let subject = self.inner.prefix.query_claim(partition);
+        let body = serde_json::json!({"namespace": namespace.as_str(), "key": key.as_str()});
+        let answer = self
+            .query(&subject, body.to_string().into_bytes(), timeout)
+            .await?;
+        match answer.get("status").and_then(serde_json::Value::as_str) {
+            Some("claimed" | "free") => serde_json::from_value(answer)
+                .map_err(|e| query_error(&subject, "unreadable claim", Some(Box::new(e)))),
+            _ => Err(query_error(
+                &subject,
+                format!("unreadable answer {answer}"),
+                None,
+            )),
+        }
+    }
+
+    /// Asks `partition` for its stats: supervisor state, applied position,
+    /// the log's last sequence and the lag between them.
+    pub async fn stats(
+        &self,
+        partition: PartitionId,
+        timeout: Duration,
+    ) -> Result<crate::PartitionStats> {
+        let subject = self.inner.prefix.stats(partition);
+        let answer = self.query(&subject, Vec::new(), timeout).await?;
+        serde_json::from_value(answer)
+            .map_err(|e| query_error(&subject, "unreadable stats", Some(Box::new(e))))
+    }
+
+    /// One request to a query endpoint; an `{"status":"error"}` answer is
+    /// [`Error::Query`] with its detail.
+    async fn query(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let nats = self.inner.js.client();
+        let request = nats.request(subject.to_owned(), body.into());
+        let reply = match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => return Err(query_error(subject, "no reply", Some(Box::new(e)))),
+            Err(_) => {
+                return Err(query_error(
+                    subject,
+                    format!("no reply within {timeout:?}"),
+                    None,
+                ));
+            }
+        };
+        let answer = serde_json::from_slice::<serde_json::Value>(&reply.payload)
+            .map_err(|e| query_error(subject, "unreadable reply", Some(Box::new(e))))?;
+        if answer.get("status").and_then(serde_json::Value::as_str) == Some("error") {
+            let detail = answer["detail"].as_str().unwrap_or("an error").to_owned();
+            return Err(query_error(subject, detail, None));
+        }
+        Ok(answer)
+    }
+}
+
+fn query_error(subject: &str, detail: impl Into<String>, source: Option<crate::Source>) -> Error {
+    Error::Query {
+        subject: subject.to_owned(),
+        detail: detail.into(),
+        source,
     }
 }

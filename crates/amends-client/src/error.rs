@@ -101,6 +101,38 @@ pub enum Error {
         #[source]
         source: Source,
     },
+    /// [`crate::Client::submit_optimistic`] with a request that names
+    /// another apology topic than the one given.
+    #[error("op {op_id}: the request names apology topic {named:?}, not {topic:?}")]
+    TopicMismatch {
+        /// The request's op id.
+        op_id: OpId,
+        /// The topic the request names.
+        named: String,
+        /// The topic given to `submit_optimistic`.
+        topic: String,
+    },
+    /// A durable consumer name that is not one subject token of
+    /// `A-Z a-z 0-9 _ -` of at most [`crate::DURABLE_NAME_BYTES_MAX`] bytes.
+    #[error("invalid durable consumer name {name:?}: {reason}")]
+    InvalidDurableName {
+        /// The refused name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The apology consumer failed: the apology stream is missing (the
+    /// deployment was never started), the consumer could not be created or
+    /// pulled from, an ack was not confirmed, or a message on the topic is
+    /// not an apology.
+    #[error("apologies: {detail}")]
+    Apologies {
+        /// What went wrong.
+        detail: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<Source>,
+    },
     /// [`crate::Client::wait`] for an op id that this client has not
     /// submitted, or whose decision was already handed out: its reply can
     /// never reach this client's inbox.
@@ -131,6 +163,18 @@ pub enum Error {
         /// What went wrong.
         detail: String,
         /// The underlying async-nats error, if there is one.
+        #[source]
+        source: Option<Source>,
+    },
+    /// A query endpoint (balance, claim, stats) did not answer, answered
+    /// an error (a bad request), or answered something unreadable.
+    #[error("query on {subject}: {detail}")]
+    Query {
+        /// The subject asked.
+        subject: String,
+        /// What went wrong.
+        detail: String,
+        /// The underlying error, if there is one.
         #[source]
         source: Option<Source>,
     },

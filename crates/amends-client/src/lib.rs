@@ -38,6 +38,10 @@
 //!   `_INBOX.<nuid>.<op id>`, and a map of waiters keyed by op id hands each
 //!   decision to whoever waits for it. Many operations may be in flight at
 //!   once; `Client` is a cheap handle to clone into tasks.
+//! - [`Client::submit_optimistic`] (publish with an apology topic, go
+//!   ahead) and [`Client::apologies`]: a [`Stream`](futures_util::Stream)
+//!   of [`Delivery`]s (an apology and its ack handle) from a durable
+//!   JetStream pull consumer, at least once.
 //! - [`Options`], [`Auth`], [`Tls`]: how to reach the deployment.
 //! - [`Prefix`]: the validated subject prefix. The few subject and header
 //!   names the client uses are restated from the protocol in a private
@@ -48,24 +52,30 @@
 //! # What it deliberately does not do (yet)
 //!
 //! It depends on amends-core only, never on amends-nats or a store. It does
-//! not send ticks (amends appends its own). It has no optimistic submit
-//! without a reply subject and no apology consumer yet: those come with the
-//! rest of the service issue. It keeps no record of decisions it has handed
+//! not send ticks (amends appends its own). It does not deduplicate
+//! apologies for a workflow: delivery is at least once, and the workflow
+//! keys its amends by op id (see [`Client::apologies`]). It keeps no record of decisions it has handed
 //! out; a resubmission that JetStream drops as a duplicate (no reply comes)
 //! is answered through the status endpoint, which `submit_and_wait` asks
 //! after a timeout.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod apology;
 mod client;
 mod error;
 mod options;
+mod query;
 mod subject;
 
 pub use amends_core::{Decision, OpId, Request};
+pub use apology::{
+    APOLOGY_ACK_WAIT_DEFAULT, Apologies, ApologiesOptions, DURABLE_NAME_BYTES_MAX, Delivery,
+};
 pub use client::{Client, OpStatus, Submitted};
 pub use error::{Error, Source};
 pub use options::{Auth, ClientCert, Options, Tls};
+pub use query::{Balance, ClaimOwner, PartitionState, PartitionStats};
 pub use subject::{PREFIX_BYTES_MAX, Prefix};
 
 /// The client's result type.

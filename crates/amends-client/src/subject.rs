@@ -76,6 +76,37 @@ impl Prefix {
         format!("{}.status.{partition}", self.0)
     }
 
+    /// The balance query of a partition: `<prefix>.query.balance.<p>`
+    /// (core NATS request-reply).
+    pub(crate) fn query_balance(&self, partition: PartitionId) -> String {
+        format!("{}.query.balance.{partition}", self.0)
+    }
+
+    /// The claim query of a partition: `<prefix>.query.claim.<p>` (core
+    /// NATS request-reply).
+    pub(crate) fn query_claim(&self, partition: PartitionId) -> String {
+        format!("{}.query.claim.{partition}", self.0)
+    }
+
+    /// The stats endpoint of a partition: `<prefix>.stats.<p>` (core NATS
+    /// request-reply).
+    pub(crate) fn stats(&self, partition: PartitionId) -> String {
+        format!("{}.stats.{partition}", self.0)
+    }
+
+    /// The apology subject of a topic: `<prefix>.apology.<topic>`.
+    pub(crate) fn apology(&self, topic: &amends_core::command::Topic) -> String {
+        format!("{}.apology.{}", self.0, topic.as_str())
+    }
+
+    /// The apology stream, `<PREFIX>_APOLOGY` (upper-cased as the meta
+    /// bucket's name is).
+    pub(crate) fn apology_stream(&self) -> String {
+        let meta = self.meta_bucket();
+        let upper = meta.strip_suffix("_META").unwrap_or(&meta);
+        format!("{upper}_APOLOGY")
+    }
+
     /// The meta bucket, `<PREFIX>_META`: the prefix upper-cased, every
     /// character other than a letter or digit replaced by `_`.
     pub(crate) fn meta_bucket(&self) -> String {
@@ -131,8 +162,19 @@ mod tests {
             let p = partitions.id(p).expect("in range");
             assert_eq!(ours.req(p), theirs.req(p));
             assert_eq!(ours.status(p), theirs.status(p));
+            assert_eq!(ours.query_balance(p), theirs.query_balance(p));
+            assert_eq!(ours.query_claim(p), theirs.query_claim(p));
+            assert_eq!(ours.stats(p), theirs.stats(p));
         }
         assert_eq!(ours.meta_bucket(), theirs.meta_bucket());
+        assert_eq!(
+            ours.apology_stream(),
+            theirs.stream_name(topology::Stream::Apologies)
+        );
+        for topic in ["t", "orders.payments", "A-b_9.x"] {
+            let topic = amends_core::command::Topic::new(topic).expect("a valid topic");
+            assert_eq!(ours.apology(&topic), theirs.apology(&topic));
+        }
     }
 
     #[test]

@@ -192,11 +192,9 @@ struct Workload {
 
 impl Workload {
     fn new() -> Workload {
-        let partition = Partitions::new(1)
-            .expect("one partition")
-            .id(0)
-            .expect("partition 0");
-        let machine = Machine::new(partition, Config::default());
+        let partitions = Partitions::new(1).expect("one partition");
+        let partition = partitions.id(0).expect("partition 0");
+        let machine = Machine::new(partition, partitions, Config::default());
         let mut rng = SplitMix(SEED);
         let mut log = Log {
             entries: Vec::new(),
@@ -486,6 +484,7 @@ impl Workload {
                 Answer::Decided(d) => match &d.outcome {
                     Outcome::Confirmed { .. } => format!("{command}: confirmed"),
                     Outcome::Rejected { reason } => format!("{command}: {}", reason.code()),
+                    Outcome::InFlight { .. } => format!("{command}: in flight"),
                 },
                 Answer::Duplicate(_) => "(duplicate)".to_owned(),
                 Answer::Ticked => "(tick)".to_owned(),

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
+use crate::decision::Outcome;
 use crate::id::OpId;
 use crate::route;
 
@@ -28,6 +29,15 @@ pub const OWNER_BYTES_MAX: usize = 128;
 /// Longest apology topic, in bytes. The topic becomes the tail of a NATS
 /// subject, so it is limited to subject-safe ASCII as well.
 pub const TOPIC_BYTES_MAX: usize = 128;
+/// Most steps in one saga. Each step costs log appends on its partition and
+/// a slot in the saga's record, so a saga stays a short, bounded workflow.
+pub const SAGA_STEPS_MAX: usize = 16;
+/// A saga's deadline when it names none: a minute of log time.
+pub const SAGA_DEADLINE_MS_DEFAULT: u64 = 60 * 1000;
+/// The longest deadline a saga may ask for: an hour of log time, far inside
+/// the dedup retention, so every step message of a saga is deduplicated for
+/// as long as it can arrive.
+pub const SAGA_DEADLINE_MS_MAX: u64 = 60 * 60 * 1000;
 
 /// Why a string or number in a command was refused by parsing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +70,31 @@ pub enum FieldError {
     /// An amount was zero.
     #[error("amount must be at least 1")]
     ZeroAmount,
+    /// A saga had no steps or more than [`SAGA_STEPS_MAX`].
+    #[error("a saga has 1 to {SAGA_STEPS_MAX} steps, got {len}")]
+    SagaSteps {
+        /// How many steps it had.
+        len: usize,
+    },
+    /// A saga step's command cannot be a step.
+    #[error("a saga step cannot be a {kind}")]
+    StepKind {
+        /// The command's `type`.
+        kind: &'static str,
+    },
+    /// A compensation was given for a step that is cancelled by itself
+    /// (debit, credit, claim), or is not a plain operation.
+    #[error("{reason}")]
+    Compensation {
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// A saga deadline was zero or above [`SAGA_DEADLINE_MS_MAX`].
+    #[error("deadline_ms must be in 1..={SAGA_DEADLINE_MS_MAX}, got {ms}")]
+    Deadline {
+        /// The refused value.
+        ms: u64,
+    },
 }
 
 /// The JSON Schema pattern of a text field: no control characters (what
@@ -342,6 +377,253 @@ pub enum Command {
     /// Advances log time so holds expire on an idle partition. A tick is not
     /// an operation: it is not deduplicated and gets no decision.
     Tick {},
+    /// Moves `amount` from `from` to `to`: the built-in saga of two steps, a
+    /// debit of `from` (a hold until the saga confirms) and a credit of `to`
+    /// (reserved against its ceiling until then). Routed by its op id, like
+    /// every saga; the accounts may be on any partitions.
+    Transfer {
+        /// The account debited.
+        from: AccountId,
+        /// The account credited.
+        to: AccountId,
+        /// How much.
+        amount: Amount,
+        /// Log time (ms) after which an unfinished transfer is cancelled;
+        /// default [`SAGA_DEADLINE_MS_DEFAULT`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<DeadlineMs>,
+    },
+    /// A saga: ordered steps on any partitions, confirmed together or
+    /// cancelled together. Debits run as holds, credits as reservations and
+    /// claims as tentative claims until every step has been tried; other
+    /// steps take effect at once and are undone by their `compensation`.
+    /// Routed by its op id.
+    Saga {
+        /// The steps, in order (1 to [`SAGA_STEPS_MAX`]).
+        steps: Steps,
+        /// Log time (ms) after which an unfinished saga is cancelled;
+        /// default [`SAGA_DEADLINE_MS_DEFAULT`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<DeadlineMs>,
+    },
+    /// A phase of one saga step, sent by the saga's partition to the step's
+    /// partition. Written by amends itself; its op id must be the one
+    /// derived from the saga's op id ([`crate::saga::step_id`]).
+    Step {
+        /// The saga's op id.
+        saga: OpId,
+        /// The step's index in the saga.
+        index: u32,
+        /// Try, confirm or cancel.
+        phase: Phase,
+        /// The step.
+        step: SagaStep,
+    },
+    /// The outcome of a step's try, sent back to the saga's partition.
+    /// Written by amends itself; its op id must be the one derived from the
+    /// saga's op id ([`crate::saga::outcome_id`]).
+    StepOutcome {
+        /// The saga's op id.
+        saga: OpId,
+        /// The step's index in the saga.
+        index: u32,
+        /// What the step's partition decided.
+        outcome: Outcome,
+    },
+}
+
+/// A saga's deadline: 1 to [`SAGA_DEADLINE_MS_MAX`] milliseconds of log
+/// time after the saga's own log time.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(try_from = "u64", into = "u64")]
+#[schemars(extend("minimum" = 1, "maximum" = SAGA_DEADLINE_MS_MAX))]
+pub struct DeadlineMs(u64);
+
+impl DeadlineMs {
+    /// Validates and wraps `ms`.
+    pub fn new(ms: u64) -> Result<DeadlineMs, FieldError> {
+        if ms == 0 || ms > SAGA_DEADLINE_MS_MAX {
+            return Err(FieldError::Deadline { ms });
+        }
+        Ok(DeadlineMs(ms))
+    }
+
+    /// The milliseconds.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<u64> for DeadlineMs {
+    type Error = FieldError;
+    fn try_from(v: u64) -> Result<DeadlineMs, FieldError> {
+        DeadlineMs::new(v)
+    }
+}
+
+impl From<DeadlineMs> for u64 {
+    fn from(v: DeadlineMs) -> u64 {
+        v.0
+    }
+}
+
+/// The phase of a saga step: try/confirm/cancel.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Reserve (debit, credit, claim) or perform (any other step).
+    Try,
+    /// Make a reservation final.
+    Confirm,
+    /// Release a reservation, or run a performed step's compensation.
+    Cancel,
+}
+
+impl Phase {
+    /// The phase's name, as on the wire.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Phase::Try => "try",
+            Phase::Confirm => "confirm",
+            Phase::Cancel => "cancel",
+        }
+    }
+}
+
+/// One step of a saga: an operation on any partition and, for a step that
+/// takes effect at once, the operation that undoes it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(try_from = "StepWire")]
+pub struct SagaStep {
+    /// The operation: `debit`, `credit` and `claim` are tentative until the
+    /// saga confirms; `open_account`, `post`, `void` and `release` take
+    /// effect at once. (`hold` is not a step: a `debit` step is a hold.)
+    pub command: Box<Command>,
+    /// For a step that takes effect at once: what undoes it if the saga is
+    /// cancelled after it. It runs on the step's partition, so it must have
+    /// the same routing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<Box<Command>>,
+}
+
+/// A saga step as parsed, before its checks.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct StepWire {
+    /// The operation.
+    #[serde(deserialize_with = "crate::wire::object_only")]
+    command: Box<Command>,
+    /// What undoes it, for a step that takes effect at once.
+    #[serde(default, deserialize_with = "crate::wire::object_only_opt")]
+    compensation: Option<Box<Command>>,
+}
+
+impl SagaStep {
+    /// Checks and builds a step.
+    pub fn new(command: Command, compensation: Option<Command>) -> Result<SagaStep, FieldError> {
+        SagaStep::try_from(StepWire {
+            command: Box::new(command),
+            compensation: compensation.map(Box::new),
+        })
+    }
+
+    /// Whether the step is a reservation (debit, credit, claim) that the
+    /// saga confirms or cancels, rather than an operation done at once.
+    pub fn is_tentative(&self) -> bool {
+        is_tentative_kind(&self.command)
+    }
+}
+
+fn is_tentative_kind(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Debit { .. } | Command::Credit { .. } | Command::Claim { .. }
+    )
+}
+
+/// Whether `c` is an operation on one partition (a saga step or a
+/// compensation may be one), as opposed to a tick, a saga or an internal
+/// message.
+fn is_plain(c: &Command) -> bool {
+    !matches!(
+        c,
+        Command::Tick {}
+            | Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::Step { .. }
+            | Command::StepOutcome { .. }
+    )
+}
+
+impl TryFrom<StepWire> for SagaStep {
+    type Error = FieldError;
+    fn try_from(w: StepWire) -> Result<SagaStep, FieldError> {
+        // A `hold` step would leave a hold only the saga could end: a
+        // `debit` step is the saga's hold.
+        if !is_plain(&w.command) || matches!(*w.command, Command::Hold { .. }) {
+            return Err(FieldError::StepKind {
+                kind: w.command.kind(),
+            });
+        }
+        if let Some(comp) = &w.compensation {
+            if is_tentative_kind(&w.command) {
+                return Err(FieldError::Compensation {
+                    reason: "debit, credit and claim steps are cancelled by the saga itself; \
+                             they take no compensation",
+                });
+            }
+            if !is_plain(comp) {
+                return Err(FieldError::Compensation {
+                    reason: "a compensation must be a plain operation (not a tick, saga or step)",
+                });
+            }
+            if comp.routing_key() != w.command.routing_key() {
+                return Err(FieldError::Compensation {
+                    reason: "a compensation must have the same routing key as its step",
+                });
+            }
+        }
+        Ok(SagaStep {
+            command: w.command,
+            compensation: w.compensation,
+        })
+    }
+}
+
+/// The steps of a saga: 1 to [`SAGA_STEPS_MAX`].
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(try_from = "Vec<SagaStep>", into = "Vec<SagaStep>")]
+#[schemars(extend("minItems" = 1, "maxItems" = SAGA_STEPS_MAX))]
+pub struct Steps(Vec<SagaStep>);
+
+impl Steps {
+    /// Validates and wraps `steps`.
+    pub fn new(steps: Vec<SagaStep>) -> Result<Steps, FieldError> {
+        if steps.is_empty() || steps.len() > SAGA_STEPS_MAX {
+            return Err(FieldError::SagaSteps { len: steps.len() });
+        }
+        Ok(Steps(steps))
+    }
+
+    /// The steps, in order.
+    pub fn as_slice(&self) -> &[SagaStep] {
+        &self.0
+    }
+}
+
+impl TryFrom<Vec<SagaStep>> for Steps {
+    type Error = FieldError;
+    fn try_from(v: Vec<SagaStep>) -> Result<Steps, FieldError> {
+        Steps::new(v)
+    }
+}
+
+impl From<Steps> for Vec<SagaStep> {
+    fn from(v: Steps) -> Vec<SagaStep> {
+        v.0
+    }
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -365,7 +647,13 @@ impl Command {
                     key.as_str(),
                 )))
             }
-            Command::Tick {} => None,
+            Command::Step { step, .. } => step.command.routing_key(),
+            // A saga goes by its op id, which the command does not hold: see
+            // [`Request::routing_key`]. A tick goes where its sender puts it.
+            Command::Tick {}
+            | Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::StepOutcome { .. } => None,
         }
     }
 
@@ -381,7 +669,17 @@ impl Command {
             Command::Claim { .. } => "claim",
             Command::Release { .. } => "release",
             Command::Tick {} => "tick",
+            Command::Transfer { .. } => "transfer",
+            Command::Saga { .. } => "saga",
+            Command::Step { .. } => "step",
+            Command::StepOutcome { .. } => "step_outcome",
         }
+    }
+
+    /// Whether this is a message amends writes itself (a saga's step or
+    /// step outcome), whose op id is derived rather than made by a client.
+    pub const fn is_internal(&self) -> bool {
+        matches!(self, Command::Step { .. } | Command::StepOutcome { .. })
     }
 }
 
@@ -401,6 +699,21 @@ pub struct Request {
     /// published on `<prefix>.apology.<apology_topic>` for a workflow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apology_topic: Option<Topic>,
+}
+
+impl Request {
+    /// The routing key that places this request on a partition: the
+    /// command's (an account, a claim), a saga's op id for `transfer` and
+    /// `saga`, the saga's op id for a step outcome; `None` for a tick.
+    pub fn routing_key(&self) -> Option<Cow<'_, str>> {
+        match &self.command {
+            Command::Transfer { .. } | Command::Saga { .. } => {
+                Some(Cow::Owned(route::saga_routing_key(&self.op_id.0)))
+            }
+            Command::StepOutcome { saga, .. } => Some(Cow::Owned(route::saga_routing_key(&saga.0))),
+            c => c.routing_key(),
+        }
+    }
 }
 
 /// A 128-bit digest of a request's canonical form.
@@ -493,6 +806,10 @@ impl Canon {
     fn text(&mut self, s: &str) {
         self.u64(u64::try_from(s.len()).unwrap_or(u64::MAX));
         self.bytes(s.as_bytes());
+    }
+    fn text_bytes(&mut self, b: &[u8]) {
+        self.u64(u64::try_from(b.len()).unwrap_or(u64::MAX));
+        self.bytes(b);
     }
     #[inline(always)]
     fn opt_u64(&mut self, v: Option<u64>) {
@@ -596,6 +913,17 @@ impl Request {
                 c.text(owner.as_str());
             }
             Command::Tick {} => c.tag(18),
+            // Sagas and their internal messages are rare next to the plain
+            // operations above: their canonical form is the JSON the parsed
+            // command serializes to (fixed field order, no whitespace).
+            Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::Step { .. }
+            | Command::StepOutcome { .. } => {
+                c.tag(19);
+                let json = serde_json::to_vec(&self.command).unwrap_or_default();
+                c.text_bytes(&json);
+            }
         }
         match &self.apology_topic {
             None => c.tag(0),

@@ -31,7 +31,8 @@ pub struct Decision {
     pub outcome: Outcome,
 }
 
-/// Confirmed or rejected.
+/// Confirmed or rejected; for a saga still running (only in status
+/// answers, never published), in flight.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
@@ -49,6 +50,14 @@ pub enum Outcome {
     Rejected {
         /// Why.
         reason: Reason,
+    },
+    /// A saga that is still running: the step whose try it waits for. This
+    /// is what the status of a saga in flight, or a resubmission of it,
+    /// answers; it is never published as a decision. Every saga ends
+    /// confirmed or rejected.
+    InFlight {
+        /// The index of the step being tried.
+        step: u32,
     },
 }
 
@@ -69,9 +78,14 @@ impl Outcome {
     /// The refusal reason, if rejected.
     pub const fn reason(&self) -> Option<&Reason> {
         match self {
-            Outcome::Confirmed { .. } => None,
+            Outcome::Confirmed { .. } | Outcome::InFlight { .. } => None,
             Outcome::Rejected { reason } => Some(reason),
         }
+    }
+
+    /// Whether this is a final outcome (not a saga in flight).
+    pub const fn is_final(&self) -> bool {
+        !matches!(self, Outcome::InFlight { .. })
     }
 }
 
@@ -164,6 +178,26 @@ pub enum Reason {
         /// Who holds it.
         owner: Owner,
     },
+    /// `claim` or `release` by the owner of a claim that a saga holds
+    /// tentatively: it becomes final or goes away when the saga ends.
+    ClaimPending,
+    /// A saga was cancelled because its step `step` was refused, for
+    /// `reason`; the steps before it were cancelled or compensated.
+    StepRefused {
+        /// The index of the refused step.
+        step: u32,
+        /// Why the step was refused.
+        reason: Box<Reason>,
+    },
+    /// A saga was still unfinished at its deadline (log time) and was
+    /// cancelled; every step tried or in flight is cancelled.
+    DeadlineExceeded {
+        /// The log time of the deadline.
+        deadline_ms: u64,
+    },
+    /// A saga step's try arrived after the saga had cancelled it (messages
+    /// of different partitions can arrive in any order): it has no effect.
+    SagaCancelled,
 }
 
 impl Reason {
@@ -187,6 +221,10 @@ impl Reason {
             Reason::AlreadyClaimed { .. } => "already_claimed",
             Reason::NotClaimed => "not_claimed",
             Reason::NotOwner { .. } => "not_owner",
+            Reason::ClaimPending => "claim_pending",
+            Reason::StepRefused { .. } => "step_refused",
+            Reason::DeadlineExceeded { .. } => "deadline_exceeded",
+            Reason::SagaCancelled => "saga_cancelled",
         }
     }
 
@@ -209,5 +247,9 @@ impl Reason {
         "already_claimed",
         "not_claimed",
         "not_owner",
+        "claim_pending",
+        "step_refused",
+        "deadline_exceeded",
+        "saga_cancelled",
     ];
 }

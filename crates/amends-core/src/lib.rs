@@ -16,6 +16,8 @@
 //!   overlay, and an in-memory state.
 //! - [`partition`]: the partition state machine and the effects it emits.
 //! - [`route`]: the partitioner (FNV-1a 64 then jump consistent hash).
+//! - [`saga`]: sagas across partitions (try, confirm, cancel) and the ids of
+//!   their step messages.
 //! - [`schema`]: the JSON Schemas of the wire messages (`specs/schemas/`).
 //! - [`wire`]: decoding log messages and encoding outbound ones (JSON), with
 //!   the size limits of the protocol.
@@ -33,6 +35,7 @@ pub mod decision;
 pub mod id;
 pub mod partition;
 pub mod route;
+pub mod saga;
 pub mod schema;
 pub mod state;
 pub mod wire;

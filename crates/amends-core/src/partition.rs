@@ -15,14 +15,23 @@ use serde::{Deserialize, Serialize};
 
 use schemars::JsonSchema;
 
+use std::collections::VecDeque;
+
 use crate::command::{
     AccountId, Amount, CLAIM_KEY_BYTES_MAX, ClaimKey, Command, Fingerprint, NAMESPACE_BYTES_MAX,
-    Namespace, Request, Topic,
+    Namespace, Owner, Phase, Request, SAGA_STEPS_MAX, SagaStep, Topic,
 };
 use crate::decision::{Decision, Outcome, Reason};
 use crate::id::OpId;
-use crate::route::{self, PartitionId};
-use crate::state::{Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Read, Write};
+use crate::route::{self, PartitionId, Partitions};
+use crate::saga;
+use crate::state::{
+    Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Read, Saga, SagaState, Write,
+};
+
+/// The longest reply subject a saga remembers for its final decision; a
+/// longer one is not kept (the client can still ask for the status).
+pub const REPLY_SUBJECT_BYTES_MAX: usize = 256;
 
 /// Default dedup retention: a day of log time, like common idempotency
 /// windows. An op id can be resubmitted safely for this long.
@@ -124,6 +133,15 @@ pub enum Answer {
     Refused(Decision),
     /// A tick: log time advanced, nothing to answer.
     Ticked,
+    /// A saga (a `transfer` or `saga` request) was started: its decision
+    /// is in flight (`outcome: in_flight`) and nothing is sent now. The
+    /// final decision comes later, as [`Effect::Decided`] and
+    /// [`Effect::Reply`] of the message that ends the saga.
+    Accepted(Decision),
+    /// A saga's step or step outcome, which amends wrote itself, was
+    /// decided. Its decision is recorded (the status of its derived op id)
+    /// but not published or sent.
+    Internal(Decision),
 }
 
 impl Answer {
@@ -134,7 +152,7 @@ impl Answer {
             | Answer::Duplicate(d)
             | Answer::Conflict(d)
             | Answer::Refused(d) => Some(d),
-            Answer::Ticked => None,
+            Answer::Ticked | Answer::Accepted(_) | Answer::Internal(_) => None,
         }
     }
 }
@@ -184,6 +202,23 @@ pub enum Effect {
     Apology(Apology),
     /// Publish a hold expiry event.
     HoldExpired(HoldExpired),
+    /// Append `request` (a saga's step or step outcome) to the request log
+    /// of `partition`, deduplicated by its op id.
+    Send {
+        /// The partition whose log gets the message.
+        partition: PartitionId,
+        /// The message.
+        request: Request,
+    },
+    /// Send a saga's final decision to the reply subject of its request.
+    /// Best effort, like every reply: the decision is also published with
+    /// [`Effect::Decided`].
+    Reply {
+        /// The reply subject.
+        to: String,
+        /// The final decision.
+        decision: Decision,
+    },
 }
 
 /// A broken log, found while applying. The driver must stop the partition
@@ -205,15 +240,21 @@ pub enum Fault {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Machine {
     partition: PartitionId,
+    partitions: Partitions,
     config: Config,
 }
 
 type Decided = Result<Outcome, Reason>;
 
 impl Machine {
-    /// The machine of `partition` with `config`.
-    pub const fn new(partition: PartitionId, config: Config) -> Machine {
-        Machine { partition, config }
+    /// The machine of `partition`, one of `partitions` (the deployment's
+    /// count, which places saga steps), with `config`.
+    pub const fn new(partition: PartitionId, partitions: Partitions, config: Config) -> Machine {
+        Machine {
+            partition,
+            partitions,
+            config,
+        }
     }
 
     /// The partition.
@@ -240,6 +281,22 @@ impl Machine {
         input: &Input,
         out: &mut Vec<Effect>,
     ) -> Result<Answer, Fault> {
+        self.apply_with_reply(state, position, log_time_ms, input, None, out)
+    }
+
+    /// [`Machine::apply`] for a message that named a reply subject: a saga
+    /// remembers it (at most [`REPLY_SUBJECT_BYTES_MAX`] bytes) to send its
+    /// final decision there ([`Effect::Reply`]). The subject is part of the
+    /// log message, so replay stays deterministic.
+    pub fn apply_with_reply<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        position: u64,
+        log_time_ms: u64,
+        input: &Input,
+        reply_to: Option<&str>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Answer, Fault> {
         let clock = state.clock();
         if position <= clock.position {
             return Err(Fault::PositionNotAdvancing {
@@ -252,13 +309,45 @@ impl Machine {
             position,
             log_time_ms: now,
         });
-        self.expire_holds(state, position, now, out);
+        let reply_to = reply_to.filter(|r| r.len() <= REPLY_SUBJECT_BYTES_MAX);
+        // Saga messages for this same partition are decided right here, in
+        // this message, rather than through the log: fewer appends, same
+        // decisions (they are deterministic in the state either way).
+        let mut local = VecDeque::new();
+        self.expire(state, position, now, out, &mut local);
+        let answer = self.decide(state, position, now, input, reply_to, out, &mut local);
+        let mut guard = 0_usize;
+        while let Some(request) = local.pop_front() {
+            guard = guard.saturating_add(1);
+            // Each saga step sends at most a handful of messages to itself.
+            assert!(
+                guard <= 64 * SAGA_STEPS_MAX,
+                "saga messages to self do not end"
+            );
+            let input = Input::Request(request);
+            self.decide(state, position, now, &input, None, out, &mut local);
+        }
+        Ok(answer)
+    }
 
+    /// Decides one message (after the clock and expiries): the body of
+    /// [`Machine::apply_with_reply`].
+    #[allow(clippy::too_many_arguments)]
+    fn decide<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        position: u64,
+        now: u64,
+        input: &Input,
+        reply_to: Option<&str>,
+        out: &mut Vec<Effect>,
+        local: &mut VecDeque<Request>,
+    ) -> Answer {
         let (op_id, fingerprint) = match input {
             Input::Request(Request {
                 command: Command::Tick {},
                 ..
-            }) => return Ok(Answer::Ticked),
+            }) => return Answer::Ticked,
             Input::Request(req) => (req.op_id, req.fingerprint()),
             Input::Malformed {
                 op_id, fingerprint, ..
@@ -277,13 +366,21 @@ impl Machine {
         let horizon_ms = self.config.compaction_horizon_ms(now);
         let seen = state.dedup(op_id).filter(|d| !d.is_compactable(horizon_ms));
         if let Some(seen) = seen {
-            return Ok(if seen.fingerprint == fingerprint {
-                Answer::Duplicate(seen.decision)
-            } else {
-                Answer::Conflict(decision(Outcome::Rejected {
+            if seen.fingerprint != fingerprint {
+                return Answer::Conflict(decision(Outcome::Rejected {
                     reason: Reason::OpIdConflict,
-                }))
-            });
+                }));
+            }
+            // A resubmitted saga still in flight: its final decision goes to
+            // the latest reply subject (the first requester may be gone).
+            if let (false, Some(to)) = (seen.decision.outcome.is_final(), reply_to)
+                && let Some(mut s) = state.saga(op_id)
+                && s.reply_to.as_deref() != Some(to)
+            {
+                s.reply_to = Some(to.to_owned());
+                state.put_saga(op_id, s);
+            }
+            return Answer::Duplicate(seen.decision);
         }
 
         // The op id is checked before anything is recorded. A record of an
@@ -291,8 +388,57 @@ impl Machine {
         // timestamp bounds it; a too-old id can never be valid again) or
         // would have to outlive any retention (a too-new id), so these
         // refusals go to the sender only and memory stays bounded.
-        if let Err(reason) = self.check_op_id(op_id, now) {
-            return Ok(Answer::Refused(decision(Outcome::Rejected { reason })));
+        let checked = match input {
+            Input::Request(req) if req.command.is_internal() => self.check_internal(req, now),
+            _ => self.check_op_id(op_id, now),
+        };
+        if let Err(reason) = checked {
+            return Answer::Refused(decision(Outcome::Rejected { reason }));
+        }
+        if let Input::Request(req) = input {
+            match &req.command {
+                Command::Transfer { .. } | Command::Saga { .. } => {
+                    let d = self.start_saga(
+                        state,
+                        req,
+                        fingerprint,
+                        position,
+                        now,
+                        reply_to,
+                        local,
+                        out,
+                    );
+                    return Answer::Accepted(d);
+                }
+                Command::Step {
+                    saga,
+                    index,
+                    phase,
+                    step,
+                } => {
+                    let outcome = match self.step(
+                        state, req.op_id, *saga, *index, *phase, step, now, horizon_ms,
+                    ) {
+                        Ok(outcome) => outcome,
+                        Err(reason) => Outcome::Rejected { reason },
+                    };
+                    if *phase == Phase::Try {
+                        self.send_outcome(*saga, *index, outcome.clone(), local, out);
+                    }
+                    return internal(state, op_id, fingerprint, decision(outcome));
+                }
+                Command::StepOutcome {
+                    saga,
+                    index,
+                    outcome,
+                } => {
+                    self.on_outcome(
+                        state, *saga, *index, outcome, position, now, horizon_ms, local, out,
+                    );
+                    return internal(state, op_id, fingerprint, decision(Outcome::confirmed()));
+                }
+                _ => {}
+            }
         }
         let outcome = match input {
             Input::Malformed { detail, .. } => Outcome::Rejected {
@@ -323,7 +469,39 @@ impl Machine {
             }));
         }
         out.push(Effect::Decided(decision.clone()));
-        Ok(Answer::Decided(decision))
+        Answer::Decided(decision)
+    }
+
+    /// Checks a step or step outcome: its op id must be the one derived
+    /// from its saga's, and the saga's op id must be inside the window (it
+    /// bounds the step's dedup record like a client's v7 id does).
+    fn check_internal(&self, req: &Request, now: u64) -> Result<(), Reason> {
+        let (saga, index, expected) = match &req.command {
+            Command::Step {
+                saga, index, phase, ..
+            } => (*saga, *index, saga::step_id(*saga, *index, *phase)),
+            Command::StepOutcome { saga, index, .. } => {
+                (*saga, *index, saga::outcome_id(*saga, *index))
+            }
+            _ => return self.check_op_id(req.op_id, now),
+        };
+        let malformed = |detail: &str| Reason::Malformed {
+            detail: detail.to_owned(),
+        };
+        if usize::try_from(index).map_or(true, |i| i >= SAGA_STEPS_MAX) {
+            return Err(malformed(
+                "a step index must be below the saga step limit (16)",
+            ));
+        }
+        if req.op_id != expected {
+            return Err(malformed(
+                "a step message's op id must be derived from its saga's (see specs/protocol.md)",
+            ));
+        }
+        if req.apology_topic.is_some() {
+            return Err(malformed("a step message takes no apology_topic"));
+        }
+        self.check_op_id(saga, now)
     }
 
     fn check_op_id(&self, op_id: OpId, now: u64) -> Result<(), Reason> {
@@ -343,12 +521,15 @@ impl Machine {
         Ok(())
     }
 
-    fn expire_holds<S: Read + Write + ?Sized>(
+    /// Expires every pending hold and cancels every saga in flight whose
+    /// time (expiry, deadline) is at or before `now`.
+    fn expire<S: Read + Write + ?Sized>(
         &self,
         state: &mut S,
         position: u64,
         now: u64,
         out: &mut Vec<Effect>,
+        local: &mut VecDeque<Request>,
     ) {
         // The cursor makes a mass expiry linear: entries before it were
         // just removed, and an overlay would otherwise step past each again.
@@ -359,7 +540,31 @@ impl Machine {
                 break;
             }
             let hold = state.hold(key.hold);
-            // The expiry index only names pending holds on open accounts.
+            if hold.is_none()
+                && let Some(s) = state.saga(key.hold)
+            {
+                let SagaState::Trying { step } = s.state else {
+                    panic!("expiry index names {:?}, a saga that ended", key.hold);
+                };
+                let reason = Reason::DeadlineExceeded {
+                    deadline_ms: s.deadline_ms,
+                };
+                // The step in flight is cancelled too: its try may have
+                // happened, or may still arrive (and is then refused).
+                self.cancel_steps(key.hold, &s, step, true, local, out);
+                self.finish_saga(
+                    state,
+                    key.hold,
+                    s,
+                    Outcome::Rejected { reason },
+                    position,
+                    now,
+                    out,
+                );
+                continue;
+            }
+            // The expiry index only names pending holds on open accounts
+            // (and sagas in flight).
             let Some(mut hold) = hold.filter(|h| h.status == HoldStatus::Pending) else {
                 panic!(
                     "expiry index names {:?}, which is not a pending hold",
@@ -424,15 +629,7 @@ impl Machine {
             } => {
                 let mut account = open_account(state, id)?;
                 let amt = to_i64(*amount)?;
-                let balance = account.balance.checked_add(amt).ok_or(Reason::Overflow)?;
-                if let Some(ceiling) = account.ceiling.filter(|c| balance > *c) {
-                    return Err(Reason::CeilingExceeded {
-                        balance: account.balance,
-                        ceiling,
-                        requested: amount.get(),
-                    });
-                }
-                account.balance = balance;
+                account.balance = room_for(&account, amt, amount.get())?;
                 state.put_account(id, account);
                 Ok(balances(&account))
             }
@@ -451,99 +648,26 @@ impl Machine {
                 account: id,
                 amount,
                 timeout_ms,
-            } => {
-                let mut account = open_account(state, id)?;
-                let amt = to_i64(*amount)?;
-                let held = account.held.checked_add(amt).ok_or(Reason::Overflow)?;
-                let expires_at_ms = match timeout_ms {
-                    None => None,
-                    Some(t) => Some(now.checked_add(*t).ok_or(Reason::Overflow)?),
-                };
-                spendable(&account, amt, amount.get())?;
-                if state
-                    .hold(req.op_id)
-                    .is_some_and(|h| !h.is_compactable(horizon_ms))
-                {
-                    // Only possible if a hold outlived its op id's dedup
-                    // record, which the window check rules out.
-                    return Err(Reason::OpIdConflict);
-                }
-                account.held = held;
-                state.put_account(id, account);
-                state.put_hold(
-                    req.op_id,
-                    Hold {
-                        account: id.clone(),
-                        amount: amt,
-                        expires_at_ms,
-                        status: HoldStatus::Pending,
-                    },
-                );
-                if let Some(at_ms) = expires_at_ms {
-                    state.put_expiry(
-                        ExpiryKey {
-                            at_ms,
-                            hold: req.op_id,
-                        },
-                        true,
-                    );
-                }
-                Ok(balances(&account))
-            }
+            } => new_hold(state, req.op_id, id, *amount, *timeout_ms, now, horizon_ms),
             Command::Post {
                 account: id,
                 hold: hold_id,
                 amount,
-            } => {
-                let (mut hold, mut account) = pending_hold(state, id, *hold_id, horizon_ms)?;
-                let take = match amount {
-                    None => hold.amount,
-                    Some(a) => {
-                        let requested = to_i64(*a).ok();
-                        match requested.filter(|r| *r <= hold.amount) {
-                            Some(r) => r,
-                            None => {
-                                return Err(Reason::PostExceedsHold {
-                                    held: hold.amount,
-                                    requested: a.get(),
-                                });
-                            }
-                        }
-                    }
-                };
-                account.balance = account.balance.checked_sub(take).ok_or(Reason::Overflow)?;
-                account.held = release(account.held, hold.amount);
-                hold.status = HoldStatus::Posted {
-                    amount: take,
-                    at_ms: now,
-                };
-                finish_hold(state, id, *hold_id, hold, &account);
-                Ok(balances(&account))
-            }
+            } => post(state, id, *hold_id, *amount, now, horizon_ms, false),
             Command::Void {
                 account: id,
                 hold: hold_id,
-            } => {
-                let (mut hold, mut account) = pending_hold(state, id, *hold_id, horizon_ms)?;
-                account.held = release(account.held, hold.amount);
-                hold.status = HoldStatus::Voided { at_ms: now };
-                finish_hold(state, id, *hold_id, hold, &account);
-                Ok(balances(&account))
-            }
+            } => void(state, id, *hold_id, now, horizon_ms, false),
             Command::Claim {
                 namespace,
                 key,
                 owner,
             } => with_claim_key(namespace, key, |rk| match state.claim(rk) {
+                Some(c) if c.owner == *owner && c.tentative.is_some() => Err(Reason::ClaimPending),
                 Some(c) if c.owner == *owner => Ok(Outcome::confirmed()),
                 Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }),
                 None => {
-                    state.put_claim(
-                        rk,
-                        Some(Claim {
-                            owner: owner.clone(),
-                        }),
-                    );
+                    state.put_claim(rk, Some(Claim::owned_by(owner.clone())));
                     Ok(Outcome::confirmed())
                 }
             }),
@@ -554,15 +678,623 @@ impl Machine {
             } => with_claim_key(namespace, key, |rk| match state.claim(rk) {
                 None => Err(Reason::NotClaimed),
                 Some(c) if c.owner != *owner => Err(Reason::NotOwner { owner: c.owner }),
+                Some(c) if c.tentative.is_some() => Err(Reason::ClaimPending),
                 Some(_) => {
                     state.put_claim(rk, None);
                     Ok(Outcome::confirmed())
                 }
             }),
-            // Ticks return before dedup in `apply`.
-            Command::Tick {} => Ok(Outcome::confirmed()),
+            // Ticks return before dedup, and sagas and their messages are
+            // decided by `decide` before `execute` is reached.
+            Command::Tick {}
+            | Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::Step { .. }
+            | Command::StepOutcome { .. } => Ok(Outcome::confirmed()),
         }
     }
+}
+
+/// The saga side of the machine: starting sagas, deciding their steps on
+/// the steps' partitions, and moving them on as outcomes arrive. See
+/// [`crate::saga`] for the protocol.
+impl Machine {
+    /// The partition of a saga step (its command's routing key).
+    fn target_of(&self, step: &SagaStep) -> PartitionId {
+        // Steps are plain operations (checked by parsing), which all have
+        // a routing key.
+        let key = step.command.routing_key().unwrap_or_default();
+        route::partition_of(&key, self.partitions)
+    }
+
+    /// The partition that keeps saga `saga`.
+    fn saga_partition(&self, saga: OpId) -> PartitionId {
+        route::partition_of(&route::saga_routing_key(&saga.0), self.partitions)
+    }
+
+    /// Sends `request` to `partition`: through the outbox, or, for this
+    /// partition, to be decided right after the current message.
+    fn send(
+        &self,
+        partition: PartitionId,
+        request: Request,
+        local: &mut VecDeque<Request>,
+        out: &mut Vec<Effect>,
+    ) {
+        if partition == self.partition {
+            local.push_back(request);
+        } else {
+            out.push(Effect::Send { partition, request });
+        }
+    }
+
+    fn send_step(
+        &self,
+        saga: OpId,
+        index: u32,
+        phase: Phase,
+        step: &SagaStep,
+        local: &mut VecDeque<Request>,
+        out: &mut Vec<Effect>,
+    ) {
+        let request = Request {
+            op_id: saga::step_id(saga, index, phase),
+            command: Command::Step {
+                saga,
+                index,
+                phase,
+                step: step.clone(),
+            },
+            apology_topic: None,
+        };
+        self.send(self.target_of(step), request, local, out);
+    }
+
+    fn send_outcome(
+        &self,
+        saga: OpId,
+        index: u32,
+        outcome: Outcome,
+        local: &mut VecDeque<Request>,
+        out: &mut Vec<Effect>,
+    ) {
+        let request = Request {
+            op_id: saga::outcome_id(saga, index),
+            command: Command::StepOutcome {
+                saga,
+                index,
+                outcome,
+            },
+            apology_topic: None,
+        };
+        self.send(self.saga_partition(saga), request, local, out);
+    }
+
+    /// Starts the saga of `req` (a `transfer` or `saga`): records it, sets
+    /// its deadline and tries its first step. Returns its in-flight
+    /// decision.
+    #[allow(clippy::too_many_arguments)]
+    fn start_saga<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        req: &Request,
+        fingerprint: Fingerprint,
+        position: u64,
+        now: u64,
+        reply_to: Option<&str>,
+        local: &mut VecDeque<Request>,
+        out: &mut Vec<Effect>,
+    ) -> Decision {
+        let steps = saga::steps(&req.command);
+        // A saga ends within the dedup retention, so its op id and its steps'
+        // are deduplicated for as long as they can arrive.
+        let lasts_ms = saga::deadline_ms(&req.command).min(self.config.dedup_retention_ms);
+        let deadline_ms = now.saturating_add(lasts_ms);
+        state.put_saga(
+            req.op_id,
+            Saga {
+                command: req.command.clone(),
+                apology_topic: req.apology_topic.clone(),
+                reply_to: reply_to.map(str::to_owned),
+                deadline_ms,
+                state: SagaState::Trying { step: 0 },
+            },
+        );
+        state.put_expiry(
+            ExpiryKey {
+                at_ms: deadline_ms,
+                hold: req.op_id,
+            },
+            true,
+        );
+        let decision = Decision {
+            op_id: req.op_id,
+            partition: self.partition.get(),
+            position,
+            log_time_ms: now,
+            outcome: Outcome::InFlight { step: 0 },
+        };
+        state.put_dedup(
+            req.op_id,
+            Dedup {
+                fingerprint,
+                decision: decision.clone(),
+            },
+        );
+        // Parsing guarantees at least one step.
+        if let Some(first) = steps.first() {
+            self.send_step(req.op_id, 0, Phase::Try, first, local, out);
+        }
+        decision
+    }
+
+    /// Decides phase `phase` of step `index` of saga `saga` on this (the
+    /// step's) partition. `op_id` is the message's derived id.
+    #[allow(clippy::too_many_arguments)]
+    fn step<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        op_id: OpId,
+        saga: OpId,
+        index: u32,
+        phase: Phase,
+        step: &SagaStep,
+        now: u64,
+        horizon_ms: u64,
+    ) -> Decided {
+        let try_id = saga::step_id(saga, index, Phase::Try);
+        let decided =
+            |state: &S, id: OpId| state.dedup(id).filter(|d| !d.is_compactable(horizon_ms));
+        let tried =
+            |state: &S| decided(state, try_id).is_some_and(|d| d.decision.outcome.is_confirmed());
+        let cancelled = decided(state, saga::step_id(saga, index, Phase::Cancel)).is_some();
+        if phase != Phase::Cancel && cancelled {
+            // The saga cancelled this step before its try (or a confirm,
+            // which only a forged message could send) arrived.
+            return Err(Reason::SagaCancelled);
+        }
+        if phase == Phase::Cancel
+            && decided(state, saga::step_id(saga, index, Phase::Confirm)).is_some()
+        {
+            // Confirmed already: a saga sends one or the other, never both,
+            // so only a forged message gets here. It changes nothing.
+            return Ok(Outcome::confirmed());
+        }
+        match (phase, &*step.command) {
+            (Phase::Try, Command::Debit { account, amount }) => {
+                new_hold(state, op_id, account, *amount, None, now, horizon_ms)
+            }
+            (
+                Phase::Try,
+                Command::Credit {
+                    account: id,
+                    amount,
+                },
+            ) => {
+                let mut account = open_account(state, id)?;
+                let amt = to_i64(*amount)?;
+                room_for(&account, amt, amount.get())?;
+                account.incoming = account.incoming.checked_add(amt).ok_or(Reason::Overflow)?;
+                state.put_account(id, account);
+                Ok(balances(&account))
+            }
+            (
+                Phase::Try,
+                Command::Claim {
+                    namespace,
+                    key,
+                    owner,
+                },
+            ) => with_claim_key(namespace, key, |rk| match state.claim(rk) {
+                // Already the owner's for good: confirm and cancel leave it.
+                Some(c) if c.owner == *owner && c.tentative.is_none() => Ok(Outcome::confirmed()),
+                Some(c) if c.owner == *owner => Err(Reason::ClaimPending),
+                Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }),
+                None => {
+                    state.put_claim(rk, Some(tentative_claim(owner, op_id)));
+                    Ok(Outcome::confirmed())
+                }
+            }),
+            (Phase::Try, command) => {
+                let req = Request {
+                    op_id,
+                    command: command.clone(),
+                    apology_topic: None,
+                };
+                self.execute(state, &req, now, horizon_ms)
+            }
+            (Phase::Confirm, Command::Debit { account, .. }) => {
+                post(state, account, try_id, None, now, horizon_ms, true)
+            }
+            (
+                Phase::Confirm,
+                Command::Credit {
+                    account: id,
+                    amount,
+                },
+            ) => {
+                if !tried(state) {
+                    return Ok(Outcome::confirmed());
+                }
+                let mut account = open_account(state, id)?;
+                let amt = to_i64(*amount)?;
+                account.incoming = unreserve(account.incoming, amt)?;
+                // The reservation checked this sum against the ceiling and
+                // against overflow.
+                account.balance = account.balance.checked_add(amt).ok_or(Reason::Overflow)?;
+                state.put_account(id, account);
+                Ok(balances(&account))
+            }
+            (Phase::Confirm, Command::Claim { namespace, key, .. }) => {
+                with_claim_key(namespace, key, |rk| {
+                    if let Some(mut c) = state.claim(rk).filter(|c| c.tentative == Some(try_id)) {
+                        c.tentative = None;
+                        state.put_claim(rk, Some(c));
+                    }
+                    Ok(Outcome::confirmed())
+                })
+            }
+            // A step done at once has nothing to confirm (and the saga
+            // sends it no confirm).
+            (Phase::Confirm, _) => Ok(Outcome::confirmed()),
+            (Phase::Cancel, Command::Debit { account, .. }) => {
+                match state.hold(try_id).map(|h| h.status) {
+                    Some(HoldStatus::Pending) => {
+                        void(state, account, try_id, now, horizon_ms, true)
+                    }
+                    _ => Ok(Outcome::confirmed()),
+                }
+            }
+            (
+                Phase::Cancel,
+                Command::Credit {
+                    account: id,
+                    amount,
+                },
+            ) => {
+                if tried(state) {
+                    let mut account = open_account(state, id)?;
+                    account.incoming = unreserve(account.incoming, to_i64(*amount)?)?;
+                    state.put_account(id, account);
+                }
+                Ok(Outcome::confirmed())
+            }
+            (Phase::Cancel, Command::Claim { namespace, key, .. }) => {
+                with_claim_key(namespace, key, |rk| {
+                    if state.claim(rk).is_some_and(|c| c.tentative == Some(try_id)) {
+                        state.put_claim(rk, None);
+                    }
+                    Ok(Outcome::confirmed())
+                })
+            }
+            (Phase::Cancel, _) => match (&step.compensation, tried(state)) {
+                (Some(compensation), true) => {
+                    let req = Request {
+                        op_id,
+                        command: (**compensation).clone(),
+                        apology_topic: None,
+                    };
+                    self.execute(state, &req, now, horizon_ms)
+                }
+                _ => Ok(Outcome::confirmed()),
+            },
+        }
+    }
+
+    /// Moves saga `saga_id` on with the outcome of step `index`'s try: the
+    /// next try, the confirms, or the cancels. An outcome the saga does not
+    /// wait for (late, after the deadline, or repeated) changes nothing:
+    /// the step was cancelled already.
+    #[allow(clippy::too_many_arguments)]
+    fn on_outcome<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        saga_id: OpId,
+        index: u32,
+        outcome: &Outcome,
+        position: u64,
+        now: u64,
+        horizon_ms: u64,
+        local: &mut VecDeque<Request>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(mut s) = state
+            .saga(saga_id)
+            .filter(|s| !s.is_compactable(horizon_ms))
+        else {
+            return;
+        };
+        if s.state != (SagaState::Trying { step: index }) {
+            return;
+        }
+        let steps = saga::steps(&s.command);
+        match outcome {
+            Outcome::Confirmed { .. } => {
+                let next = index.saturating_add(1);
+                let next_step = usize::try_from(next).ok().and_then(|i| steps.get(i));
+                if let Some(step) = next_step {
+                    s.state = SagaState::Trying { step: next };
+                    state.put_saga(saga_id, s);
+                    if let Some(mut d) = state.dedup(saga_id) {
+                        d.decision.outcome = Outcome::InFlight { step: next };
+                        state.put_dedup(saga_id, d);
+                    }
+                    self.send_step(saga_id, next, Phase::Try, step, local, out);
+                } else {
+                    for (i, step) in (0_u32..).zip(&steps) {
+                        if step.is_tentative() {
+                            self.send_step(saga_id, i, Phase::Confirm, step, local, out);
+                        }
+                    }
+                    self.finish_saga(state, saga_id, s, Outcome::confirmed(), position, now, out);
+                }
+            }
+            Outcome::Rejected { reason } => {
+                self.cancel_steps(saga_id, &s, index, false, local, out);
+                let reason = Reason::StepRefused {
+                    step: index,
+                    reason: Box::new(reason.clone()),
+                };
+                self.finish_saga(
+                    state,
+                    saga_id,
+                    s,
+                    Outcome::Rejected { reason },
+                    position,
+                    now,
+                    out,
+                );
+            }
+            // Not the outcome of a try; only a forged message carries it.
+            Outcome::InFlight { .. } => {}
+        }
+    }
+
+    /// Cancels the steps of `s` before step `in_flight`, last first, and
+    /// step `in_flight` itself when `with_in_flight`. Only steps that left
+    /// something to undo get a cancel (a reservation, or a compensation),
+    /// and the step in flight always does (its try may arrive later).
+    fn cancel_steps(
+        &self,
+        saga_id: OpId,
+        s: &Saga,
+        in_flight: u32,
+        with_in_flight: bool,
+        local: &mut VecDeque<Request>,
+        out: &mut Vec<Effect>,
+    ) {
+        let steps = saga::steps(&s.command);
+        let indexed: Vec<(u32, &SagaStep)> = (0_u32..).zip(&steps).collect();
+        for &(i, step) in indexed.iter().rev() {
+            let undo = step.is_tentative() || step.compensation.is_some();
+            let wanted = match i.cmp(&in_flight) {
+                std::cmp::Ordering::Less => undo,
+                std::cmp::Ordering::Equal => with_in_flight,
+                std::cmp::Ordering::Greater => false,
+            };
+            if wanted {
+                self.send_step(saga_id, i, Phase::Cancel, step, local, out);
+            }
+        }
+    }
+
+    /// Ends saga `saga_id` with `outcome`: its final decision replaces the
+    /// in-flight one, is published, sent to the requester and, for a
+    /// refused optimistic saga, published as an apology.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_saga<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        saga_id: OpId,
+        mut s: Saga,
+        outcome: Outcome,
+        position: u64,
+        now: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        s.state = if outcome.is_confirmed() {
+            SagaState::Confirmed { at_ms: now }
+        } else {
+            SagaState::Cancelled { at_ms: now }
+        };
+        state.put_expiry(
+            ExpiryKey {
+                at_ms: s.deadline_ms,
+                hold: saga_id,
+            },
+            false,
+        );
+        let decision = Decision {
+            op_id: saga_id,
+            partition: self.partition.get(),
+            position,
+            log_time_ms: now,
+            outcome,
+        };
+        // The fingerprint of the saga's request, made again from the saga
+        // (its in-flight dedup record may have been compacted already).
+        let request = Request {
+            op_id: saga_id,
+            command: s.command.clone(),
+            apology_topic: s.apology_topic.clone(),
+        };
+        state.put_dedup(
+            saga_id,
+            Dedup {
+                fingerprint: request.fingerprint(),
+                decision: decision.clone(),
+            },
+        );
+        if let (Some(topic), false) = (&s.apology_topic, decision.outcome.is_confirmed()) {
+            out.push(Effect::Apology(Apology {
+                topic: topic.clone(),
+                command: s.command.clone(),
+                decision: decision.clone(),
+            }));
+        }
+        out.push(Effect::Decided(decision.clone()));
+        if let Some(to) = &s.reply_to {
+            out.push(Effect::Reply {
+                to: to.clone(),
+                decision,
+            });
+        }
+        state.put_saga(saga_id, s);
+    }
+}
+
+/// Records the decision of a saga's internal message (step or step
+/// outcome) and answers it as internal: it is not published.
+fn internal<S: Write + ?Sized>(
+    state: &mut S,
+    op_id: OpId,
+    fingerprint: Fingerprint,
+    decision: Decision,
+) -> Answer {
+    state.put_dedup(
+        op_id,
+        Dedup {
+            fingerprint,
+            decision: decision.clone(),
+        },
+    );
+    Answer::Internal(decision)
+}
+
+/// `incoming` less a reservation of `amt`. Only a forged step message could
+/// release more than was reserved: a refusal, never a negative sum.
+fn unreserve(incoming: i64, amt: i64) -> Result<i64, Reason> {
+    incoming
+        .checked_sub(amt)
+        .filter(|r| *r >= 0)
+        .ok_or(Reason::Overflow)
+}
+
+/// A claim held by a saga step (`try_id`) until the saga ends.
+fn tentative_claim(owner: &Owner, try_id: OpId) -> Claim {
+    Claim {
+        owner: owner.clone(),
+        tentative: Some(try_id),
+    }
+}
+
+/// Opens hold `hold_id` of `amount` on account `id`.
+fn new_hold<S: Read + Write + ?Sized>(
+    state: &mut S,
+    hold_id: OpId,
+    id: &AccountId,
+    amount: Amount,
+    timeout_ms: Option<u64>,
+    now: u64,
+    horizon_ms: u64,
+) -> Decided {
+    let mut account = open_account(state, id)?;
+    let amt = to_i64(amount)?;
+    let held = account.held.checked_add(amt).ok_or(Reason::Overflow)?;
+    let expires_at_ms = match timeout_ms {
+        None => None,
+        Some(t) => Some(now.checked_add(t).ok_or(Reason::Overflow)?),
+    };
+    spendable(&account, amt, amount.get())?;
+    if state
+        .hold(hold_id)
+        .is_some_and(|h| !h.is_compactable(horizon_ms))
+    {
+        // Only possible if a hold outlived its op id's dedup
+        // record, which the window check rules out.
+        return Err(Reason::OpIdConflict);
+    }
+    account.held = held;
+    state.put_account(id, account);
+    state.put_hold(
+        hold_id,
+        Hold {
+            account: id.clone(),
+            amount: amt,
+            expires_at_ms,
+            status: HoldStatus::Pending,
+        },
+    );
+    if let Some(at_ms) = expires_at_ms {
+        state.put_expiry(
+            ExpiryKey {
+                at_ms,
+                hold: hold_id,
+            },
+            true,
+        );
+    }
+    Ok(balances(&account))
+}
+
+/// Posts hold `hold_id` on account `id`: takes `amount` (default: all of it).
+fn post<S: Read + Write + ?Sized>(
+    state: &mut S,
+    id: &AccountId,
+    hold_id: OpId,
+    amount: Option<Amount>,
+    now: u64,
+    horizon_ms: u64,
+    by_saga: bool,
+) -> Decided {
+    let (mut hold, mut account) = pending_hold(state, id, hold_id, horizon_ms, by_saga)?;
+    let take = match amount {
+        None => hold.amount,
+        Some(a) => {
+            let requested = to_i64(a).ok();
+            match requested.filter(|r| *r <= hold.amount) {
+                Some(r) => r,
+                None => {
+                    return Err(Reason::PostExceedsHold {
+                        held: hold.amount,
+                        requested: a.get(),
+                    });
+                }
+            }
+        }
+    };
+    account.balance = account.balance.checked_sub(take).ok_or(Reason::Overflow)?;
+    account.held = release(account.held, hold.amount);
+    hold.status = HoldStatus::Posted {
+        amount: take,
+        at_ms: now,
+    };
+    finish_hold(state, id, hold_id, hold, &account);
+    Ok(balances(&account))
+}
+
+/// Voids hold `hold_id` on account `id`.
+fn void<S: Read + Write + ?Sized>(
+    state: &mut S,
+    id: &AccountId,
+    hold_id: OpId,
+    now: u64,
+    horizon_ms: u64,
+    by_saga: bool,
+) -> Decided {
+    let (mut hold, mut account) = pending_hold(state, id, hold_id, horizon_ms, by_saga)?;
+    account.held = release(account.held, hold.amount);
+    hold.status = HoldStatus::Voided { at_ms: now };
+    finish_hold(state, id, hold_id, hold, &account);
+    Ok(balances(&account))
+}
+
+/// The balance after crediting `amt` to `account`: the ceiling counts the
+/// credits reserved by sagas in flight, and so does the overflow check, so
+/// confirming those reservations later cannot fail.
+fn room_for(account: &Account, amt: i64, requested: u64) -> Result<i64, Reason> {
+    let balance = account.balance.checked_add(amt).ok_or(Reason::Overflow)?;
+    let reach = balance
+        .checked_add(account.incoming)
+        .ok_or(Reason::Overflow)?;
+    if let Some(ceiling) = account.ceiling.filter(|c| reach > *c) {
+        return Err(Reason::CeilingExceeded {
+            balance: account.balance,
+            ceiling,
+            requested,
+        });
+    }
+    Ok(balance)
 }
 
 /// The longest claim routing key of a valid claim or release: namespace,
@@ -639,13 +1371,17 @@ fn pending_hold<S: Read + ?Sized>(
     id: &AccountId,
     hold_id: OpId,
     horizon_ms: u64,
+    by_saga: bool,
 ) -> Result<(Hold, Account), Reason> {
     // unknown_account precedes hold_not_found (found by the model tests,
     // `tests/model`): look the account up first.
     let account = open_account(state, id)?;
+    // A client may post or void only holds it opened (their ids are UUID
+    // v7); a saga's holds have derived ids and are the saga's to end.
+    let owned = by_saga || hold_id.v7_unix_ms().is_some();
     let hold = state
         .hold(hold_id)
-        .filter(|h| h.account == *id && !h.is_compactable(horizon_ms))
+        .filter(|h| owned && h.account == *id && !h.is_compactable(horizon_ms))
         .ok_or(Reason::HoldNotFound)?;
     match hold.status {
         HoldStatus::Pending => {}

@@ -15,7 +15,7 @@ use std::hash::{Hash, Hasher};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{AccountId, Fingerprint, Owner};
+use crate::command::{AccountId, Command, Fingerprint, Owner, Topic};
 use crate::decision::Decision;
 use crate::id::OpId;
 
@@ -30,6 +30,9 @@ pub struct Account {
     pub floor: i64,
     /// The highest the balance may reach, if any (at least 0).
     pub ceiling: Option<i64>,
+    /// The sum of credits reserved by sagas in flight; never negative.
+    /// They count against the ceiling, not in the balance.
+    pub incoming: i64,
 }
 
 impl Account {
@@ -40,6 +43,7 @@ impl Account {
             held: 0,
             floor,
             ceiling,
+            incoming: 0,
         }
     }
 
@@ -111,6 +115,73 @@ impl Hold {
 pub struct Claim {
     /// The owner.
     pub owner: Owner,
+    /// For a claim a saga holds tentatively: the op id of the step's try.
+    /// The saga's confirm makes it final (`None`); its cancel removes it.
+    pub tentative: Option<OpId>,
+}
+
+impl Claim {
+    /// A final claim by `owner`.
+    pub const fn owned_by(owner: Owner) -> Claim {
+        Claim {
+            owner,
+            tentative: None,
+        }
+    }
+}
+
+/// Where a saga is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SagaState {
+    /// Waiting for the outcome of step `step`'s try; the steps before it
+    /// were tried with success.
+    Trying {
+        /// The index of the step in flight.
+        step: u32,
+    },
+    /// Every step was tried with success and confirmed.
+    Confirmed {
+        /// The log time of the confirmation.
+        at_ms: u64,
+    },
+    /// A step was refused or the deadline passed; the steps were cancelled.
+    Cancelled {
+        /// The log time of the cancellation.
+        at_ms: u64,
+    },
+}
+
+/// A saga, kept by the partition of its op id.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Saga {
+    /// The request's command: a `transfer` or a `saga`. Its steps are
+    /// [`crate::saga::steps`] of it.
+    pub command: Command,
+    /// The apology topic of an optimistic saga.
+    pub apology_topic: Option<Topic>,
+    /// Where the final decision is sent, besides the decisions stream: the
+    /// reply subject of the request (or of its latest resubmission).
+    pub reply_to: Option<String>,
+    /// The log time at which an unfinished saga is cancelled.
+    pub deadline_ms: u64,
+    /// Where the saga is.
+    pub state: SagaState,
+}
+
+impl Saga {
+    /// When the saga ended, if it has.
+    pub const fn ended_at_ms(&self) -> Option<u64> {
+        match self.state {
+            SagaState::Trying { .. } => None,
+            SagaState::Confirmed { at_ms } | SagaState::Cancelled { at_ms } => Some(at_ms),
+        }
+    }
+
+    /// Whether compaction at `horizon_ms` may forget this saga: it ended
+    /// before the horizon (a saga in flight is never forgotten).
+    pub fn is_compactable(&self, horizon_ms: u64) -> bool {
+        self.ended_at_ms().is_some_and(|t| t < horizon_ms)
+    }
 }
 
 /// What a partition remembers of an operation it decided: enough to answer
@@ -147,12 +218,12 @@ impl Dedup {
 }
 
 /// An entry of the expiry index: a pending hold and the log time at which it
-/// lapses, ordered by time then id.
+/// lapses, or a saga in flight and its deadline; ordered by time then id.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub struct ExpiryKey {
-    /// When the hold lapses.
+    /// When the hold lapses (or the saga's deadline).
     pub at_ms: u64,
-    /// The hold.
+    /// The hold (or the saga).
     pub hold: OpId,
 }
 
@@ -175,6 +246,8 @@ pub trait Read {
     fn claim(&self, key: &str) -> Option<Claim>;
     /// The dedup record of this op id.
     fn dedup(&self, op: OpId) -> Option<Dedup>;
+    /// The saga with this op id (kept by the saga's own partition).
+    fn saga(&self, id: OpId) -> Option<Saga>;
     /// The first entry of the expiry index strictly after `after` (from the
     /// start when `None`).
     fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey>;
@@ -193,6 +266,8 @@ pub trait Write {
     fn put_claim(&mut self, key: &str, claim: Option<Claim>);
     /// Stores a dedup record.
     fn put_dedup(&mut self, op: OpId, dedup: Dedup);
+    /// Stores a saga.
+    fn put_saga(&mut self, id: OpId, saga: Saga);
     /// Adds (`true`) or removes (`false`) an expiry index entry.
     fn put_expiry(&mut self, key: ExpiryKey, present: bool);
     /// Records the applied position and log time.
@@ -216,6 +291,8 @@ pub struct ChangeSet {
     pub dedup: FxHashMap<OpId, Dedup>,
     /// The op ids of `dedup`, in the order they were decided.
     pub dedup_order: Vec<OpId>,
+    /// Sagas written.
+    pub sagas: FxHashMap<OpId, Saga>,
     /// Expiry index changes (`false`: removed).
     pub expiries: BTreeMap<ExpiryKey, bool>,
     /// The new clock, if anything was applied.
@@ -230,6 +307,7 @@ impl ChangeSet {
             && self.holds.is_empty()
             && self.claims.is_empty()
             && self.dedup.is_empty()
+            && self.sagas.is_empty()
             && self.expiries.is_empty()
     }
 
@@ -240,6 +318,7 @@ impl ChangeSet {
         self.claims.clear();
         self.dedup.clear();
         self.dedup_order.clear();
+        self.sagas.clear();
         self.expiries.clear();
         self.clock = None;
     }
@@ -286,6 +365,13 @@ impl<B: Read + ?Sized> Read for Overlay<'_, B> {
         match self.changes.dedup.get(&op) {
             Some(d) => Some(d.clone()),
             None => self.base.dedup(op),
+        }
+    }
+
+    fn saga(&self, id: OpId) -> Option<Saga> {
+        match self.changes.sagas.get(&id) {
+            Some(s) => Some(s.clone()),
+            None => self.base.saga(id),
         }
     }
 
@@ -338,6 +424,10 @@ impl<B: Read + ?Sized> Write for Overlay<'_, B> {
         if self.changes.dedup.insert(op, dedup).is_none() {
             self.changes.dedup_order.push(op);
         }
+    }
+
+    fn put_saga(&mut self, id: OpId, saga: Saga) {
+        self.changes.sagas.insert(id, saga);
     }
 
     fn put_expiry(&mut self, key: ExpiryKey, present: bool) {
@@ -515,6 +605,7 @@ pub struct MemState {
     holds: FxHashMap<OpId, Hold>,
     claims: FxHashMap<Keyed<String>, Claim>,
     dedup: FxHashMap<OpId, Dedup>,
+    sagas: FxHashMap<OpId, Saga>,
     expiries: BTreeSet<ExpiryKey>,
     clock: Clock,
 }
@@ -542,6 +633,9 @@ impl MemState {
         for (op, d) in changes.dedup.drain() {
             self.dedup.insert(op, d);
         }
+        for (id, saga) in changes.sagas.drain() {
+            self.sagas.insert(id, saga);
+        }
         for (k, present) in std::mem::take(&mut changes.expiries) {
             if present {
                 self.expiries.insert(k);
@@ -560,6 +654,7 @@ impl MemState {
     pub fn compact(&mut self, horizon_ms: u64) {
         self.dedup.retain(|_, d| !d.is_compactable(horizon_ms));
         self.holds.retain(|_, h| !h.is_compactable(horizon_ms));
+        self.sagas.retain(|_, s| !s.is_compactable(horizon_ms));
     }
 
     /// Every account, in no particular order.
@@ -580,6 +675,11 @@ impl MemState {
     /// Every dedup record, in no particular order.
     pub fn dedups(&self) -> impl Iterator<Item = (&OpId, &Dedup)> {
         self.dedup.iter()
+    }
+
+    /// Every saga (in flight or ended), in no particular order.
+    pub fn sagas(&self) -> impl Iterator<Item = (&OpId, &Saga)> {
+        self.sagas.iter()
     }
 
     /// The expiry index, in order.
@@ -603,6 +703,10 @@ impl Read for MemState {
 
     fn dedup(&self, op: OpId) -> Option<Dedup> {
         self.dedup.get(&op).cloned()
+    }
+
+    fn saga(&self, id: OpId) -> Option<Saga> {
+        self.sagas.get(&id).cloned()
     }
 
     fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
@@ -652,6 +756,10 @@ impl Write for MemState {
 
     fn put_dedup(&mut self, op: OpId, dedup: Dedup) {
         self.dedup.insert(op, dedup);
+    }
+
+    fn put_saga(&mut self, id: OpId, saga: Saga) {
+        self.sagas.insert(id, saga);
     }
 
     fn put_expiry(&mut self, key: ExpiryKey, present: bool) {

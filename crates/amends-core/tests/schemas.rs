@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use amends_core::command::{SAGA_DEADLINE_MS_MAX, SAGA_STEPS_MAX};
 use amends_core::partition::Input;
 use amends_core::schema;
 use amends_core::wire;
@@ -165,9 +166,30 @@ fn schemas_state_the_field_limits() {
             "void",
             "claim",
             "release",
-            "tick"
+            "tick",
+            "transfer",
+            "saga",
+            "step",
+            "step_outcome"
         ]
     );
+    // Saga limits: 1 to SAGA_STEPS_MAX steps, a deadline of 1 ms to
+    // SAGA_DEADLINE_MS_MAX, and the three phases of a step.
+    assert_eq!(def("Steps")["type"], json!("array"));
+    assert_eq!(def("Steps")["minItems"], json!(1));
+    assert_eq!(def("Steps")["maxItems"], json!(SAGA_STEPS_MAX));
+    assert_eq!(def("DeadlineMs")["type"], json!("integer"));
+    assert_eq!(def("DeadlineMs")["minimum"], json!(1));
+    assert_eq!(def("DeadlineMs")["maximum"], json!(SAGA_DEADLINE_MS_MAX));
+    assert_eq!(SAGA_STEPS_MAX, 16);
+    assert_eq!(SAGA_DEADLINE_MS_MAX, 3_600_000);
+    let phases: Vec<&Value> = def("Phase")["oneOf"]
+        .as_array()
+        .unwrap_or_else(|| panic!("Phase is not a oneOf"))
+        .iter()
+        .map(|v| &v["const"])
+        .collect();
+    assert_eq!(phases, [&json!("try"), &json!("confirm"), &json!("cancel")]);
     for (name, schema) in &all {
         assert_eq!(
             schema["$schema"],
@@ -267,6 +289,7 @@ fn vector_requests_match_the_request_schema() {
 fn vector_decisions_and_events_match_their_schemas() {
     let decision = validator("decision.json");
     let apology = validator("apology.json");
+    let request = validator("request.json");
     let hold_expired = validator("hold_expired.json");
     let check = |at: &str, validator: &Validator, instance: &Value| {
         assert!(
@@ -294,6 +317,18 @@ fn vector_decisions_and_events_match_their_schemas() {
                 "decided" => &decision,
                 "apology" => &apology,
                 "hold_expired" => &hold_expired,
+                // A saga's message to another partition is a request; its
+                // final decision to the reply subject is a decision.
+                "send" => {
+                    check(&at, &request, &value["request"]);
+                    checked += 1;
+                    continue;
+                }
+                "reply" => {
+                    check(&at, &decision, &value["decision"]);
+                    checked += 1;
+                    continue;
+                }
                 other => panic!("{at}: unknown effect {other:?}"),
             };
             check(&at, validator, value);
@@ -339,7 +374,35 @@ fn request_schema_refuses_bad_requests() {
         ),
         (
             "unknown command",
-            json!({ "op_id": op, "command": { "type": "transfer" } }),
+            json!({ "op_id": op, "command": { "type": "teleport" } }),
+        ),
+        (
+            "transfer without its accounts",
+            json!({ "op_id": op, "command": { "type": "transfer", "amount": 5 } }),
+        ),
+        (
+            "saga without steps",
+            json!({ "op_id": op, "command": { "type": "saga", "steps": [] } }),
+        ),
+        (
+            "saga with too many steps",
+            json!({ "op_id": op, "command": { "type": "saga", "steps": vec![json!({ "command": { "type": "credit", "account": "a", "amount": 1 } }); 17] } }),
+        ),
+        (
+            "zero deadline",
+            json!({ "op_id": op, "command": { "type": "transfer", "from": "a", "to": "b", "amount": 5, "deadline_ms": 0 } }),
+        ),
+        (
+            "deadline over an hour",
+            json!({ "op_id": op, "command": { "type": "transfer", "from": "a", "to": "b", "amount": 5, "deadline_ms": 3_600_001 } }),
+        ),
+        (
+            "unknown step field",
+            json!({ "op_id": op, "command": { "type": "saga", "steps": [{ "command": { "type": "credit", "account": "a", "amount": 1 }, "undo": null }] } }),
+        ),
+        (
+            "unknown phase",
+            json!({ "op_id": op, "command": { "type": "step", "saga": op, "index": 0, "phase": "retry", "step": { "command": { "type": "credit", "account": "a", "amount": 1 } } } }),
         ),
         (
             "zero amount",
@@ -395,4 +458,47 @@ fn request_schema_refuses_bad_requests() {
             "amends accepts a request with {what}"
         );
     }
+}
+
+#[test]
+fn protocol_examples_match_their_schemas() {
+    // Every ```json example of specs/protocol.md parses and matches the
+    // schema of what it shows (a request, which amends also decodes; a
+    // decision; an apology; a hold-expired event), so the examples stay true.
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../specs/protocol.md");
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+    let (request, decision) = (validator("request.json"), validator("decision.json"));
+    let (apology, hold_expired) = (validator("apology.json"), validator("hold_expired.json"));
+    let mut checked = 0;
+    for (i, block) in text.split("```json\n").skip(1).enumerate() {
+        let body = block
+            .split("```")
+            .next()
+            .unwrap_or_else(|| panic!("example {i} is not closed"));
+        let value: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("example {i} is not JSON: {e}\n{body}"));
+        let (what, v) = if value.get("event_id").is_some() {
+            ("hold-expired event", &hold_expired)
+        } else if value.get("topic").is_some() {
+            ("apology", &apology)
+        } else if value.get("command").is_some() {
+            let decoded = wire::decode_request(body.as_bytes());
+            assert!(
+                matches!(decoded, Ok(Input::Request(_))),
+                "example {i} is a request amends refuses:\n{body}"
+            );
+            ("request", &request)
+        } else if value.get("outcome").is_some() {
+            ("decision", &decision)
+        } else {
+            panic!("example {i} is of no known kind:\n{body}")
+        };
+        assert!(
+            v.is_valid(&value),
+            "example {i} ({what}) fails its schema: {}",
+            errors(v, &value)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 8, "only {checked} examples in {file}");
 }

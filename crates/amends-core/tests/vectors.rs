@@ -1,12 +1,13 @@
 //! Proves the partition machine makes exactly the decisions of
 //! specs/vectors/decisions.json: every step is decoded with
-//! `wire::decode_request`, applied with `Machine::apply` to a `MemState`, and
+//! `wire::decode_request`, applied with `Machine::apply_with_reply` to a
+//! `MemState` (of a machine with the scenario's partition count), and
 //! its answer, decision and effects are compared with the file's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use amends_core::partition::{Answer, Config, Effect, Input, Machine};
-use amends_core::route::PartitionId;
+use amends_core::route::{PartitionId, Partitions};
 use amends_core::state::MemState;
 use amends_core::wire::{self, REQUEST_BYTES_MAX};
 use amends_core::{Command, Reason};
@@ -39,7 +40,14 @@ struct Scenario {
     description: Option<String>,
     config: Config,
     partition: PartitionId,
+    /// The deployment's partition count (places saga steps); default 8.
+    #[serde(default = "default_partitions")]
+    partitions: u32,
     steps: Vec<Step>,
+}
+
+fn default_partitions() -> u32 {
+    8
 }
 
 #[derive(Deserialize)]
@@ -51,6 +59,10 @@ struct Step {
     position: u64,
     log_time_ms: u64,
     message: Value,
+    /// The reply subject the message was published with, which a saga
+    /// remembers to send its final decision to.
+    #[serde(default)]
+    reply_to: Option<String>,
     #[serde(default)]
     pad_to_bytes: Option<usize>,
     /// Read by tests/schemas.rs.
@@ -102,6 +114,12 @@ fn effect_json(effect: &Effect) -> Value {
         Effect::Decided(d) => json!({ "decided": to_json(d) }),
         Effect::Apology(a) => json!({ "apology": to_json(a) }),
         Effect::HoldExpired(e) => json!({ "hold_expired": to_json(e) }),
+        Effect::Send { partition, request } => {
+            json!({ "send": { "partition": partition, "request": to_json(request) } })
+        }
+        Effect::Reply { to, decision } => {
+            json!({ "reply": { "to": to, "decision": to_json(decision) } })
+        }
     }
 }
 
@@ -113,7 +131,14 @@ fn run_step(machine: &Machine, state: &mut MemState, step: &Step) -> (String, Va
     };
     let mut out = Vec::new();
     let answer = machine
-        .apply(state, step.position, step.log_time_ms, &input, &mut out)
+        .apply_with_reply(
+            state,
+            step.position,
+            step.log_time_ms,
+            &input,
+            step.reply_to.as_deref(),
+            &mut out,
+        )
         .unwrap_or_else(|fault| panic!("fault: {fault}"));
     let name = match &answer {
         Answer::Decided(_) => "decided",
@@ -121,8 +146,13 @@ fn run_step(machine: &Machine, state: &mut MemState, step: &Step) -> (String, Va
         Answer::Conflict(_) => "conflict",
         Answer::Refused(_) => "refused",
         Answer::Ticked => "ticked",
+        Answer::Accepted(_) => "accepted",
+        Answer::Internal(_) => "internal",
     };
-    let decision = answer.decision().map_or(Value::Null, to_json);
+    let decision = match &answer {
+        Answer::Accepted(d) | Answer::Internal(d) => to_json(d),
+        other => other.decision().map_or(Value::Null, to_json),
+    };
     (
         name.to_owned(),
         decision,
@@ -139,6 +169,21 @@ fn is_v7(decision: &Value) -> bool {
     text.as_bytes().get(14) == Some(&b'7')
 }
 
+/// Whether `again` repeats `earlier`: the same decision, or for a saga in
+/// flight the same one at a later step.
+fn same_decision(earlier: &Value, again: &Value) -> bool {
+    let in_flight = json!("in_flight");
+    if earlier == again {
+        return true;
+    }
+    if earlier["outcome"] != in_flight || again["outcome"] != in_flight {
+        return false;
+    }
+    let mut moved = earlier.clone();
+    moved["step"] = again["step"].clone();
+    moved == *again
+}
+
 fn compact(v: &Value) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| panic!("cannot print: {e}"))
 }
@@ -148,7 +193,9 @@ fn machine_matches_every_vector() {
     let file = load();
     let mut failures = Vec::new();
     for scenario in &file.scenarios {
-        let machine = Machine::new(scenario.partition, scenario.config);
+        let partitions = Partitions::new(scenario.partitions)
+            .unwrap_or_else(|e| panic!("{}: bad partition count: {e}", scenario.name));
+        let machine = Machine::new(scenario.partition, partitions, scenario.config);
         let mut state = MemState::new();
         for (i, step) in scenario.steps.iter().enumerate() {
             let (answer, decision, effects) = run_step(&machine, &mut state, step);
@@ -188,7 +235,10 @@ fn file_is_substantial() {
     // repeats an earlier decision; only a new decision publishes one; a
     // conflict or a refused op id carries its own code and publishes
     // nothing but due hold expiries; no op id is decided twice, and only v7
-    // ones are decided at all), so an emptied or careless edit fails.
+    // ones are decided at all; an accepted saga is in flight and publishes
+    // no decision of its own yet; an internal step message publishes no
+    // decision of its own op id; a reply repeats a decision published in the
+    // same step), so an emptied or careless edit fails.
     let file = load();
     let steps: usize = file.scenarios.iter().map(|s| s.steps.len()).sum();
     assert!(
@@ -200,9 +250,46 @@ fn file_is_substantial() {
     let mut confirmed = BTreeSet::new();
     let mut answers = BTreeSet::new();
     for scenario in &file.scenarios {
-        let mut decided: BTreeMap<u64, &Value> = BTreeMap::new();
+        let mut decided: Vec<&Value> = Vec::new();
+        // The kind of each request by op id, to credit a saga's final
+        // decision (published by a later message) to its command.
+        let mut kinds: BTreeMap<String, &'static str> = BTreeMap::new();
         let mut last_position = 0;
         for step in &scenario.steps {
+            if let Ok(Input::Request(req)) = wire::decode_request(&body(step)) {
+                kinds.insert(req.op_id.to_string(), req.command.kind());
+            }
+            let published: Vec<&Value> = step
+                .expect
+                .effects
+                .iter()
+                .filter_map(|e| e.get("decided"))
+                .collect();
+            for d in &published {
+                if let Some(code) = d.pointer("/reason/code").and_then(Value::as_str) {
+                    codes.insert(code.to_owned());
+                }
+                // A step_refused wraps the step's own reason.
+                if let Some(code) = d.pointer("/reason/reason/code").and_then(Value::as_str) {
+                    codes.insert(code.to_owned());
+                }
+                if d.get("outcome") == Some(&json!("confirmed"))
+                    && let Some(kind) = d["op_id"].as_str().and_then(|id| kinds.get(id))
+                {
+                    confirmed.insert(*kind);
+                }
+            }
+            for e in &step.expect.effects {
+                if let Some(reply) = e.get("reply") {
+                    assert!(
+                        published.contains(&&reply["decision"]),
+                        "scenario {:?}, position {}: a reply repeats a decision published \
+                         in the same step",
+                        scenario.name,
+                        step.position
+                    );
+                }
+            }
             assert!(
                 step.position > last_position,
                 "scenario {:?}: position {} does not advance",
@@ -236,12 +323,12 @@ fn file_is_substantial() {
                         step.position
                     );
                     assert!(
-                        !decided.values().any(|d| d["op_id"] == decision["op_id"]),
+                        !decided.iter().any(|d| d["op_id"] == decision["op_id"]),
                         "scenario {:?}, position {}: op id decided twice",
                         scenario.name,
                         step.position
                     );
-                    decided.insert(step.position, decision);
+                    decided.push(decision);
                     if decision.get("outcome") == Some(&json!("confirmed"))
                         && let Ok(Input::Request(req)) = wire::decode_request(&body(step))
                     {
@@ -249,9 +336,9 @@ fn file_is_substantial() {
                     }
                 }
                 "duplicate" => assert!(
-                    decided.values().any(|d| *d == decision) && !publishes_decision,
+                    decided.iter().any(|d| same_decision(d, decision)) && !publishes_decision,
                     "scenario {:?}, position {}: a duplicate must repeat an earlier decision \
-                     and publish nothing",
+                     (a saga in flight: with its current step) and publish nothing",
                     scenario.name,
                     step.position
                 ),
@@ -273,7 +360,7 @@ fn file_is_substantial() {
                         step.position
                     );
                     assert!(
-                        !publishes_decision && !decided.values().any(|d| *d == decision),
+                        !publishes_decision && !decided.contains(&decision),
                         "scenario {:?}, position {}: conflict is for the sender only",
                         scenario.name,
                         step.position
@@ -284,24 +371,82 @@ fn file_is_substantial() {
                     // not a UUID v7 (malformed whatever the body).
                     let code = decision.pointer("/reason/code").and_then(Value::as_str);
                     let not_v7 = !is_v7(decision);
+                    // A step message whose op id is not the derived one is
+                    // refused like an op id that is not v7.
+                    let internal = matches!(
+                        wire::decode_request(&body(step)),
+                        Ok(Input::Request(req)) if req.command.is_internal()
+                    );
                     assert!(
                         (code == Some("op_id_outside_window") && !not_v7)
-                            || (code == Some("malformed") && not_v7),
+                            || (code == Some("malformed") && (not_v7 || internal)),
                         "scenario {:?}, position {}: refused needs op_id_outside_window, or \
-                         malformed for an op id that is not v7",
+                         malformed for an op id that is not v7 or a forged step message",
                         scenario.name,
                         step.position
                     );
                     assert!(
-                        !publishes_decision && !decided.values().any(|d| *d == decision),
+                        !publishes_decision && !decided.contains(&decision),
                         "scenario {:?}, position {}: refused is for the sender only",
                         scenario.name,
                         step.position
                     );
                 }
+                "accepted" => {
+                    assert_eq!(
+                        decision.pointer("/outcome"),
+                        Some(&json!("in_flight")),
+                        "scenario {:?}, position {}: an accepted saga is in flight",
+                        scenario.name,
+                        step.position
+                    );
+                    assert!(
+                        is_v7(decision)
+                            && !published.iter().any(|d| d["op_id"] == decision["op_id"]
+                                && d["position"] != decision["position"])
+                            && !decided.iter().any(|d| d["op_id"] == decision["op_id"]),
+                        "scenario {:?}, position {}: an accepted saga is new, and decided \
+                         only by its own step's messages",
+                        scenario.name,
+                        step.position
+                    );
+                    // Its final decision, when this same message decides
+                    // it, is published with the message's position.
+                    decided.push(decision);
+                }
+                "internal" => {
+                    let kind = wire::decode_request(&body(step))
+                        .ok()
+                        .and_then(|i| match i {
+                            Input::Request(req) => Some(req.command.kind()),
+                            Input::Malformed { .. } => None,
+                        });
+                    assert!(
+                        matches!(kind, Some("step" | "step_outcome")) && !is_v7(decision),
+                        "scenario {:?}, position {}: internal needs a step message with a \
+                         derived op id",
+                        scenario.name,
+                        step.position
+                    );
+                    assert!(
+                        !published.iter().any(|d| d["op_id"] == decision["op_id"]),
+                        "scenario {:?}, position {}: an internal decision is not published",
+                        scenario.name,
+                        step.position
+                    );
+                    if decision.get("outcome") == Some(&json!("confirmed"))
+                        && let Some(kind) = kind
+                    {
+                        confirmed.insert(kind);
+                    }
+                    decided.push(decision);
+                }
                 "dead_letter" => {}
                 other => panic!("scenario {:?}: unknown answer {other:?}", scenario.name),
             }
+            // A saga's final decision, published by this step, is what a
+            // later resubmission repeats.
+            decided.extend(published);
         }
     }
     let missing: Vec<_> = Reason::CODES
@@ -324,6 +469,10 @@ fn file_is_substantial() {
         "claim",
         "release",
         "tick",
+        "transfer",
+        "saga",
+        "step",
+        "step_outcome",
     ];
     let unconfirmed: Vec<_> = kinds.iter().filter(|k| !confirmed.contains(**k)).collect();
     assert!(unconfirmed.is_empty(), "no vector confirms {unconfirmed:?}");
@@ -334,6 +483,8 @@ fn file_is_substantial() {
         "refused",
         "ticked",
         "dead_letter",
+        "accepted",
+        "internal",
     ] {
         assert!(
             answers.contains(answer),

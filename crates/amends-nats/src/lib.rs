@@ -25,7 +25,11 @@
 //!   capped exponential backoff, stops a partition for good (loudly, in its
 //!   [`service::Status`]) when its log went backwards, publishes ticks so
 //!   holds expire on idle partitions, and compacts each partition on a
-//!   blocking thread.
+//!   blocking thread; its request-reply endpoints (a NATS micro service
+//!   `amends`: the status of an op id, balance and claim queries,
+//!   partition stats) answer from the store.
+//! - [`metrics`]: the counters, gauges and histograms the workers and the
+//!   service record (exported by `amends serve --metrics-addr`).
 //! - [`Error`]: the one error type; async-nats errors are wrapped in it,
 //!   never re-exported.
 //! - `test_support` (cargo feature `test-support`): real `nats-server`
@@ -38,9 +42,8 @@
 //!
 //! # What it deliberately does not do (yet)
 //!
-//! No stalled-pull watchdog, no request-reply endpoints besides the status
-//! of an op id, and no metrics yet: they come with the rest of the service
-//! issue. A worker that stops returns
+//! No stalled-pull watchdog yet. It installs no metrics exporter (the
+//! binary does). A worker that stops returns
 //! its [`worker::Error`]; [`service`] restarts it or stops its partition. It does
 //! not connect to NATS either: the caller owns the connection (URLs,
 //! credentials, TLS) and hands [`topology::ensure`] a JetStream context. It
@@ -51,6 +54,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod metrics;
 pub mod service;
 pub mod topology;
 pub mod worker;

@@ -6,7 +6,12 @@
 //!                                       -- integrity error -> Stopped (loud), never restarted
 //! ticks:         every tick_interval, a tick to each running partition with a hold due
 //! compaction:    every compact_interval, Partition::compact on a blocking thread
-//! status:        <prefix>.status.* (queue group amends-status): what a partition knows of an op id
+//! endpoints:     the NATS micro service `amends`, answering from the store:
+//!                <prefix>.status.*        (queue group amends-status): what a partition knows of an op id
+//!                <prefix>.query.balance.* (queue group amends-query): an account's balance, holds, limits
+//!                <prefix>.query.claim.*   (queue group amends-query): the owner of a claim
+//!                <prefix>.stats.*         (queue group amends-query): applied position, lag, state
+//! gauges:        every gauge_interval, each partition's applied position and lag (crate::metrics)
 //! ```
 //!
 //! [`Service::run`] runs until every partition has stopped (then it returns
@@ -33,7 +38,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 
-use crate::topology::{Topology, header};
+use crate::topology::{Stream, Topology, header};
 use crate::worker;
 
 /// The first restart delay of a worker that stopped on a transient error.
@@ -58,6 +63,12 @@ pub const TICK_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 /// dedup retention (24 hours by default) by at most this much.
 pub const COMPACT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5 * 60);
 
+/// The default refresh interval of the per-partition gauges (applied
+/// position, lag; see [`crate::metrics`]). Each refresh reads one message
+/// per partition from the requests stream; a Prometheus scrape every 15 s
+/// or so needs nothing finer.
+pub const GAUGE_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
+
 /// The service's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -71,6 +82,8 @@ pub struct Options {
     pub backoff_min: Duration,
     /// The longest restart delay.
     pub backoff_max: Duration,
+    /// How often the applied position and lag gauges are refreshed.
+    pub gauge_interval: Duration,
 }
 
 impl Default for Options {
@@ -81,6 +94,7 @@ impl Default for Options {
             compact_interval: COMPACT_INTERVAL_DEFAULT,
             backoff_min: RESTART_BACKOFF_MIN,
             backoff_max: RESTART_BACKOFF_MAX,
+            gauge_interval: GAUGE_INTERVAL_DEFAULT,
         }
     }
 }
@@ -169,6 +183,9 @@ impl Status {
     fn set(&self, index: usize, state: PartitionState, restarted: bool) {
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = states.get_mut(index) {
+            if let Some(store) = self.stores.get(index) {
+                crate::metrics::partition_state(store.id(), state_name(&state).0, restarted);
+            }
             slot.0 = state;
             if restarted {
                 slot.1 = slot.1.saturating_add(1);
@@ -255,7 +272,7 @@ impl Service {
                 js.clone(),
                 topology.clone(),
                 store.clone(),
-                Machine::new(id, config),
+                Machine::new(id, topology.partitions, config),
                 options,
                 status.clone(),
                 index,
@@ -264,10 +281,19 @@ impl Service {
         let mut background = JoinSet::new();
         background.spawn(tick(js.clone(), topology.clone(), options, status.clone()));
         background.spawn(compact(config, options, status.clone()));
-        background.spawn(serve_status(
-            js.client(),
+        background.spawn(serve_endpoints(
+            js.clone(),
             topology.clone(),
             config,
+            status.clone(),
+        ));
+        for id in topology.partitions.ids() {
+            crate::metrics::partition_state(id, "running", false);
+        }
+        background.spawn(gauges(
+            js.clone(),
+            topology.clone(),
+            options,
             status.clone(),
         ));
         while workers.join_next().await.is_some() {}
@@ -472,87 +498,445 @@ async fn compact(config: Config, options: Options, status: Status) {
     }
 }
 
+/// The name of the NATS micro service the endpoints form (`$SRV.PING.amends`,
+/// `$SRV.INFO.amends`, `$SRV.STATS.amends` answer for it); its version is
+/// this crate's.
+pub const SERVICE_NAME: &str = "amends";
+
 /// The queue group of the status endpoint: several processes serving the
 /// same deployment share its requests.
 pub const STATUS_QUEUE_GROUP: &str = "amends-status";
 
-/// The status endpoint: answers each request on `<prefix>.status.<p>` (body:
-/// an op id in canonical text) with what partition `p` knows of the op:
-/// `{"status":"decided","decision":...}`, `{"status":"unknown"}`, or
-/// `{"status":"error","detail":...}` for a bad request. A record past the
-/// compaction horizon is unknown, as it is to the core. If the subscription
-/// fails or ends, it is made again after a backoff.
-async fn serve_status(
-    nats: async_nats::Client,
+/// The queue group of the balance and claim queries and the stats
+/// endpoint.
+pub const QUERY_QUEUE_GROUP: &str = "amends-query";
+
+/// The most requests one endpoint answers at once. Each answer is a few
+/// store reads on a blocking thread (a stream lookup for stats), so a
+/// burst of queries is served in parallel but cannot pile up unbounded
+/// work.
+pub const ENDPOINT_CONCURRENCY_MAX: usize = 64;
+
+/// One request-reply endpoint of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `<prefix>.status.<p>`: what a partition knows of an op id.
+    Status,
+    /// `<prefix>.query.balance.<p>`: an account's balance.
+    Balance,
+    /// `<prefix>.query.claim.<p>`: the owner of a claim.
+    Claim,
+    /// `<prefix>.stats.<p>`: a partition's position, lag and state.
+    Stats,
+}
+
+impl Endpoint {
+    const ALL: [Endpoint; 4] = [
+        Endpoint::Status,
+        Endpoint::Balance,
+        Endpoint::Claim,
+        Endpoint::Stats,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Status => "status",
+            Endpoint::Balance => "balance",
+            Endpoint::Claim => "claim",
+            Endpoint::Stats => "stats",
+        }
+    }
+
+    fn subject(self, topology: &Topology) -> String {
+        match self {
+            Endpoint::Status => topology.prefix.status_wildcard(),
+            Endpoint::Balance => topology.prefix.query_balance_wildcard(),
+            Endpoint::Claim => topology.prefix.query_claim_wildcard(),
+            Endpoint::Stats => topology.prefix.stats_wildcard(),
+        }
+    }
+
+    fn queue_group(self) -> &'static str {
+        match self {
+            Endpoint::Status => STATUS_QUEUE_GROUP,
+            Endpoint::Balance | Endpoint::Claim | Endpoint::Stats => QUERY_QUEUE_GROUP,
+        }
+    }
+}
+
+/// What the endpoints answer from.
+struct Answers {
+    js: jetstream::Context,
+    topology: Topology,
+    config: Config,
+    status: Status,
+}
+
+/// Stops the micro service (its `$SRV` verb handler) when dropped: the
+/// endpoints' own subscriptions end with their tasks.
+struct StopOnDrop(Option<async_nats::service::Service>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(service) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = service.stop().await;
+            });
+        }
+    }
+}
+
+/// The request-reply endpoints, as the NATS micro service [`SERVICE_NAME`]:
+/// each endpoint keeps its protocol subject (`<prefix>.status.*`,
+/// `<prefix>.query.balance.*`, `<prefix>.query.claim.*`,
+/// `<prefix>.stats.*`) and its queue group ([`STATUS_QUEUE_GROUP`],
+/// [`QUERY_QUEUE_GROUP`]). Every reply is JSON; a bad request gets
+/// `{"status":"error","detail":...}`. If the service cannot start or an
+/// endpoint ends, it is started again after a backoff.
+async fn serve_endpoints(
+    js: jetstream::Context,
     topology: Topology,
     config: Config,
     status: Status,
 ) {
-    use futures_util::StreamExt;
-    let subject = topology.prefix.status_wildcard();
+    use async_nats::service::ServiceExt as _;
+    use futures_util::StreamExt as _;
+    let answers = Arc::new(Answers {
+        js: js.clone(),
+        topology,
+        config,
+        status,
+    });
     loop {
-        match nats
-            .queue_subscribe(subject.clone(), STATUS_QUEUE_GROUP.to_owned())
-            .await
-        {
-            Ok(mut sub) => {
-                while let Some(msg) = sub.next().await {
-                    let Some(reply) = msg.reply.clone() else {
-                        continue;
+        let started = js
+            .client()
+            .service_builder()
+            .description("amends: status of an op id, balance and claim queries, partition stats")
+            .queue_group(QUERY_QUEUE_GROUP)
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await;
+        match started {
+            Ok(service) => {
+                let mut tasks = JoinSet::new();
+                let mut failed = None;
+                for endpoint in Endpoint::ALL {
+                    let added = service
+                        .endpoint_builder()
+                        .name(endpoint.name())
+                        .queue_group(endpoint.queue_group())
+                        .add(endpoint.subject(&answers.topology))
+                        .await;
+                    let requests = match added {
+                        Ok(requests) => requests,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     };
-                    let answer = status_answer(&topology, config, &status, &msg).await;
-                    let body = serde_json::to_vec(&answer).unwrap_or_default();
-                    if let Err(e) = nats.publish(reply, body.into()).await {
-                        tracing::debug!(error = %e, "status reply not sent");
+                    let answers = Arc::clone(&answers);
+                    tasks.spawn(requests.for_each_concurrent(
+                        ENDPOINT_CONCURRENCY_MAX,
+                        move |request| {
+                            let answers = Arc::clone(&answers);
+                            async move {
+                                let answer = answers.answer(endpoint, &request.message).await;
+                                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                                if let Err(e) = request.respond(Ok(body.into())).await {
+                                    tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
+                                }
+                            }
+                        },
+                    ));
+                }
+                let _stop = StopOnDrop(Some(service));
+                match failed {
+                    Some(e) => {
+                        tracing::warn!(error = %e, "an endpoint could not subscribe; retrying")
+                    }
+                    None => {
+                        tasks.join_next().await;
+                        tracing::warn!(
+                            "an endpoint subscription ended; starting the endpoints again"
+                        );
                     }
                 }
-                tracing::warn!("status subscription ended; subscribing again");
             }
-            Err(e) => tracing::warn!(error = %e, "status subscription failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, "the endpoints could not start; retrying"),
         }
         tokio::time::sleep(RESTART_BACKOFF_MAX).await;
     }
 }
 
-/// The reply to one status request.
-async fn status_answer(
+/// `{"status":"error","detail":...}`: the answer to a bad request.
+fn error_answer(detail: impl Into<String>) -> serde_json::Value {
+    serde_json::json!({"status": "error", "detail": detail.into()})
+}
+
+impl Answers {
+    /// The reply to one request on `endpoint`.
+    async fn answer(&self, endpoint: Endpoint, msg: &async_nats::Message) -> serde_json::Value {
+        let found = self.partition(msg).and_then(|(index, store)| {
+            let text = std::str::from_utf8(&msg.payload)
+                .map_err(|_| error_answer("the body is not UTF-8"))?;
+            Ok((index, store, text))
+        });
+        let (index, store, text) = match found {
+            Ok(found) => found,
+            Err(answer) => return answer,
+        };
+        let answer = match endpoint {
+            Endpoint::Status => self.op_status(store, text).await,
+            Endpoint::Balance => self.balance(store, text).await,
+            Endpoint::Claim => self.claim(store, text).await,
+            Endpoint::Stats => Ok(self.stats(index, store).await),
+        };
+        answer.unwrap_or_else(|answer| answer)
+    }
+
+    /// The partition a request's subject names (its last token), and its
+    /// store.
+    fn partition(
+        &self,
+        msg: &async_nats::Message,
+    ) -> Result<(usize, Partition), serde_json::Value> {
+        let p = msg
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .and_then(|t| t.parse::<u32>().ok())
+            .and_then(|p| self.topology.partitions.id(p))
+            .ok_or_else(|| error_answer(format!("{} names no partition", msg.subject)))?;
+        self.status
+            .stores
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.id() == p)
+            .map(|(index, store)| (index, store.clone()))
+            .ok_or_else(|| error_answer(format!("partition {p} is not served here")))
+    }
+
+    /// Refuses a routing key that another partition owns: the client asked
+    /// the wrong partition (for example with a wrong partition count).
+    fn check_owner(
+        &self,
+        store: &Partition,
+        routing_key: &str,
+        what: &str,
+    ) -> Result<(), serde_json::Value> {
+        let owner = amends_core::route::partition_of(routing_key, self.topology.partitions);
+        if owner == store.id() {
+            Ok(())
+        } else {
+            Err(error_answer(format!(
+                "{what} belongs to partition {owner}, not {}",
+                store.id()
+            )))
+        }
+    }
+
+    /// The status endpoint: `{"status":"decided","decision":...}` or
+    /// `{"status":"unknown"}`. A record past the compaction horizon is
+    /// unknown, as it is to the core.
+    async fn op_status(
+        &self,
+        store: Partition,
+        text: &str,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        use serde_json::json;
+        let op_id = match text.parse::<OpId>() {
+            Ok(op_id) if op_id.to_string() == text => op_id,
+            _ => {
+                return Err(error_answer(format!(
+                    "{text:?} is not an op id in canonical text"
+                )));
+            }
+        };
+        let config = self.config;
+        let found = tokio::task::spawn_blocking(move || {
+            let horizon_ms = config.compaction_horizon_ms(store.clock().log_time_ms);
+            store.dedup(op_id).filter(|d| !d.is_compactable(horizon_ms))
+        })
+        .await;
+        match found {
+            Ok(Some(dedup)) => Ok(json!({"status": "decided", "decision": dedup.decision})),
+            Ok(None) => Ok(json!({"status": "unknown"})),
+            Err(e) => Err(error_answer(format!("the lookup failed: {e}"))),
+        }
+    }
+
+    /// The balance query (body: an account id): `{"status":"found",
+    /// "account", "balance", "held", "available", "floor", "ceiling",
+    /// "position", "log_time_ms"}` or `{"status":"unknown", "position",
+    /// "log_time_ms"}`. The position is read first, so the account is as
+    /// of that position or later. Pending holds are not listed: the store
+    /// keeps holds by op id with no index by account, and listing them
+    /// would scan every hold of the partition.
+    async fn balance(
+        &self,
+        store: Partition,
+        text: &str,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        use serde_json::json;
+        let account = amends_core::command::AccountId::new(text)
+            .map_err(|e| error_answer(format!("{text:?} is not an account id: {e}")))?;
+        self.check_owner(&store, account.as_str(), &format!("account {text:?}"))?;
+        let read = tokio::task::spawn_blocking(move || {
+            let clock = store.clock();
+            (clock, store.account(account.as_str()), account)
+        })
+        .await
+        .map_err(|e| error_answer(format!("the lookup failed: {e}")))?;
+        let (clock, found, account) = read;
+        Ok(match found {
+            Some(a) => json!({
+                "status": "found",
+                "account": account.as_str(),
+                "balance": a.balance,
+                "held": a.held,
+                "available": a.available(),
+                "floor": a.floor,
+                "ceiling": a.ceiling,
+                "position": clock.position,
+                "log_time_ms": clock.log_time_ms,
+            }),
+            None => json!({
+                "status": "unknown",
+                "position": clock.position,
+                "log_time_ms": clock.log_time_ms,
+            }),
+        })
+    }
+
+    /// The claim query (body: `{"namespace":...,"key":...}`):
+    /// `{"status":"claimed","owner",...}` or `{"status":"free",...}`, with
+    /// the position and log time they were read at.
+    async fn claim(
+        &self,
+        store: Partition,
+        text: &str,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        use amends_core::command::{ClaimKey, Namespace};
+        use serde_json::json;
+        let shape = || error_answer("the body must be {\"namespace\": <text>, \"key\": <text>}");
+        let body = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+            .map_err(|_| shape())?;
+        let field = |name: &str| body.get(name).and_then(serde_json::Value::as_str);
+        let (Some(namespace), Some(key), 2) = (field("namespace"), field("key"), body.len()) else {
+            return Err(shape());
+        };
+        let namespace = Namespace::new(namespace).map_err(|e| error_answer(e.to_string()))?;
+        let key = ClaimKey::new(key).map_err(|e| error_answer(e.to_string()))?;
+        let routing_key = amends_core::route::claim_routing_key(namespace.as_str(), key.as_str());
+        self.check_owner(&store, &routing_key, "the claim")?;
+        let (clock, found) = tokio::task::spawn_blocking(move || {
+            let clock = store.clock();
+            (clock, store.claim(&routing_key))
+        })
+        .await
+        .map_err(|e| error_answer(format!("the lookup failed: {e}")))?;
+        let mut answer = match found {
+            Some(claim) => json!({"status": "claimed", "owner": claim.owner.as_str()}),
+            None => json!({"status": "free"}),
+        };
+        answer["namespace"] = json!(namespace.as_str());
+        answer["key"] = json!(key.as_str());
+        answer["position"] = json!(clock.position);
+        answer["log_time_ms"] = json!(clock.log_time_ms);
+        Ok(answer)
+    }
+
+    /// The stats endpoint (body ignored): the partition's supervisor state,
+    /// restarts, applied position and log time, the requests stream's last
+    /// sequence on its subject, and the lag between them. If the stream
+    /// cannot be read, `last_sequence` and `lag` are null and
+    /// `stream_error` says why.
+    async fn stats(&self, index: usize, store: Partition) -> serde_json::Value {
+        use serde_json::json;
+        let p = store.id();
+        let snapshot = self.status.snapshot();
+        let (state, detail, restarts) = match snapshot.partitions.get(index) {
+            Some(s) => {
+                let (name, detail) = state_name(&s.state);
+                (name, detail, s.restarts)
+            }
+            None => ("running", None, 0),
+        };
+        let clock = tokio::task::spawn_blocking(move || store.clock())
+            .await
+            .unwrap_or_default();
+        let last = last_sequence(&self.js, &self.topology, p).await;
+        let mut answer = json!({
+            "status": "ok",
+            "partition": p.get(),
+            "state": state,
+            "detail": detail,
+            "restarts": restarts,
+            "applied_position": clock.position,
+            "log_time_ms": clock.log_time_ms,
+            "last_sequence": null,
+            "lag": null,
+        });
+        match last {
+            Ok(last) => {
+                answer["last_sequence"] = json!(last);
+                answer["lag"] = json!(last.saturating_sub(clock.position));
+            }
+            Err(e) => answer["stream_error"] = json!(e),
+        }
+        answer
+    }
+}
+
+/// A partition state's name (one of [`crate::metrics::STATES`]) and its
+/// error text, if it has one.
+fn state_name(state: &PartitionState) -> (&'static str, Option<String>) {
+    match state {
+        PartitionState::Running => ("running", None),
+        PartitionState::Restarting { error, .. } => ("restarting", Some(error.clone())),
+        PartitionState::Stopped { reason } => ("stopped", Some(reason.clone())),
+    }
+}
+
+/// The requests stream's last sequence on partition `p`'s subject (0 if it
+/// holds none).
+async fn last_sequence(
+    js: &jetstream::Context,
     topology: &Topology,
-    config: Config,
-    status: &Status,
-    msg: &async_nats::Message,
-) -> serde_json::Value {
-    use serde_json::json;
-    let error = |detail: String| json!({"status": "error", "detail": detail});
-    let p = msg
-        .subject
-        .as_str()
-        .rsplit('.')
-        .next()
-        .and_then(|t| t.parse::<u32>().ok())
-        .and_then(|p| topology.partitions.id(p));
-    let Some(p) = p else {
-        return error(format!("{} names no partition", msg.subject));
-    };
-    let Some(store) = status.stores.iter().find(|s| s.id() == p).cloned() else {
-        return error(format!("partition {p} is not served here"));
-    };
-    let text = match std::str::from_utf8(&msg.payload) {
-        Ok(text) => text,
-        Err(_) => return error("the body is not UTF-8".to_owned()),
-    };
-    let op_id = match text.parse::<OpId>() {
-        Ok(op_id) if op_id.to_string() == text => op_id,
-        _ => return error(format!("{text:?} is not an op id in canonical text")),
-    };
-    let found = tokio::task::spawn_blocking(move || {
-        let horizon_ms = config.compaction_horizon_ms(store.clock().log_time_ms);
-        store.dedup(op_id).filter(|d| !d.is_compactable(horizon_ms))
-    })
-    .await;
-    match found {
-        Ok(Some(dedup)) => json!({"status": "decided", "decision": dedup.decision}),
-        Ok(None) => json!({"status": "unknown"}),
-        Err(e) => error(format!("the lookup failed: {e}")),
+    p: PartitionId,
+) -> Result<u64, String> {
+    let stream = js
+        .get_stream_no_info(topology.prefix.stream_name(Stream::Requests))
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream
+        .get_last_raw_message_by_subject(&topology.prefix.req(p))
+        .await
+    {
+        Ok(message) => Ok(message.sequence),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Gauges: every interval, each partition's applied position and lag
+/// ([`crate::metrics`]), from its store and the requests stream.
+async fn gauges(js: jetstream::Context, topology: Topology, options: Options, status: Status) {
+    let period = options.gauge_interval.max(Duration::from_millis(1));
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        for store in status.stores.iter() {
+            let p = store.id();
+            let applied = store.head().map(|h| h.clock.position).unwrap_or(0);
+            match last_sequence(&js, &topology, p).await {
+                Ok(last) => crate::metrics::position(p, applied, last.saturating_sub(applied)),
+                Err(e) => tracing::debug!(partition = p.get(), error = %e, "lag not measured"),
+            }
+        }
     }
 }
 

@@ -12,8 +12,12 @@
 //! | apologies | `AMENDS_APOLOGY` | `amends.apology.>` | refused optimistic operations, by apology topic |
 //! | dead letters | `AMENDS_DLQ` | `amends.dlq.*` | input without a readable op id |
 //!
-//! One more subject has no stream: the status endpoint `amends.status.<p>`
-//! ([`Prefix::status`]), core NATS request-reply, served by the service.
+//! The service's request-reply endpoints have no stream (core NATS,
+//! served by [`crate::service`]): the status of an op id
+//! `amends.status.<p>` ([`Prefix::status`]), the balance and claim queries
+//! `amends.query.balance.<p>` and `amends.query.claim.<p>`
+//! ([`Prefix::query_balance`], [`Prefix::query_claim`]) and the partition
+//! stats `amends.stats.<p>` ([`Prefix::stats`]).
 //!
 //! Stream names are the prefix in upper case with every character that is
 //! not a letter or a digit replaced by `_`, then `_REQ`, `_DEC`, `_APOLOGY`
@@ -201,6 +205,42 @@ impl Prefix {
     /// Every status endpoint: `<prefix>.status.*`.
     pub fn status_wildcard(&self) -> String {
         format!("{}.status.*", self.0)
+    }
+
+    /// The balance query of a partition: `<prefix>.query.balance.<p>`, core
+    /// NATS request-reply: the body is an account id, the reply its
+    /// balance, holds and limits (see [`crate::service`]).
+    pub fn query_balance(&self, partition: PartitionId) -> String {
+        format!("{}.query.balance.{partition}", self.0)
+    }
+
+    /// Every balance query: `<prefix>.query.balance.*`.
+    pub fn query_balance_wildcard(&self) -> String {
+        format!("{}.query.balance.*", self.0)
+    }
+
+    /// The claim query of a partition: `<prefix>.query.claim.<p>`, core NATS
+    /// request-reply: the body is `{"namespace":..,"key":..}`, the reply
+    /// the owner of that claim, if any.
+    pub fn query_claim(&self, partition: PartitionId) -> String {
+        format!("{}.query.claim.{partition}", self.0)
+    }
+
+    /// Every claim query: `<prefix>.query.claim.*`.
+    pub fn query_claim_wildcard(&self) -> String {
+        format!("{}.query.claim.*", self.0)
+    }
+
+    /// The stats endpoint of a partition: `<prefix>.stats.<p>`, core NATS
+    /// request-reply: the reply is the partition's applied position, lag
+    /// and state.
+    pub fn stats(&self, partition: PartitionId) -> String {
+        format!("{}.stats.{partition}", self.0)
+    }
+
+    /// Every stats endpoint: `<prefix>.stats.*`.
+    pub fn stats_wildcard(&self) -> String {
+        format!("{}.stats.*", self.0)
     }
 
     /// The subjects a stream takes: one wildcard subject.

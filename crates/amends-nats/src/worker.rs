@@ -57,6 +57,15 @@ pub const ACK_WAIT_DEFAULT: Duration = Duration::from_secs(30);
 /// Outbox entries republished per page on start.
 pub const OUTBOX_PAGE_LEN: usize = 1024;
 
+/// The stall watchdog looks at the requests stream after this many empty
+/// fetches in a row (with [`FETCH_WAIT_DEFAULT`], once a second). A pull
+/// consumer was once seen idle for seconds after a nats-server restart
+/// while messages waited; two looks in a row that both see a message past
+/// what was delivered, with only empty fetches between them, prove a stall
+/// (a message published between a fetch and a look is not one), and the
+/// worker stops with [`Error::ConsumerStalled`] to recreate its consumer.
+pub const STALL_CHECK_IDLE_FETCHES: u32 = 2;
+
 /// The worker's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -148,6 +157,21 @@ pub enum Error {
         /// The consumer sequence delivered now.
         got: u64,
     },
+    /// The consumer stalled: fetches came back empty while the requests
+    /// stream held a message of this partition past the last one
+    /// delivered (see [`STALL_CHECK_IDLE_FETCHES`]). Starting again
+    /// recreates the consumer from the store's applied position.
+    #[error(
+        "partition {partition}: the consumer stalled (delivered through {delivered}, stream holds {waiting}); it must be recreated"
+    )]
+    ConsumerStalled {
+        /// The partition.
+        partition: u32,
+        /// The last stream sequence delivered (or applied on start).
+        delivered: u64,
+        /// The last stream sequence of the partition's subject.
+        waiting: u64,
+    },
     /// A topology error (for example an invalid one).
     #[error(transparent)]
     Topology(#[from] NatsError),
@@ -172,6 +196,9 @@ pub fn dead_letter_msg_id(partition: PartitionId, position: u64) -> String {
 /// A redelivered message (JetStream's `delivered > 1`) at or below the
 /// applied position was applied already and is skipped; a first delivery
 /// there is [`Error::LogBehind`]. Bad input never stops the partition.
+/// A consumer that delivers nothing while the stream holds requests for it
+/// stops the worker with [`Error::ConsumerStalled`] (see
+/// [`STALL_CHECK_IDLE_FETCHES`]), so that it is recreated.
 /// Cancel it by dropping the future (or aborting its task): every await is
 /// a safe point to stop, and the next start resumes from the store.
 pub async fn run_partition(
@@ -249,6 +276,13 @@ pub async fn run_partition(
     tracing::info!(partition = p, consumer = %name, start = applied.saturating_add(1), "partition worker started");
 
     let mut consumer_seq = 0_u64;
+    // The stall watchdog: the last stream sequence delivered (dead letters
+    // do not move the applied position, so that is not enough), the empty
+    // fetches in a row, and what the last look at the stream saw waiting.
+    let subject = topology.prefix.req(id);
+    let mut delivered = applied;
+    let mut idle_fetches = 0_u32;
+    let mut suspect: Option<u64> = None;
     loop {
         let mut fetched = consumer
             .fetch()
@@ -262,8 +296,33 @@ pub async fn run_partition(
             batch.push(message.map_err(nats_error(p, "fetch"))?);
         }
         let Some(last) = batch.last() else {
+            idle_fetches = idle_fetches.saturating_add(1);
+            if idle_fetches.is_multiple_of(STALL_CHECK_IDLE_FETCHES) {
+                let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
+                let waiting = match stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(message) => message.sequence,
+                    Err(e) if e.kind() == none => 0,
+                    Err(e) => return Err(nats_error(p, "stall check")(e)),
+                };
+                if suspect.is_some_and(|seen| seen > delivered) {
+                    tracing::warn!(
+                        partition = p,
+                        delivered,
+                        waiting,
+                        "consumer stalled; recreating"
+                    );
+                    return Err(Error::ConsumerStalled {
+                        partition: p,
+                        delivered,
+                        waiting,
+                    });
+                }
+                suspect = (waiting > delivered).then_some(waiting);
+            }
             continue;
         };
+        idle_fetches = 0;
+        suspect = None;
         for message in &batch {
             let info = message.info().map_err(nats_error(p, "read message info"))?;
             if info.consumer_sequence <= consumer_seq {
@@ -280,6 +339,7 @@ pub async fn run_partition(
                 });
             }
             consumer_seq = info.consumer_sequence;
+            delivered = delivered.max(info.stream_sequence);
         }
         worker.batch(&batch).await?;
         last.ack().await.map_err(|e| Error::Nats {
@@ -362,6 +422,9 @@ impl Worker {
             self.store()?
                 .outbox_confirm(from)
                 .map_err(|e| self.store_error(e))?;
+            // A saga's final decision may have missed its requester: send
+            // it again (a client ignores what it already has).
+            self.send_replies(saga_replies(&effects)).await;
             total = total.saturating_add(effects.len());
         }
         if total > 0 {
@@ -394,6 +457,15 @@ impl Worker {
                     a.decision.op_id.to_string(),
                     wire::encode(a),
                 ),
+                // A saga's message to a partition's log: its derived op id
+                // deduplicates a re-publication in JetStream and in the core.
+                Effect::Send { partition, request } => (
+                    self.prefix.req(*partition),
+                    request.op_id.to_string(),
+                    wire::encode(request),
+                ),
+                // Core NATS, after the outbox is confirmed: `send_replies`.
+                Effect::Reply { .. } => continue,
             };
             let mut headers = HeaderMap::new();
             headers.insert(header::MSG_ID, msg_id.as_str());
@@ -459,10 +531,12 @@ impl Worker {
                 .map_err(|e| self.nats_error("publish dead letter", Box::new(e)))?;
             acks.push(ack);
         }
+        let dead_published = acks.len(); // metrics
         for ack in acks {
             ack.await
                 .map_err(|e| self.nats_error("publish dead letter ack", Box::new(e)))?;
         }
+        crate::metrics::dead_letters(p, dead_published);
 
         // Apply and commit off the async threads: sled reads and the fsync block.
         let store = self.store.take().ok_or_else(|| {
@@ -496,11 +570,21 @@ impl Worker {
             },
         })?;
 
+        let publish_started = std::time::Instant::now(); // metrics
         self.publish_effects(&effects).await?;
+        crate::metrics::published(p, &effects, publish_started.elapsed());
         self.store()?
             .outbox_confirm(end)
             .map_err(|e| self.store_error(e))?;
 
+        let replies = replies.into_iter().chain(saga_replies(&effects));
+        self.send_replies(replies).await;
+        Ok(())
+    }
+
+    /// Sends decisions to reply subjects (core NATS, best effort).
+    async fn send_replies(&self, replies: impl Iterator<Item = (String, Decision)>) {
+        let p = self.machine.partition();
         let client = self.js.client();
         for (reply_to, decision) in replies {
             // A reply subject inside the deployment's own subjects would let a
@@ -518,8 +602,15 @@ impl Worker {
                 tracing::warn!(partition = p.get(), %reply_to, error = %e, "reply not sent");
             }
         }
-        Ok(())
     }
+}
+
+/// The final saga decisions among `effects`, with their reply subjects.
+fn saga_replies(effects: &[Effect]) -> impl Iterator<Item = (String, Decision)> + '_ {
+    effects.iter().filter_map(|e| match e {
+        Effect::Reply { to, decision } => Some((to.clone(), decision.clone())),
+        _ => None,
+    })
 }
 
 enum Stop {
@@ -540,6 +631,7 @@ fn apply_and_commit(
     changes.clear();
     let mut effects = Vec::new();
     let mut replies = Vec::new();
+    let mut tally = crate::metrics::Tally::default();
     {
         let mut state = Overlay::new(store, changes);
         for msg in incoming {
@@ -548,20 +640,26 @@ fn apply_and_commit(
                 continue;
             }
             let answer = machine
-                .apply(
+                .apply_with_reply(
                     &mut state,
                     msg.position,
                     msg.log_time_ms,
                     &msg.input,
+                    msg.reply_to.as_deref(),
                     &mut effects,
                 )
                 .map_err(Stop::Fault)?;
+            tally.answer(&msg.input, &answer);
             if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
                 replies.push((reply_to.clone(), decision.clone()));
             }
         }
     }
+    let position = changes.clock.map(|c| c.position); // metrics
+    let commit_started = std::time::Instant::now();
     let committed = store.commit(changes, &effects).map_err(Stop::Store)?;
+    tally.effects(&effects);
+    tally.committed(machine.partition(), commit_started.elapsed(), position);
     Ok((effects, replies, committed.outbox.end))
 }
 

@@ -231,7 +231,8 @@ struct Driver {
 
 impl Driver {
     fn new(p: Partition, config: Config) -> Result<Driver> {
-        let machine = Machine::new(p.id(), config);
+        // The bench's store has one partition (see `open`).
+        let machine = Machine::new(p.id(), Partitions::new(1)?, config);
         Ok(Driver {
             machine,
             p,

@@ -5,16 +5,26 @@
 //! evolve for readability, the store format only with a new
 //! [`FORMAT_VERSION`]. Records are encoded with postcard (compact,
 //! deterministic: the same record always gives the same bytes) behind one
-//! version byte. Enum variants are encoded by position: new variants are
-//! only ever appended.
+//! version byte. Enum variants are encoded by position: within one format
+//! version new variants are only ever appended.
+//!
+//! Format 2 added sagas: an account's `incoming`, a claim's `tentative`
+//! step, saga records, the in-flight outcome, the saga reasons, the saga
+//! commands (`transfer`, `saga`, `step`, `step_outcome`, with their own
+//! record types like every other command) and the `send`/`reply` outbox
+//! entries.
 
 use amends_core::command::{
-    AccountId, Amount, ClaimKey, Command, Fingerprint, Namespace, Owner, Topic,
+    AccountId, Amount, ClaimKey, Command, DeadlineMs, Fingerprint, Namespace, Owner, Phase,
+    Request, SagaStep, Steps, Topic,
 };
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
 use amends_core::partition::{Apology, Effect, HoldExpired};
-use amends_core::state::{Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus};
+use amends_core::route::{PARTITIONS_MAX, PartitionId, Partitions};
+use amends_core::state::{
+    Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Saga, SagaState,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid_bytes::{from_bytes as op_id_from_bytes, to_bytes as op_id_to_bytes};
 
@@ -23,7 +33,7 @@ use crate::error::{Error, Result};
 /// The version of the key layout and record encoding. Every value starts
 /// with it as one byte and the meta tree records it; a store written with
 /// another version is refused on open, never reinterpreted.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 /// How many outbox entries one outbox chunk record holds.
 ///
@@ -53,6 +63,9 @@ pub(crate) const PREFIX_EXPIRY: u8 = b'e';
 pub(crate) const PREFIX_HOLD: u8 = b'h';
 /// Key prefix of outbox chunks: `o` + chunk number (8 bytes, big-endian).
 pub(crate) const PREFIX_OUTBOX: u8 = b'o';
+/// Key prefix of saga buckets (see `packed`): sagas are keyed by op id and
+/// retained as long as dedup records, so they are packed like them.
+pub(crate) const PREFIX_SAGA: u8 = b's';
 
 /// Op ids as their 16 bytes in UUID (big-endian) order.
 mod uuid_bytes {
@@ -163,6 +176,7 @@ struct AccountRec {
     held: i64,
     floor: i64,
     ceiling: Option<i64>,
+    incoming: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -184,6 +198,25 @@ struct HoldRec {
 #[derive(Serialize, Deserialize)]
 struct ClaimRec {
     owner: String,
+    /// The op id of the saga step's try that holds the claim tentatively.
+    tentative: Option<[u8; 16]>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum SagaStateRec {
+    Trying { step: u32 },
+    Confirmed { at_ms: u64 },
+    Cancelled { at_ms: u64 },
+}
+
+/// A saga; its op id is the bucket entry's id.
+#[derive(Serialize, Deserialize)]
+struct SagaRec {
+    command: CommandRec,
+    apology_topic: Option<String>,
+    reply_to: Option<String>,
+    deadline_ms: u64,
+    state: SagaStateRec,
 }
 
 /// A dedup record; its op id is the key.
@@ -212,6 +245,9 @@ enum OutcomeRec {
         available: Option<i64>,
     },
     Rejected(ReasonRec),
+    InFlight {
+        step: u32,
+    },
 }
 
 /// [`Reason`] in store form, in the same order. `Json` carries a reason
@@ -260,6 +296,15 @@ enum ReasonRec {
     NotOwner {
         owner: String,
     },
+    ClaimPending,
+    StepRefused {
+        step: u32,
+        reason: Box<ReasonRec>,
+    },
+    DeadlineExceeded {
+        deadline_ms: u64,
+    },
+    SagaCancelled,
     Json(String),
 }
 
@@ -303,6 +348,48 @@ enum CommandRec {
         owner: String,
     },
     Tick,
+    Transfer {
+        from: String,
+        to: String,
+        amount: u64,
+        deadline_ms: Option<u64>,
+    },
+    Saga {
+        steps: Vec<StepRec>,
+        deadline_ms: Option<u64>,
+    },
+    Step {
+        saga: [u8; 16],
+        index: u32,
+        phase: PhaseRec,
+        step: StepRec,
+    },
+    StepOutcome {
+        saga: [u8; 16],
+        index: u32,
+        outcome: OutcomeRec,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct StepRec {
+    command: Box<CommandRec>,
+    compensation: Option<Box<CommandRec>>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum PhaseRec {
+    Try,
+    Confirm,
+    Cancel,
+}
+
+/// A request a saga sends to a partition's log.
+#[derive(Serialize, Deserialize)]
+struct RequestRec {
+    op_id: [u8; 16],
+    command: CommandRec,
+    apology_topic: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -321,6 +408,14 @@ enum EffectRec {
         partition: u32,
         position: u64,
         log_time_ms: u64,
+    },
+    Send {
+        partition: u32,
+        request: RequestRec,
+    },
+    Reply {
+        to: String,
+        decision: DecisionRec,
     },
 }
 
@@ -435,6 +530,7 @@ pub(crate) fn encode_account(a: &Account) -> Vec<u8> {
         held: a.held,
         floor: a.floor,
         ceiling: a.ceiling,
+        incoming: a.incoming,
     })
 }
 
@@ -445,6 +541,7 @@ pub(crate) fn decode_account(key: &[u8], v: &[u8]) -> Result<Account> {
         held: r.held,
         floor: r.floor,
         ceiling: r.ceiling,
+        incoming: r.incoming,
     })
 }
 
@@ -483,6 +580,7 @@ pub(crate) fn decode_hold(key: &[u8], body: &[u8]) -> Result<Hold> {
 pub(crate) fn encode_claim(c: &Claim) -> Vec<u8> {
     encode(&ClaimRec {
         owner: c.owner.as_str().to_owned(),
+        tentative: c.tentative.map(op_id_to_bytes),
     })
 }
 
@@ -490,6 +588,42 @@ pub(crate) fn decode_claim(key: &[u8], v: &[u8]) -> Result<Claim> {
     let r: ClaimRec = decode(key, v)?;
     Ok(Claim {
         owner: text(key, "owner", Owner::new(r.owner))?,
+        tentative: r.tentative.map(op_id_from_bytes),
+    })
+}
+
+/// A saga's body, for its packed bucket (its op id is the bucket entry's
+/// id).
+pub(crate) fn encode_saga(s: &Saga) -> Vec<u8> {
+    encode_body(&SagaRec {
+        command: command_rec(&s.command),
+        apology_topic: s.apology_topic.as_ref().map(|t| t.as_str().to_owned()),
+        reply_to: s.reply_to.clone(),
+        deadline_ms: s.deadline_ms,
+        state: match s.state {
+            SagaState::Trying { step } => SagaStateRec::Trying { step },
+            SagaState::Confirmed { at_ms } => SagaStateRec::Confirmed { at_ms },
+            SagaState::Cancelled { at_ms } => SagaStateRec::Cancelled { at_ms },
+        },
+    })
+}
+
+/// Decodes a saga's body.
+pub(crate) fn decode_saga(key: &[u8], body: &[u8]) -> Result<Saga> {
+    let r: SagaRec = decode_body(key, body)?;
+    Ok(Saga {
+        command: command(key, r.command)?,
+        apology_topic: r
+            .apology_topic
+            .map(|t| text(key, "apology topic", Topic::new(t)))
+            .transpose()?,
+        reply_to: r.reply_to,
+        deadline_ms: r.deadline_ms,
+        state: match r.state {
+            SagaStateRec::Trying { step } => SagaState::Trying { step },
+            SagaStateRec::Confirmed { at_ms } => SagaState::Confirmed { at_ms },
+            SagaStateRec::Cancelled { at_ms } => SagaState::Cancelled { at_ms },
+        },
     })
 }
 
@@ -557,6 +691,14 @@ pub(crate) fn encode_effect_into(e: &Effect, out: &mut Vec<u8>) {
             position: h.position,
             log_time_ms: h.log_time_ms,
         },
+        Effect::Send { partition, request } => EffectRec::Send {
+            partition: partition.get(),
+            request: request_rec(request),
+        },
+        Effect::Reply { to, decision } => EffectRec::Reply {
+            to: to.clone(),
+            decision: decision_rec(decision),
+        },
     };
     encode_into(&rec, out);
 }
@@ -608,6 +750,42 @@ fn effect(key: &[u8], rec: EffectRec) -> Result<Effect> {
             position,
             log_time_ms,
         }),
+        EffectRec::Send { partition, request } => Effect::Send {
+            partition: partition_id(key, partition)?,
+            request: self::request(key, request)?,
+        },
+        EffectRec::Reply { to, decision: d } => Effect::Reply {
+            to,
+            decision: decision(key, d)?,
+        },
+    })
+}
+
+/// A partition number read back: any number a deployment may have (the
+/// record does not know this store's count).
+fn partition_id(key: &[u8], n: u32) -> Result<PartitionId> {
+    Partitions::new(PARTITIONS_MAX)
+        .ok()
+        .and_then(|all| all.id(n))
+        .ok_or_else(|| Error::corrupt(key, format!("partition {n} out of range")))
+}
+
+fn request_rec(r: &Request) -> RequestRec {
+    RequestRec {
+        op_id: op_id_to_bytes(r.op_id),
+        command: command_rec(&r.command),
+        apology_topic: r.apology_topic.as_ref().map(|t| t.as_str().to_owned()),
+    }
+}
+
+fn request(key: &[u8], r: RequestRec) -> Result<Request> {
+    Ok(Request {
+        op_id: op_id_from_bytes(r.op_id),
+        command: command(key, r.command)?,
+        apology_topic: r
+            .apology_topic
+            .map(|t| text(key, "apology topic", Topic::new(t)))
+            .transpose()?,
     })
 }
 
@@ -638,6 +816,7 @@ fn outcome_rec(o: &Outcome) -> OutcomeRec {
             available: *available,
         },
         Outcome::Rejected { reason } => OutcomeRec::Rejected(reason_rec(reason)),
+        Outcome::InFlight { step } => OutcomeRec::InFlight { step: *step },
     }
 }
 
@@ -647,6 +826,7 @@ fn outcome(key: &[u8], r: OutcomeRec) -> Result<Outcome> {
         OutcomeRec::Rejected(r) => Outcome::Rejected {
             reason: reason(key, r)?,
         },
+        OutcomeRec::InFlight { step } => Outcome::InFlight { step },
     })
 }
 
@@ -705,6 +885,15 @@ fn reason_rec(r: &Reason) -> ReasonRec {
         Reason::NotOwner { owner } => ReasonRec::NotOwner {
             owner: owner.as_str().to_owned(),
         },
+        Reason::ClaimPending => ReasonRec::ClaimPending,
+        Reason::StepRefused { step, reason } => ReasonRec::StepRefused {
+            step: *step,
+            reason: Box::new(reason_rec(reason)),
+        },
+        Reason::DeadlineExceeded { deadline_ms } => ReasonRec::DeadlineExceeded {
+            deadline_ms: *deadline_ms,
+        },
+        Reason::SagaCancelled => ReasonRec::SagaCancelled,
         // A reason added to amends-core after this build: kept as its wire
         // JSON, which round-trips every reason.
         other => ReasonRec::Json(
@@ -763,6 +952,13 @@ fn reason(key: &[u8], r: ReasonRec) -> Result<Reason> {
         ReasonRec::NotOwner { owner } => Reason::NotOwner {
             owner: text(key, "owner", Owner::new(owner))?,
         },
+        ReasonRec::ClaimPending => Reason::ClaimPending,
+        ReasonRec::StepRefused { step, reason: r } => Reason::StepRefused {
+            step,
+            reason: Box::new(reason(key, *r)?),
+        },
+        ReasonRec::DeadlineExceeded { deadline_ms } => Reason::DeadlineExceeded { deadline_ms },
+        ReasonRec::SagaCancelled => Reason::SagaCancelled,
         ReasonRec::Json(json) => text(key, "reason JSON", serde_json::from_str(&json))?,
     })
 }
@@ -828,7 +1024,63 @@ fn command_rec(c: &Command) -> CommandRec {
             owner: owner.as_str().to_owned(),
         },
         Command::Tick {} => CommandRec::Tick,
+        Command::Transfer {
+            from,
+            to,
+            amount,
+            deadline_ms,
+        } => CommandRec::Transfer {
+            from: s(from),
+            to: s(to),
+            amount: amount.get(),
+            deadline_ms: deadline_ms.map(DeadlineMs::get),
+        },
+        Command::Saga { steps, deadline_ms } => CommandRec::Saga {
+            steps: steps.as_slice().iter().map(step_rec).collect(),
+            deadline_ms: deadline_ms.map(DeadlineMs::get),
+        },
+        Command::Step {
+            saga,
+            index,
+            phase,
+            step,
+        } => CommandRec::Step {
+            saga: op_id_to_bytes(*saga),
+            index: *index,
+            phase: match phase {
+                Phase::Try => PhaseRec::Try,
+                Phase::Confirm => PhaseRec::Confirm,
+                Phase::Cancel => PhaseRec::Cancel,
+            },
+            step: step_rec(step),
+        },
+        Command::StepOutcome {
+            saga,
+            index,
+            outcome,
+        } => CommandRec::StepOutcome {
+            saga: op_id_to_bytes(*saga),
+            index: *index,
+            outcome: outcome_rec(outcome),
+        },
     }
+}
+
+fn step_rec(s: &SagaStep) -> StepRec {
+    StepRec {
+        command: Box::new(command_rec(&s.command)),
+        compensation: s.compensation.as_deref().map(|c| Box::new(command_rec(c))),
+    }
+}
+
+/// A saga step read back, checked again like a parsed one.
+fn step(key: &[u8], r: StepRec) -> Result<SagaStep> {
+    let compensation = r.compensation.map(|c| command(key, *c)).transpose()?;
+    text(
+        key,
+        "saga step",
+        SagaStep::new(command(key, *r.command)?, compensation),
+    )
 }
 
 fn command(k: &[u8], r: CommandRec) -> Result<Command> {
@@ -904,7 +1156,57 @@ fn command(k: &[u8], r: CommandRec) -> Result<Command> {
             owner: owner(o)?,
         },
         CommandRec::Tick => Command::Tick {},
+        CommandRec::Transfer {
+            from,
+            to,
+            amount: m,
+            deadline_ms,
+        } => Command::Transfer {
+            from: account(from)?,
+            to: account(to)?,
+            amount: amount(m)?,
+            deadline_ms: deadline(k, deadline_ms)?,
+        },
+        CommandRec::Saga { steps, deadline_ms } => {
+            let steps = steps
+                .into_iter()
+                .map(|s| step(k, s))
+                .collect::<Result<Vec<_>>>()?;
+            Command::Saga {
+                steps: text(k, "saga steps", Steps::new(steps))?,
+                deadline_ms: deadline(k, deadline_ms)?,
+            }
+        }
+        CommandRec::Step {
+            saga,
+            index,
+            phase,
+            step: s,
+        } => Command::Step {
+            saga: op_id_from_bytes(saga),
+            index,
+            phase: match phase {
+                PhaseRec::Try => Phase::Try,
+                PhaseRec::Confirm => Phase::Confirm,
+                PhaseRec::Cancel => Phase::Cancel,
+            },
+            step: step(k, s)?,
+        },
+        CommandRec::StepOutcome {
+            saga,
+            index,
+            outcome: o,
+        } => Command::StepOutcome {
+            saga: op_id_from_bytes(saga),
+            index,
+            outcome: outcome(k, o)?,
+        },
     })
+}
+
+fn deadline(key: &[u8], ms: Option<u64>) -> Result<Option<DeadlineMs>> {
+    ms.map(|ms| text(key, "saga deadline", DeadlineMs::new(ms)))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -974,7 +1276,49 @@ mod tests {
             },
             Reason::NotClaimed,
             Reason::NotOwner { owner },
+            Reason::ClaimPending,
+            // Recursive: a refused step of a saga whose own step was refused.
+            Reason::StepRefused {
+                step: 1,
+                reason: Box::new(Reason::StepRefused {
+                    step: 0,
+                    reason: Box::new(Reason::CeilingExceeded {
+                        balance: 1,
+                        ceiling: 2,
+                        requested: 3,
+                    }),
+                }),
+            },
+            Reason::DeadlineExceeded {
+                deadline_ms: 1_700_000_060_000,
+            },
+            Reason::SagaCancelled,
         ]
+    }
+
+    /// Every outcome kind.
+    fn every_outcome() -> Vec<Outcome> {
+        let mut out = vec![
+            Outcome::Confirmed {
+                balance: Some(-4),
+                available: Some(3),
+            },
+            Outcome::Confirmed {
+                balance: None,
+                available: None,
+            },
+            Outcome::InFlight { step: 2 },
+        ];
+        out.extend(
+            every_reason()
+                .into_iter()
+                .map(|reason| Outcome::Rejected { reason }),
+        );
+        out
+    }
+
+    fn step(command: Command, compensation: Option<Command>) -> SagaStep {
+        SagaStep::new(command, compensation).unwrap()
     }
 
     fn every_command() -> Vec<Command> {
@@ -1017,12 +1361,126 @@ mod tests {
                 owner: owner.clone(),
             },
             Command::Release {
-                namespace: ns,
-                key,
-                owner,
+                namespace: ns.clone(),
+                key: key.clone(),
+                owner: owner.clone(),
             },
             Command::Tick {},
+            Command::Transfer {
+                from: acct("acct-1"),
+                to: acct("acct-2"),
+                amount: amt,
+                deadline_ms: Some(DeadlineMs::new(5_000).unwrap()),
+            },
+            Command::Transfer {
+                from: acct("acct-1"),
+                to: acct("acct-2"),
+                amount: amt,
+                deadline_ms: None,
+            },
+            Command::Saga {
+                steps: Steps::new(vec![
+                    step(
+                        Command::Debit {
+                            account: acct("acct-1"),
+                            amount: amt,
+                        },
+                        None,
+                    ),
+                    step(
+                        Command::OpenAccount {
+                            account: acct("acct-3"),
+                            floor: 0,
+                            ceiling: None,
+                        },
+                        Some(Command::Debit {
+                            account: acct("acct-3"),
+                            amount: amt,
+                        }),
+                    ),
+                    step(
+                        Command::Claim {
+                            namespace: ns.clone(),
+                            key: key.clone(),
+                            owner: owner.clone(),
+                        },
+                        None,
+                    ),
+                ])
+                .unwrap(),
+                deadline_ms: None,
+            },
+            Command::Step {
+                saga: id(20),
+                index: 3,
+                phase: Phase::Cancel,
+                step: step(
+                    Command::Claim {
+                        namespace: ns,
+                        key,
+                        owner,
+                    },
+                    None,
+                ),
+            },
+            Command::StepOutcome {
+                saga: id(20),
+                index: 1,
+                outcome: Outcome::Rejected {
+                    reason: Reason::InsufficientFunds {
+                        available: 0,
+                        floor: 0,
+                        requested: 7,
+                    },
+                },
+            },
         ]
+    }
+
+    /// One saga in every state, with and without the optional fields.
+    fn every_saga() -> Vec<Saga> {
+        let commands = every_command();
+        let sagas = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Transfer { .. } | Command::Saga { .. }));
+        let states = [
+            SagaState::Trying { step: 1 },
+            SagaState::Confirmed {
+                at_ms: 1_700_000_001_000,
+            },
+            SagaState::Cancelled {
+                at_ms: 1_700_000_002_000,
+            },
+        ];
+        sagas
+            .zip(states.iter().cycle())
+            .enumerate()
+            .flat_map(|(i, (command, state))| {
+                [
+                    Saga {
+                        command: command.clone(),
+                        apology_topic: Some(Topic::new("transfers.refused").unwrap()),
+                        reply_to: Some(format!("_INBOX.abc.{i}")),
+                        deadline_ms: 1_700_000_060_000,
+                        state: *state,
+                    },
+                    Saga {
+                        command: command.clone(),
+                        apology_topic: None,
+                        reply_to: None,
+                        deadline_ms: 1,
+                        state: SagaState::Cancelled { at_ms: 0 },
+                    },
+                ]
+            })
+            .chain(states.iter().map(|state| Saga {
+                command: commands[commands.len() - 4].clone(),
+                apology_topic: None,
+                reply_to: None,
+                deadline_ms: 9,
+                state: *state,
+            }))
+            .collect()
     }
 
     #[test]
@@ -1073,6 +1531,23 @@ mod tests {
                 decision: decision(Outcome::Rejected { reason }),
             }));
         }
+        for outcome in every_outcome() {
+            effects.push(Effect::Decided(decision(outcome.clone())));
+            effects.push(Effect::Reply {
+                to: "_INBOX.client.7".into(),
+                decision: decision(outcome),
+            });
+        }
+        for (i, command) in (0_u32..).zip(every_command()) {
+            effects.push(Effect::Send {
+                partition: Partitions::new(PARTITIONS_MAX).unwrap().id(i).unwrap(),
+                request: Request {
+                    op_id: id(u128::from(i)).derive("step"),
+                    command,
+                    apology_topic: (i % 2 == 0).then(|| Topic::new("t").unwrap()),
+                },
+            });
+        }
         let mut chunk = outbox_chunk_start();
         for e in &effects {
             encode_effect_into(e, &mut chunk);
@@ -1089,6 +1564,7 @@ mod tests {
             held: 3,
             floor: -10,
             ceiling: Some(1000),
+            incoming: 42,
         };
         assert_eq!(decode_account(b"a", &encode_account(&a)).unwrap(), a);
         for status in [
@@ -1108,16 +1584,24 @@ mod tests {
             };
             assert_eq!(decode_hold(b"h", &encode_hold(&h)).unwrap(), h);
         }
-        let c = Claim {
-            owner: Owner::new("bob").unwrap(),
-        };
-        assert_eq!(decode_claim(b"c", &encode_claim(&c)).unwrap(), c);
-        for reason in every_reason() {
+        for tentative in [None, Some(id(4))] {
+            let c = Claim {
+                owner: Owner::new("bob").unwrap(),
+                tentative,
+            };
+            assert_eq!(decode_claim(b"c", &encode_claim(&c)).unwrap(), c);
+        }
+        for outcome in every_outcome() {
             let d = Dedup {
                 fingerprint: Fingerprint(u128::MAX - 3),
-                decision: decision(Outcome::Rejected { reason }),
+                decision: decision(outcome),
             };
             assert_eq!(decode_dedup(b"d", id(1), &encode_dedup(&d)).unwrap(), d);
+        }
+        let sagas = every_saga();
+        assert!(sagas.len() >= 6, "both saga commands in every state");
+        for s in sagas {
+            assert_eq!(decode_saga(b"s", &encode_saga(&s)).unwrap(), s);
         }
         let h = Head {
             clock: Clock {
@@ -1133,10 +1617,10 @@ mod tests {
     fn the_quick_age_of_a_dedup_record_agrees_with_the_core() {
         // Compaction reads only the front of a dedup record; its verdict
         // must be the core's `Dedup::is_compactable` for every horizon.
-        for reason in every_reason() {
+        for outcome in every_outcome() {
             let d = Dedup {
                 fingerprint: Fingerprint(7),
-                decision: decision(Outcome::Rejected { reason }),
+                decision: decision(outcome),
             };
             let body = encode_dedup(&d);
             let t = dedup_log_time_ms(b"d", &body).unwrap();
@@ -1157,8 +1641,9 @@ mod tests {
                     held: 3,
                     floor: 0,
                     ceiling: None,
+                    incoming: 2,
                 }),
-                &[1, 9, 6, 0, 0],
+                &[2, 9, 6, 0, 0, 4],
             ),
             (
                 encode_head(&Head {
@@ -1168,15 +1653,34 @@ mod tests {
                     },
                     outbox_end: 1,
                 }),
-                &[1, 0xac, 0x02, 2, 1],
+                &[2, 0xac, 0x02, 2, 1],
             ),
             (
                 encode_claim(&Claim {
                     owner: Owner::new("ab").unwrap(),
+                    tentative: None,
                 }),
-                &[1, 2, b'a', b'b'],
+                &[2, 2, b'a', b'b', 0],
             ),
-            (encode_marker(), &[1]),
+            (
+                encode_saga(&Saga {
+                    command: Command::Transfer {
+                        from: acct("a"),
+                        to: acct("b"),
+                        amount: Amount::new(5).unwrap(),
+                        deadline_ms: None,
+                    },
+                    apology_topic: None,
+                    reply_to: None,
+                    deadline_ms: 3,
+                    state: SagaState::Trying { step: 1 },
+                }),
+                // A packed body: no version byte. Command variant 9
+                // (transfer), "a", "b", 5, no deadline; no topic, no reply,
+                // deadline 3, state 0 (trying) step 1.
+                &[9, 1, b'a', 1, b'b', 5, 0, 0, 0, 3, 0, 1],
+            ),
+            (encode_marker(), &[2]),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);
@@ -1189,14 +1693,14 @@ mod tests {
         // are reported as corruption naming the key, never reinterpreted.
         let good = encode_account(&Account::open(0, None));
         let mut other_version = good.clone();
-        other_version[0] = 2;
+        other_version[0] = 1;
         let mut trailing = good.clone();
         trailing.push(0);
         for (bad, needle) in [
-            (other_version, "format version 2"),
+            (other_version, "format version 1"),
             (Vec::new(), "empty value"),
             (trailing, "trailing"),
-            (vec![1, 0xff], "undecodable"),
+            (vec![FORMAT_VERSION, 0xff], "undecodable"),
         ] {
             let err = decode_account(b"aacct-\x01", &bad).unwrap_err();
             let msg = err.to_string();
@@ -1205,6 +1709,7 @@ mod tests {
         }
         let bad_owner = encode(&ClaimRec {
             owner: String::new(),
+            tentative: None,
         });
         assert!(
             decode_claim(b"c", &bad_owner)

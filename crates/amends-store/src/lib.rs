@@ -35,18 +35,19 @@
 //! | --- | --- |
 //! | `!head` | applied position, log time, outbox end |
 //! | `!outbox-confirmed` | the confirmation watermark (entries before it are published) |
-//! | `a` + account id | balance, held, floor, ceiling |
-//! | `c` + namespace U+001F key | the claim's owner |
+//! | `a` + account id | balance, held, floor, ceiling, incoming (credits reserved by sagas) |
+//! | `c` + namespace U+001F key | the claim's owner, and the saga step's try holding it if tentative |
 //! | `d` + boundary op id (16 bytes), or the tail key | a bucket of about [`BUCKET_LEN_TARGET`] dedup records: op id, fingerprint, decision (position, log time, outcome) |
-//! | `e` + expiry ms (8 bytes BE) + hold id | empty: the expiry index, in time order |
+//! | `e` + expiry ms (8 bytes BE) + hold or saga id | empty: the expiry index (hold expiries, saga deadlines), in time order |
 //! | `h` + boundary op id (16 bytes), or the tail key | a bucket of holds: op id, account, amount, expiry, status |
 //! | `o` + chunk number (8 bytes BE) | up to [`OUTBOX_CHUNK_LEN`] outbox entries, in order |
+//! | `s` + boundary op id (16 bytes), or the tail key | a bucket of sagas: op id, command, apology topic, reply subject, deadline, state |
 //!
 //! Every value starts with the [`FORMAT_VERSION`] byte, followed by
 //! postcard-encoded records of this crate's own record types (the store
-//! format does not follow the wire format). Records keyed by op id are
-//! packed into buckets whose boundaries depend only on the ids (see
-//! [`boundary_hash`]): sled keeps a few hundred bytes of memory per tree
+//! format does not follow the wire format). Records keyed by op id (dedup
+//! records, holds, sagas) are packed into buckets whose boundaries depend
+//! only on the ids (see [`boundary_hash`]): sled keeps a few hundred bytes of memory per tree
 //! page, and a page holds at most 16 keys, so one key per dedup record
 //! would make memory grow with every operation ever retained.
 //!

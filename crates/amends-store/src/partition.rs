@@ -11,7 +11,7 @@ use amends_core::id::OpId;
 use amends_core::partition::Effect;
 use amends_core::route::PartitionId;
 use amends_core::state::{
-    Account, ChangeSet, Claim, Clock, Dedup, ExpiryKey, Hold, MemState, Read, Write,
+    Account, ChangeSet, Claim, Clock, Dedup, ExpiryKey, Hold, MemState, Read, Saga, Write,
 };
 
 use crate::codec::{self, Head, OUTBOX_CHUNK_LEN};
@@ -25,15 +25,19 @@ use crate::store::Durability;
 /// few enough that a waiting commit is held up for about a millisecond.
 pub const COMPACT_CHUNK_LEN: usize = 256;
 
+/// The packed maps compaction visits, in order.
+const COMPACTED_PREFIXES: [u8; 3] = [codec::PREFIX_DEDUP, codec::PREFIX_HOLD, codec::PREFIX_SAGA];
+
 /// Whether the record `body` of packed map `prefix` may be forgotten. For
 /// a dedup record, the core's rule (`Dedup::is_compactable`: decided
 /// before the horizon) on its quickly read log time; a unit test keeps the
-/// two in step.
+/// two in step. For a hold or a saga, the core's rule on the decoded record
+/// (a saga in flight is never compactable).
 fn compactable(prefix: u8, key: &[u8], body: &[u8], horizon_ms: u64) -> Result<bool> {
-    Ok(if prefix == codec::PREFIX_DEDUP {
-        codec::dedup_log_time_ms(key, body)? < horizon_ms
-    } else {
-        codec::decode_hold(key, body)?.is_compactable(horizon_ms)
+    Ok(match prefix {
+        codec::PREFIX_DEDUP => codec::dedup_log_time_ms(key, body)? < horizon_ms,
+        codec::PREFIX_SAGA => codec::decode_saga(key, body)?.is_compactable(horizon_ms),
+        _ => codec::decode_hold(key, body)?.is_compactable(horizon_ms),
     })
 }
 
@@ -112,6 +116,8 @@ pub struct Compacted {
     pub dedup: u64,
     /// Resolved holds removed.
     pub holds: u64,
+    /// Ended sagas removed.
+    pub sagas: u64,
     /// Records that were compactable when read but had changed by the time
     /// of the removal, and were kept.
     pub skipped: u64,
@@ -134,6 +140,8 @@ pub enum Record {
     Expiry(ExpiryKey),
     /// A hold.
     Hold(OpId, Hold),
+    /// A saga (in flight, or ended and not yet compacted).
+    Saga(OpId, Saga),
     /// An unconfirmed (or not yet removed) outbox entry.
     Outbox(OutboxSeq, Effect),
 }
@@ -270,9 +278,16 @@ impl Partition {
                 None => batch.remove(codec::key_claim(key)),
             }
         }
+        // A saga's dedup record is rewritten (same op id) as the saga moves
+        // on, possibly in a later batch: an upsert replaces it in its
+        // bucket. `dedup_order` is not needed here: buckets are in id order
+        // and the outbox follows `effects`.
         let mut dedup = Editor::new(&self.tree, codec::PREFIX_DEDUP);
         dedup.upsert_sorted(sorted_entries(changes.dedup.iter(), codec::encode_dedup))?;
         dedup.write_into(&mut batch);
+        let mut sagas = Editor::new(&self.tree, codec::PREFIX_SAGA);
+        sagas.upsert_sorted(sorted_entries(changes.sagas.iter(), codec::encode_saga))?;
+        sagas.write_into(&mut batch);
         for (k, present) in &changes.expiries {
             if *present {
                 batch.insert(&codec::key_expiry(*k), codec::encode_marker());
@@ -427,23 +442,23 @@ impl Partition {
             .map_err(|e| Error::storage("outbox confirm", e))
     }
 
-    /// Removes the dedup records and resolved holds older than `horizon_ms`
-    /// (log time; see
+    /// Removes the dedup records, resolved holds and ended sagas older than
+    /// `horizon_ms` (log time; see
     /// [`amends_core::partition::Config::compaction_horizon_ms`]).
     ///
     /// Meant for a background thread, concurrently with the writer's
-    /// commits. It reads every dedup and hold bucket without any lock (no
+    /// commits. It reads every dedup, hold and saga bucket without any lock (no
     /// snapshot needed) to find compactable records, then removes them in
     /// chunks of at most [`COMPACT_CHUNK_LEN`]: each chunk takes the
     /// partition's write lock, reads the records again, removes those still
     /// present and compactable, and writes one small batch. A commit waits
     /// for at most one chunk (about a millisecond), never for a whole pass.
-    /// A pass costs a read of every dedup and hold record. Removals are not
+    /// A pass costs a read of every dedup, hold and saga record. Removals are not
     /// flushed; the next commit's flush covers them, and one lost in a crash
     /// is redone by the next pass.
     pub fn compact(&self, horizon_ms: u64) -> Result<Compacted> {
         let mut done = Compacted::default();
-        for prefix in [codec::PREFIX_DEDUP, codec::PREFIX_HOLD] {
+        for prefix in COMPACTED_PREFIXES {
             let mut candidates = Vec::new();
             for item in self.tree.scan_prefix([prefix]) {
                 let (k, v) = item.map_err(|e| Error::storage("compact", e))?;
@@ -481,10 +496,10 @@ impl Partition {
         let key = [prefix];
         let (removed, kept) =
             ed.remove_sorted(ids, |body| compactable(prefix, &key, body, horizon_ms))?;
-        if prefix == codec::PREFIX_DEDUP {
-            done.dedup += removed;
-        } else {
-            done.holds += removed;
+        match prefix {
+            codec::PREFIX_DEDUP => done.dedup += removed,
+            codec::PREFIX_SAGA => done.sagas += removed,
+            _ => done.holds += removed,
         }
         done.skipped += kept;
         if ed.is_empty() {
@@ -536,8 +551,8 @@ impl Partition {
         }
     }
 
-    /// The partition's state (accounts, holds, claims, dedup records, the
-    /// expiry index and the clock) in memory, for audits and tests of a
+    /// The partition's state (accounts, holds, claims, dedup records, sagas,
+    /// the expiry index and the clock) in memory, for audits and tests of a
     /// partition that fits in memory.
     pub fn to_mem_state(&self) -> Result<MemState> {
         let mut mem = MemState::new();
@@ -549,6 +564,7 @@ impl Partition {
                 Record::Dedup(op, d) => mem.put_dedup(op, d),
                 Record::Expiry(k) => mem.put_expiry(k, true),
                 Record::Hold(op, h) => mem.put_hold(op, h),
+                Record::Saga(op, s) => mem.put_saga(op, s),
                 Record::OutboxConfirmed(_) | Record::Outbox(..) => {}
             }
         }
@@ -639,6 +655,10 @@ impl Read for Partition {
         })
     }
 
+    fn saga(&self, id: OpId) -> Option<Saga> {
+        self.read_packed(codec::PREFIX_SAGA, id, codec::decode_saga)
+    }
+
     fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
         use std::ops::Bound;
         let start = match after {
@@ -720,13 +740,15 @@ impl Records {
                 let key = codec::decode_text_key(k)?.to_owned();
                 Ok(Record::Claim(key, codec::decode_claim(k, v)?))
             }
-            Some(prefix @ (codec::PREFIX_DEDUP | codec::PREFIX_HOLD)) => {
+            Some(prefix @ (codec::PREFIX_DEDUP | codec::PREFIX_HOLD | codec::PREFIX_SAGA)) => {
                 let mut records = packed::decode(k, v)?.into_iter().map(|e| {
                     let op = codec::id_of(e.id);
-                    Ok(if prefix == codec::PREFIX_DEDUP {
-                        Record::Dedup(op, codec::decode_dedup(k, op, &e.body)?)
-                    } else {
-                        Record::Hold(op, codec::decode_hold(k, &e.body)?)
+                    Ok(match prefix {
+                        codec::PREFIX_DEDUP => {
+                            Record::Dedup(op, codec::decode_dedup(k, op, &e.body)?)
+                        }
+                        codec::PREFIX_SAGA => Record::Saga(op, codec::decode_saga(k, &e.body)?),
+                        _ => Record::Hold(op, codec::decode_hold(k, &e.body)?),
                     })
                 });
                 let first = records

@@ -14,7 +14,7 @@ use crate::support::{Deployment, TRY_TIMEOUT, account, amount, open, request, te
 fn balance(decision: &Decision) -> Option<i64> {
     match decision.outcome {
         Outcome::Confirmed { balance, .. } => balance,
-        Outcome::Rejected { .. } => None,
+        Outcome::Rejected { .. } | Outcome::InFlight { .. } => None,
     }
 }
 

@@ -5,5 +5,6 @@
 //! the servers come from `amends_nats::test_support`. Without the pinned
 //! nats-server every test fails with the install hint; none is skipped.
 
+mod apology;
 mod client;
 mod support;

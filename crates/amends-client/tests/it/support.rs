@@ -80,7 +80,7 @@ impl Deployment {
             .expect("open store");
         for id in partitions.ids() {
             let partition = store.partition(id).expect("partition");
-            let machine = Machine::new(id, Config::default());
+            let machine = Machine::new(id, partitions, Config::default());
             let options = worker::Options {
                 fetch_wait: Duration::from_millis(100),
                 ..worker::Options::default()

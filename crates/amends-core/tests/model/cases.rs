@@ -5,16 +5,19 @@
 //! (nothing).
 
 use amends_core::command::{
-    AccountId, Amount, ClaimKey, Command, Namespace, Owner, Request, Topic,
+    AccountId, Amount, ClaimKey, Command, DeadlineMs, Namespace, Owner, Phase, Request, SagaStep,
+    Topic,
 };
-use amends_core::decision::Reason;
+use amends_core::decision::{Decision, Reason};
 use amends_core::id::OpId;
-use amends_core::partition::{Answer, Effect, Input};
+use amends_core::partition::{Answer, Effect, Input, Machine};
+use amends_core::route::{self, Partitions};
+use amends_core::saga;
 use amends_core::state::{MemState, Read};
 use amends_core::wire;
 use serde_json::{Value, json};
 
-use crate::log::{I64_MAX_U, T0_MS, machine};
+use crate::log::{I64_MAX_U, T0_MS, config, machine};
 
 /// One step of a case.
 enum Step {
@@ -152,8 +155,55 @@ fn release(key: &str, owner: &str) -> Command {
     }
 }
 
+/// The only partition of a one-partition deployment: every saga step is
+/// local, so a saga is decided within the message that starts it.
+fn single() -> Machine {
+    let partitions = Partitions::new(1).expect("1 partition");
+    Machine::new(
+        partitions.id(0).expect("partition 0 of 1"),
+        partitions,
+        config(),
+    )
+}
+
+/// An account on another partition than [`machine`]'s, so a saga's step on
+/// it is sent through the outbox and the saga stays in flight.
+fn remote_account() -> String {
+    let m = machine();
+    let partitions = Partitions::new(8).expect("8 partitions");
+    (0..)
+        .map(|i| format!("r{i}"))
+        .find(|a| route::partition_of(a, partitions) != m.partition())
+        .expect("some account is elsewhere")
+}
+
+fn transfer(from: &str, to: &str, v: u64, deadline_ms: Option<u64>) -> Command {
+    Command::Transfer {
+        from: acct(from),
+        to: acct(to),
+        amount: amt(v),
+        deadline_ms: deadline_ms.map(|d| DeadlineMs::new(d).expect("valid deadline")),
+    }
+}
+
+/// Phase `phase` of step `index` of saga `saga` (the op id numbered
+/// `saga`), under its derived op id, as the saga's partition sends it.
+fn step_msg(saga: u128, index: u32, phase: Phase, command: Command) -> Step {
+    let saga = id(saga);
+    req_id(
+        saga::step_id(saga, index, phase),
+        Command::Step {
+            saga,
+            index,
+            phase,
+            step: SagaStep::new(command, None).expect("a valid step"),
+        },
+    )
+}
+
 /// A partition fed step by step at increasing positions.
 struct Partition {
+    machine: Machine,
     state: MemState,
     position: u64,
     log_time_ms: u64,
@@ -161,7 +211,12 @@ struct Partition {
 
 impl Partition {
     fn new() -> Partition {
+        Partition::of(machine())
+    }
+
+    fn of(machine: Machine) -> Partition {
         Partition {
+            machine,
             state: MemState::new(),
             position: 0,
             log_time_ms: T0_MS,
@@ -182,7 +237,8 @@ impl Partition {
         };
         self.position += 1;
         let mut effects = Vec::new();
-        let answer = machine()
+        let answer = self
+            .machine
             .apply(
                 &mut self.state,
                 self.position,
@@ -201,16 +257,44 @@ impl Partition {
 /// (nothing recorded or pushed), any other decision recorded and pushed.
 #[track_caller]
 fn check(setup: Vec<Step>, op: Step, expected: Value) {
-    let mut p = Partition::new();
+    check_on(machine(), setup, op, expected);
+}
+
+/// The final decision a message published for a saga (a saga ended by it).
+fn published(effects: &[Effect]) -> Option<&Decision> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::Decided(d) => Some(d),
+        _ => None,
+    })
+}
+
+/// [`check`] on `machine`. For a saga the outcome compared is the one the
+/// op leads to: the final decision it publishes (a saga it starts, or a
+/// tick past a deadline, or a step outcome), else its own (a step message's
+/// internal decision). Setup steps may start sagas (in flight) or be step
+/// messages, whose decisions must not be refusals.
+#[track_caller]
+fn check_on(machine: Machine, setup: Vec<Step>, op: Step, expected: Value) {
+    let mut p = Partition::of(machine);
     for s in setup {
         if let Some((answer, _)) = p.step(s) {
-            let confirmed = matches!(&answer, Answer::Decided(d) if d.outcome.is_confirmed());
+            let confirmed = match &answer {
+                Answer::Decided(d) | Answer::Internal(d) => d.outcome.is_confirmed(),
+                Answer::Accepted(_) => true,
+                _ => false,
+            };
             assert!(confirmed, "setup step not confirmed: {answer:?}");
         }
     }
     let records = p.state.dedups().count();
     let (answer, effects) = p.step(op).expect("the op is a message");
-    let decision = answer.decision().expect("the op gets a decision");
+    let decision = match &answer {
+        Answer::Accepted(_) | Answer::Ticked => {
+            published(&effects).expect("the op ends a saga").clone()
+        }
+        Answer::Internal(d) => published(&effects).unwrap_or(d).clone(),
+        other => other.decision().expect("the op gets a decision").clone(),
+    };
     let got = serde_json::to_value(&decision.outcome).expect("outcomes are JSON");
     assert_eq!(got, expected, "answer: {answer:?}");
     match (&answer, expected["reason"]["code"].as_str()) {
@@ -229,6 +313,20 @@ fn check(setup: Vec<Step>, op: Step, expected: Value) {
             assert_eq!(effects.last(), Some(&Effect::Decided(d.clone())));
             assert_eq!(p.state.dedup(d.op_id).map(|r| r.decision).as_ref(), Some(d));
         }
+        // A saga's final decision is recorded under the saga's op id; a
+        // step message's own decision is recorded but never published.
+        (Answer::Accepted(_) | Answer::Ticked | Answer::Internal(_), _) => {
+            let record = p.state.dedup(decision.op_id).map(|r| r.decision);
+            assert_eq!(record.as_ref(), Some(&decision));
+            if let Answer::Internal(d) = &answer {
+                assert!(
+                    !effects
+                        .iter()
+                        .any(|e| matches!(e, Effect::Decided(x) if x.op_id == d.op_id)),
+                    "published an internal decision: {effects:?}"
+                );
+            }
+        }
         _ => panic!("wrong answer: {answer:?}"),
     }
 }
@@ -241,12 +339,14 @@ fn confirmed(balance: i64, available: i64) -> Value {
     json!({ "outcome": "confirmed", "balance": balance, "available": available })
 }
 
-/// One case per reason code, in precedence order.
-fn reason_cases() -> Vec<(Vec<Step>, Step, Value)> {
+/// One case per reason code, in precedence order: the machine, the setup,
+/// the op and its outcome.
+fn reason_cases() -> Vec<(Machine, Vec<Step>, Step, Value)> {
     let v4 = OpId::from_uuid(uuid::Uuid::from_u128(
         0x1234_5678_9abc_4def_8123_4567_89ab_cdef,
     ));
-    vec![
+    let remote = remote_account();
+    let plain = vec![
         (
             vec![req(1, open("a"))],
             req(1, open("b")),
@@ -380,20 +480,70 @@ fn reason_cases() -> Vec<(Vec<Step>, Step, Value)> {
             req(2, release("ann", "o2")),
             rejected(json!({ "code": "not_owner", "owner": "o1" })),
         ),
-    ]
+    ];
+    let sagas = vec![
+        // A saga's try claims ann for o1 tentatively: o1 must wait.
+        (
+            single(),
+            vec![step_msg(1, 0, Phase::Try, claim("ann", "o1"))],
+            req(2, claim("ann", "o1")),
+            rejected(json!({ "code": "claim_pending" })),
+        ),
+        // One partition: the debit's try is refused within the message
+        // that starts the transfer, which then ends rejected.
+        (
+            single(),
+            vec![req(1, open("a")), req(2, open("b"))],
+            req(3, transfer("a", "b", 5, None)),
+            rejected(json!({
+                "code": "step_refused",
+                "step": 0,
+                "reason": {
+                    "code": "insufficient_funds",
+                    "available": 0,
+                    "floor": 0,
+                    "requested": 5,
+                },
+            })),
+        ),
+        // The debit's try went to another partition and no outcome came
+        // back: the first message at the deadline (a tick) cancels it.
+        (
+            machine(),
+            vec![req(1, transfer(&remote, "b", 5, Some(100))), at(100)],
+            req(2, Command::Tick {}),
+            rejected(json!({ "code": "deadline_exceeded", "deadline_ms": T0_MS + 100 })),
+        ),
+        // The cancel of step 0 arrived before its try.
+        (
+            machine(),
+            vec![
+                req(2, open("a")),
+                req(3, credit("a", 10)),
+                step_msg(1, 0, Phase::Cancel, debit("a", 5)),
+            ],
+            step_msg(1, 0, Phase::Try, debit("a", 5)),
+            rejected(json!({ "code": "saga_cancelled" })),
+        ),
+    ];
+    plain
+        .into_iter()
+        .map(|(setup, op, want)| (machine(), setup, op, want))
+        .chain(sagas)
+        .collect()
 }
 
 #[test]
 fn one_case_per_reason_in_precedence_order() {
-    // Proves each of the 17 reason codes is produced with its documented JSON and answer kind, by one small case per code listed in Reason::CODES order.
+    // Proves each reason code is produced with its documented JSON and answer kind (sagas' by the decision their message leads to), by one small case per code listed in Reason::CODES order.
     let cases = reason_cases();
     let codes: Vec<&str> = cases
         .iter()
-        .map(|(_, _, want)| want["reason"]["code"].as_str().expect("a code"))
+        .map(|(_, _, _, want)| want["reason"]["code"].as_str().expect("a code"))
         .collect();
     assert_eq!(codes, Reason::CODES, "the cases follow Reason::CODES");
-    for (setup, op, want) in cases {
-        check(setup, op, want);
+    for (machine, setup, op, want) in cases {
+        check_on(machine, setup, op, want);
     }
 }
 
@@ -673,6 +823,7 @@ fn expiry_and_apology_effects() {
                 "code": a.decision.outcome.reason().map(Reason::code),
             }),
             Effect::Decided(d) => json!({ "decided": d.op_id, "position": d.position }),
+            other => panic!("no saga in this case: {other:?}"),
         })
         .collect();
     let expected = vec![

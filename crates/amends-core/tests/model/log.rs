@@ -38,11 +38,9 @@ pub fn config() -> Config {
 
 /// The machine every property test uses.
 pub fn machine() -> Machine {
-    let id = Partitions::new(8)
-        .expect("8 partitions")
-        .id(PARTITION)
-        .expect("partition 5 of 8");
-    Machine::new(id, config())
+    let partitions = Partitions::new(8).expect("8 partitions");
+    let id = partitions.id(PARTITION).expect("partition 5 of 8");
+    Machine::new(id, partitions, config())
 }
 
 /// Where a message's op id comes from.
@@ -154,6 +152,13 @@ fn tweak(c: &Command, swap: bool) -> Command {
     };
     let other_owner = |o: &Owner| Owner::new(format!("{o}x")).expect("valid owner");
     match (c.clone(), swap) {
+        (
+            c @ (Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::Step { .. }
+            | Command::StepOutcome { .. }),
+            _,
+        ) => panic!("the model generates no sagas: {c:?}"),
         (
             Command::OpenAccount {
                 account,

@@ -267,6 +267,10 @@ impl Reference {
         let now = self.now_ms;
 
         match &req.command {
+            Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::Step { .. }
+            | Command::StepOutcome { .. } => panic!("the model generates no sagas"),
             Command::OpenAccount {
                 account,
                 floor,

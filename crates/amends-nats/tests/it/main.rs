@@ -5,7 +5,9 @@
 //! nats-server every test fails with the install hint; none is skipped.
 
 mod jetstream;
+mod queries;
 mod service;
+mod stall;
 mod support;
 mod topology;
 mod worker;

@@ -349,7 +349,7 @@ async fn a_partition_whose_log_went_backwards_stops_and_the_others_go_on() {
         let partition = fx.store.partition(p0).expect("partition");
         let tick = format!(r#"{{"op_id":"{}","command":{{"type":"tick"}}}}"#, op_id());
         let input = wire::decode_request(tick.as_bytes()).expect("a tick");
-        let machine = Machine::new(p0, Config::default());
+        let machine = Machine::new(p0, fx.topology.partitions, Config::default());
         let mut changes = ChangeSet::default();
         let mut effects: Vec<Effect> = Vec::new();
         {

@@ -58,7 +58,7 @@ impl Fixture {
         let store = Store::open(self.dir.path(), amends_store::Options::new(partitions))
             .expect("open store");
         let partition: Partition = store.partition(self.p0()).expect("partition");
-        let machine = Machine::new(self.p0(), Config::default());
+        let machine = Machine::new(self.p0(), partitions, Config::default());
         let js = self.js.clone();
         let topology = self.topology.clone();
         let task = tokio::spawn(async move {
@@ -502,7 +502,7 @@ async fn a_log_that_went_backwards_stops_the_partition() {
         topology::ensure(&fx.js, &fx.topology)
             .await
             .expect("ensure");
-        let machine = Machine::new(fx.p0(), Config::default());
+        let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
         let stopped =
             worker::run_partition(&fx.js, &fx.topology, machine, partition, Options::default())
                 .await;

@@ -55,7 +55,7 @@ fn another_format_version_is_refused() {
             err,
             Error::FormatVersion {
                 found: 99,
-                expected: 1
+                expected: 2
             }
         ),
         "{err:?}"

@@ -121,12 +121,7 @@ fn run(seed: u64, ops: &[Op], deferred: bool) {
                     let (mem, effs) = (&mut model.mem, &mut model.effects);
                     let before = effs.len();
                     for m in batch {
-                        if let Ok(input) = amends_core::wire::decode_request(&m.bytes) {
-                            runner
-                                .machine
-                                .apply(mem, m.position, m.log_time_ms, &input, effs)
-                                .expect("advancing log");
-                        }
+                        support::apply_msg(&runner.machine, mem, m, effs).expect("advancing log");
                     }
                     assert_eq!(effects, effs[before..], "effects of the batch");
                     assert_eq!(range.start.0, u64::try_from(before).expect("fits"));

@@ -1,6 +1,7 @@
 //! Rebuild by replay: a cleared partition fed its log again is
 //! bit-identical to the original.
 
+use amends_core::partition::Effect;
 use amends_store::OutboxSeq;
 
 use crate::support::{self, Rng, Runner};
@@ -65,9 +66,15 @@ fn cleared_and_replayed_partition_is_bit_identical() {
         assert_eq!(b, a, "first differing record");
     }
 
-    // And it is the state of an in-memory run.
-    let (mut mem, _) = support::reference(&log);
+    // And it is the state of an in-memory run, which has sagas in it.
+    let (mut mem, effects) = support::reference(&log);
     mem.compact(last_horizon);
+    assert!(mem.sagas().count() > 0, "the log leaves sagas to compare");
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Send { .. }))
+            && effects.iter().any(|e| matches!(e, Effect::Reply { .. })),
+        "the log makes send and reply outbox entries"
+    );
     support::assert_same_state(
         &p.to_mem_state().expect("decode"),
         &mem,

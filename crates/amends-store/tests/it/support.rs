@@ -1,17 +1,21 @@
-//! Shared test support: a seeded RNG, a deterministic log generator, a
-//! batch driver over a store partition, the in-memory reference run and the
-//! invariants every state must keep.
+//! Shared test support: a seeded RNG, a deterministic log generator (with
+//! sagas started here, step outcomes coming back, and steps of other
+//! partitions' sagas), a batch driver over a store partition, the in-memory
+//! reference run and the invariants every state must keep.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 
 use amends_core::command::{
-    AccountId, Amount, ClaimKey, Command, Namespace, Owner, Request, Topic,
+    AccountId, Amount, ClaimKey, Command, DeadlineMs, Namespace, Owner, Phase, Request, SagaStep,
+    Steps, Topic,
 };
+use amends_core::decision::{Outcome, Reason};
 use amends_core::id::OpId;
-use amends_core::partition::{Config, Effect, Machine};
+use amends_core::partition::{Config, Effect, Fault, Machine};
 use amends_core::route::{PartitionId, Partitions};
-use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, Read};
+use amends_core::saga;
+use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, Read, SagaState, Write};
 use amends_core::wire;
 use amends_store::{Options, OutboxRange, Partition, Store};
 
@@ -41,7 +45,29 @@ pub fn partition_id() -> PartitionId {
 }
 
 pub fn machine() -> Machine {
-    Machine::new(partition_id(), config())
+    Machine::new(partition_id(), partitions(), config())
+}
+
+/// Applies one log message to `state` as a driver does: an unreadable
+/// message is dead-lettered and never reaches the machine; a message's
+/// reply subject goes with it.
+pub fn apply_msg<S: Read + Write + ?Sized>(
+    machine: &Machine,
+    state: &mut S,
+    m: &Msg,
+    effects: &mut Vec<Effect>,
+) -> Result<(), Fault> {
+    if let Ok(input) = wire::decode_request(&m.bytes) {
+        machine.apply_with_reply(
+            state,
+            m.position,
+            m.log_time_ms,
+            &input,
+            m.reply_to.as_deref(),
+            effects,
+        )?;
+    }
+    Ok(())
 }
 
 pub fn open(dir: &Path) -> (Store, Partition) {
@@ -97,6 +123,8 @@ pub struct Msg {
     pub position: u64,
     pub log_time_ms: u64,
     pub bytes: Vec<u8>,
+    /// The reply subject the message named, if any (a saga remembers it).
+    pub reply_to: Option<String>,
 }
 
 const ACCOUNTS: u64 = 24;
@@ -109,12 +137,32 @@ const OWNERS: u64 = 4;
 const RECENT_LEN: usize = 100;
 /// How many recent holds a post or a void is drawn from (the same reason).
 const RECENT_HOLDS: usize = 40;
+/// How many recent sagas (started here, or steps of other partitions'
+/// sagas) step messages are drawn from.
+const RECENT_SAGAS: usize = 20;
+/// The longest saga deadline generated: far inside the test's dedup window
+/// (20 s), as the core requires of a deployment (a saga's dedup record must
+/// outlive the saga).
+const SAGA_DEADLINE_MS_MAX: u64 = 5_000;
 
 struct Gen {
     rng: Rng,
     now_ms: u64,
     recent: VecDeque<(Vec<u8>, Option<Request>)>,
     holds: VecDeque<(OpId, AccountId)>,
+    /// Sagas started on this partition: id, step count, the step whose
+    /// outcome the generator sends next.
+    sagas: VecDeque<(OpId, u32, u32)>,
+    /// Steps of other partitions' sagas: saga id, index, step, and how the
+    /// saga ends the step (confirm or cancel: a saga never sends both).
+    foreign: VecDeque<(OpId, u32, SagaStep, Phase)>,
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, v: T, len_max: usize) {
+    if q.len() == len_max {
+        q.pop_front();
+    }
+    q.push_back(v);
 }
 
 fn account(n: u64) -> AccountId {
@@ -214,6 +262,145 @@ impl Gen {
         }
     }
 
+    /// A saga step: mostly reservations (debit, credit, claim), sometimes
+    /// an account opened at once.
+    fn saga_step(&mut self) -> SagaStep {
+        let command = match self.rng.below(10) {
+            0..3 => Command::Debit {
+                account: self.some_account(),
+                amount: amount(self.rng.range(1, 1_000)),
+            },
+            3..6 => Command::Credit {
+                account: self.some_account(),
+                amount: amount(self.rng.range(1, 1_000)),
+            },
+            6..9 => {
+                let (namespace, key, owner) = self.claim_parts();
+                Command::Claim {
+                    namespace,
+                    key,
+                    owner,
+                }
+            }
+            _ => Command::OpenAccount {
+                account: self.some_account(),
+                floor: 0,
+                ceiling: None,
+            },
+        };
+        SagaStep::new(command, None).expect("valid step")
+    }
+
+    /// Always explicit: the default deadline (a minute) would outlive the
+    /// test's dedup window.
+    fn deadline(&mut self) -> Option<DeadlineMs> {
+        let ms = self.rng.range(100, SAGA_DEADLINE_MS_MAX);
+        Some(DeadlineMs::new(ms).expect("valid deadline"))
+    }
+
+    /// A `transfer` or a `saga` of one to three steps, started here.
+    fn saga_start(&mut self) -> (Vec<u8>, Option<Request>) {
+        let op_id = self.op_id();
+        let (command, len) = if self.rng.percent(50) {
+            let command = Command::Transfer {
+                from: self.some_account(),
+                to: self.some_account(),
+                amount: amount(self.rng.range(1, 800)),
+                deadline_ms: self.deadline(),
+            };
+            (command, 2)
+        } else {
+            let len = self.rng.range(1, 3);
+            let steps = (0..len).map(|_| self.saga_step()).collect();
+            let command = Command::Saga {
+                steps: Steps::new(steps).expect("valid steps"),
+                deadline_ms: self.deadline(),
+            };
+            (command, u32::try_from(len).expect("small"))
+        };
+        push_bounded(&mut self.sagas, (op_id, len, 0), RECENT_SAGAS);
+        self.request(op_id, command)
+    }
+
+    /// The outcome of the try of a recent saga's next step, as the step's
+    /// partition would send it (the saga may have moved on or ended: the
+    /// outcome is then ignored).
+    fn step_outcome(&mut self) -> Option<(Vec<u8>, Option<Request>)> {
+        if self.sagas.is_empty() {
+            return None;
+        }
+        let i = self.rng.index(self.sagas.len());
+        let (saga, len, index) = self.sagas[i];
+        let outcome = if self.rng.percent(75) {
+            if index + 1 < len {
+                self.sagas[i].2 = index + 1;
+            } else {
+                self.sagas.remove(i);
+            }
+            Outcome::confirmed()
+        } else {
+            self.sagas.remove(i);
+            Outcome::Rejected {
+                reason: Reason::InsufficientFunds {
+                    available: 3,
+                    floor: 0,
+                    requested: 9,
+                },
+            }
+        };
+        let req = Request {
+            op_id: saga::outcome_id(saga, index),
+            command: Command::StepOutcome {
+                saga,
+                index,
+                outcome,
+            },
+            apology_topic: None,
+        };
+        Some((wire::encode(&req), Some(req)))
+    }
+
+    /// A step of another partition's saga: a new step's try (or its
+    /// confirm or cancel, overtaking it), or the try or the end (repeated,
+    /// in any order) of a recent one.
+    fn foreign_step(&mut self) -> (Vec<u8>, Option<Request>) {
+        let (saga, index, step, end) = if self.foreign.is_empty() || self.rng.percent(40) {
+            let saga = self.op_id();
+            let index = u32::try_from(self.rng.below(3)).expect("small");
+            let step = self.saga_step();
+            let end = if self.rng.percent(50) {
+                Phase::Confirm
+            } else {
+                Phase::Cancel
+            };
+            push_bounded(
+                &mut self.foreign,
+                (saga, index, step.clone(), end),
+                RECENT_SAGAS,
+            );
+            (saga, index, step, end)
+        } else {
+            let i = self.rng.index(self.foreign.len());
+            self.foreign[i].clone()
+        };
+        let phase = if self.rng.percent(60) {
+            Phase::Try
+        } else {
+            end
+        };
+        let req = Request {
+            op_id: saga::step_id(saga, index, phase),
+            command: Command::Step {
+                saga,
+                index,
+                phase,
+                step,
+            },
+            apology_topic: None,
+        };
+        (wire::encode(&req), Some(req))
+    }
+
     fn recent_hold(&mut self) -> (OpId, AccountId) {
         if self.holds.is_empty() || self.rng.percent(5) {
             return (self.op_id(), self.some_account());
@@ -292,6 +479,12 @@ impl Gen {
                 let command = self.command();
                 self.request(id, command)
             }
+            21..28 => self.saga_start(),
+            28..33 => match self.step_outcome() {
+                Some(msg) => msg,
+                None => self.saga_start(),
+            },
+            33..38 => self.foreign_step(),
             _ => {
                 let id = self.op_id();
                 let command = self.command();
@@ -317,6 +510,8 @@ pub fn generate(seed: u64, len: usize) -> Vec<Msg> {
         now_ms: T0_MS,
         recent: VecDeque::new(),
         holds: VecDeque::new(),
+        sagas: VecDeque::new(),
+        foreign: VecDeque::new(),
     };
     (1..)
         .take(len)
@@ -327,10 +522,17 @@ pub fn generate(seed: u64, len: usize) -> Vec<Msg> {
             } else {
                 g.now_ms
             };
+            let bytes = g.message();
+            // Any message may name a reply subject; only a saga keeps it.
+            let reply_to = g
+                .rng
+                .percent(30)
+                .then(|| format!("_INBOX.test.{}", g.rng.below(1_000)));
             Msg {
                 position,
                 log_time_ms,
-                bytes: g.message(),
+                bytes,
+                reply_to,
             }
         })
         .collect()
@@ -356,20 +558,9 @@ impl Runner {
     /// committing.
     pub fn apply(&mut self, p: &Partition, msgs: &[Msg]) {
         for m in msgs {
-            // An unreadable message is dead-lettered by a driver; it does
-            // not reach the machine.
-            if let Ok(input) = wire::decode_request(&m.bytes) {
-                let mut view = Overlay::new(p, &mut self.changes);
-                self.machine
-                    .apply(
-                        &mut view,
-                        m.position,
-                        m.log_time_ms,
-                        &input,
-                        &mut self.effects,
-                    )
-                    .expect("generated logs only advance");
-            }
+            let mut view = Overlay::new(p, &mut self.changes);
+            apply_msg(&self.machine, &mut view, m, &mut self.effects)
+                .expect("generated logs only advance");
         }
     }
 
@@ -395,11 +586,7 @@ pub fn reference(msgs: &[Msg]) -> (MemState, Vec<Effect>) {
     let mut mem = MemState::new();
     let mut effects = Vec::new();
     for m in msgs {
-        if let Ok(input) = wire::decode_request(&m.bytes) {
-            machine
-                .apply(&mut mem, m.position, m.log_time_ms, &input, &mut effects)
-                .expect("generated logs only advance");
-        }
+        apply_msg(&machine, &mut mem, m, &mut effects).expect("generated logs only advance");
     }
     (mem, effects)
 }
@@ -416,13 +603,24 @@ pub fn published(e: &Effect) -> (&'static str, OpId, String) {
         Effect::Decided(d) => ("decided", d.op_id, json(wire::encode(d))),
         Effect::Apology(a) => ("apology", a.decision.op_id, json(wire::encode(a))),
         Effect::HoldExpired(h) => ("expired", h.event_id, json(wire::encode(h))),
+        Effect::Send { partition, request } => (
+            "send",
+            request.op_id,
+            serde_json::json!({ "partition": partition, "request": request }).to_string(),
+        ),
+        Effect::Reply { to, decision } => (
+            "reply",
+            decision.op_id,
+            serde_json::json!({ "to": to, "decision": decision }).to_string(),
+        ),
     }
 }
 
 /// Checks the invariants of the core tests on a whole state: holds add up
-/// to `held`, nothing below its floor or above its ceiling, the expiry index
-/// names exactly the pending holds with an expiry, no decision from the
-/// future.
+/// to `held`, nothing below its floor or above its ceiling (counting the
+/// credits sagas reserved), the expiry index names exactly the pending holds
+/// with an expiry and the sagas in flight, every saga has its dedup record,
+/// no decision from the future.
 pub fn check_invariants(mem: &MemState) {
     let mut held: BTreeMap<&str, i64> = BTreeMap::new();
     let mut expiring = BTreeSet::new();
@@ -439,7 +637,17 @@ pub fn check_invariants(mem: &MemState) {
             );
         }
     }
+    for (id, s) in mem.sagas() {
+        if let SagaState::Trying { .. } = s.state {
+            expiring.insert((s.deadline_ms, *id));
+            let d = mem
+                .dedup(*id)
+                .expect("a saga in flight has its dedup record");
+            assert!(!d.decision.outcome.is_final(), "saga {id:?} in flight");
+        }
+    }
     for (id, a) in mem.accounts() {
+        assert!(a.incoming >= 0, "{id:?} has negative incoming: {a:?}");
         assert_eq!(
             a.held,
             held.get(id.as_str()).copied().unwrap_or(0),
@@ -448,11 +656,15 @@ pub fn check_invariants(mem: &MemState) {
         let available = a.available().expect("available fits i64");
         assert!(available >= a.floor, "{id:?} below its floor: {a:?}");
         if let Some(c) = a.ceiling {
-            assert!(a.balance <= c, "{id:?} above its ceiling: {a:?}");
+            let reach = a.balance.checked_add(a.incoming).expect("reach fits i64");
+            assert!(reach <= c, "{id:?} above its ceiling: {a:?}");
         }
     }
     let index: BTreeSet<_> = mem.expiries().map(|k| (k.at_ms, k.hold)).collect();
-    assert_eq!(index, expiring, "expiry index and pending holds disagree");
+    assert_eq!(
+        index, expiring,
+        "expiry index and pending holds and sagas in flight disagree"
+    );
     let clock = mem.clock();
     for (op, d) in mem.dedups() {
         assert!(
@@ -499,6 +711,7 @@ pub fn assert_same_state(got: &MemState, want: &MemState, context: &str) {
         first_diff("holds", &sorted(got.holds()), &sorted(want.holds())),
         first_diff("claims", &sorted(got.claims()), &sorted(want.claims())),
         first_diff("dedup", &sorted(got.dedups()), &sorted(want.dedups())),
+        first_diff("sagas", &sorted(got.sagas()), &sorted(want.sagas())),
         first_diff(
             "expiries",
             &sorted(got.expiries().map(|k| (k, ()))),

@@ -1,0 +1,85 @@
+//! Sagas: work across partitions without distributed transactions.
+//!
+//! A saga (a `saga` request, or the built-in `transfer`) lives in the
+//! partition of its op id. That partition keeps a [`crate::state::Saga`]
+//! record and drives the steps one at a time by appending messages to the
+//! steps' partitions through the outbox ([`crate::partition::Effect::Send`]):
+//!
+//! 1. **try** step 0, wait for its outcome (a `step_outcome` message back),
+//!    then try step 1, and so on. Debits are tried as holds, credits as
+//!    reservations against the ceiling, claims as tentative claims: nothing
+//!    is visible yet. Other steps (`open_account`, `hold`, `post`, `void`,
+//!    `release`) take effect at once.
+//! 2. When every try succeeded: **confirm** every debit, credit and claim
+//!    (post the hold, apply the credit, make the claim final). A confirm
+//!    cannot fail, so the saga is confirmed as soon as they are sent.
+//! 3. When a try is refused, or the deadline passes first: **cancel** the
+//!    steps already tried (and the one in flight), in reverse order: void
+//!    the hold, drop the reservation or the tentative claim, or run the
+//!    step's explicit `compensation`. Undoing a reservation cannot fail; an
+//!    explicit compensation is an ordinary operation and can be refused
+//!    (say, a key re-claimed by someone else meanwhile): its decision is
+//!    recorded under the cancel's op id, for `status` and audit.
+//!
+//! Every step message has an op id derived from the saga's
+//! ([`step_id`], [`outcome_id`]), so duplicates and re-publication after a
+//! crash are harmless: each is decided once, like any operation. Messages of
+//! different partitions arrive in any order; a cancel that arrives before
+//! its try is recorded, and the late try is then refused
+//! (`saga_cancelled`), so a cancelled step never takes effect.
+//!
+//! The partition driver needs no saga knowledge beyond publishing the
+//! outbox: all of this is decided in [`crate::partition::Machine::apply`].
+
+use crate::command::{Command, Phase, SAGA_DEADLINE_MS_DEFAULT, SagaStep};
+use crate::id::OpId;
+
+/// The op id of phase `phase` of step `index` of saga `saga`: derived from
+/// the saga's id with the label `step/<index>/<phase>`.
+pub fn step_id(saga: OpId, index: u32, phase: Phase) -> OpId {
+    saga.derive(&format!("step/{index}/{}", phase.label()))
+}
+
+/// The op id of the outcome of step `index`'s try: derived from the saga's
+/// id with the label `step/<index>/outcome`.
+pub fn outcome_id(saga: OpId, index: u32) -> OpId {
+    saga.derive(&format!("step/{index}/outcome"))
+}
+
+/// The steps of a `transfer` or `saga` command, in order; empty for any
+/// other command. A transfer is a debit of `from` then a credit of `to`.
+pub fn steps(command: &Command) -> Vec<SagaStep> {
+    match command {
+        Command::Transfer {
+            from, to, amount, ..
+        } => vec![
+            SagaStep {
+                command: Box::new(Command::Debit {
+                    account: from.clone(),
+                    amount: *amount,
+                }),
+                compensation: None,
+            },
+            SagaStep {
+                command: Box::new(Command::Credit {
+                    account: to.clone(),
+                    amount: *amount,
+                }),
+                compensation: None,
+            },
+        ],
+        Command::Saga { steps, .. } => steps.as_slice().to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// How long (log time, ms) a `transfer` or `saga` may run before it is
+/// cancelled.
+pub fn deadline_ms(command: &Command) -> u64 {
+    match command {
+        Command::Transfer { deadline_ms, .. } | Command::Saga { deadline_ms, .. } => {
+            deadline_ms.map_or(SAGA_DEADLINE_MS_DEFAULT, |d| d.get())
+        }
+        _ => SAGA_DEADLINE_MS_DEFAULT,
+    }
+}

@@ -1,0 +1,263 @@
+//! `amends status`, `balance`, `claim-owner` and `stats`: the service's
+//! request-reply endpoints from the command line.
+//!
+//! Exit codes: `status` 0 decided confirmed, 1 decided rejected, 3 unknown,
+//! 2 error; `balance` 0 found, 3 unknown account, 2 error; `claim-owner`
+//! and `stats` 0 answered, 2 error.
+
+use std::time::Duration;
+
+use amends_client::{Client, OpStatus, Options, Prefix};
+use amends_core::command::{AccountId, ClaimKey, Namespace};
+use amends_core::route::Partitions;
+use amends_core::{OpId, wire};
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::nats::NatsArgs;
+
+/// Exit code: an answer that is not "confirmed" / "found" but not an error
+/// either: the op id or account is unknown.
+pub const EXIT_UNKNOWN: u8 = 3;
+
+/// The flags every query shares.
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// The partition count; read from the deployment when absent.
+    #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// The subject prefix of the deployment.
+    #[arg(long, env = "AMENDS_PREFIX", default_value = "amends")]
+    pub prefix: String,
+    /// How long to wait for each answer, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub timeout_ms: u64,
+}
+
+impl QueryArgs {
+    async fn connect(&self, name: &str) -> anyhow::Result<Client> {
+        let mut options = Options::new(String::new());
+        options.servers = self.nats.servers()?;
+        options.auth = self.nats.client_auth();
+        options.prefix = Prefix::new(self.prefix.clone())
+            .with_context(|| format!("invalid --prefix {:?}", self.prefix))?;
+        options.partitions = self
+            .partitions
+            .map(Partitions::new)
+            .transpose()
+            .context("invalid --partitions")?;
+        options.name = Some(name.to_owned());
+        Client::connect(options)
+            .await
+            .context("connecting to the deployment")
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The flags of `amends status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+    /// Ask only this partition (the one that owns the operation's routing
+    /// key); by default every partition is asked.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// The op id, in canonical text.
+    pub op_id: String,
+}
+
+/// The flags of `amends balance`.
+#[derive(Args, Debug)]
+pub struct BalanceArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+    /// The account id.
+    pub account: String,
+}
+
+/// The flags of `amends claim-owner`.
+#[derive(Args, Debug)]
+pub struct ClaimOwnerArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The claimed key.
+    pub key: String,
+}
+
+/// The flags of `amends stats`.
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+    /// Print JSON (one object per partition, one per line) instead of a
+    /// table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints an error and exits 2, or exits with the code.
+pub fn exit(result: anyhow::Result<u8>) -> ! {
+    match result {
+        Ok(code) => std::process::exit(i32::from(code)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// `amends status`: asks the partitions what they know of an op id (all
+/// of them at once, unless `--partition`), prints the answer as JSON.
+pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
+    let op_id: OpId = args
+        .op_id
+        .parse()
+        .ok()
+        .filter(|id: &OpId| id.to_string() == args.op_id)
+        .with_context(|| format!("{:?} is not an op id in canonical text", args.op_id))?;
+    let client = args.query.connect("amends status").await?;
+    let partitions: Vec<_> =
+        match args.partition {
+            Some(p) => vec![client.partitions().id(p).with_context(|| {
+                format!("--partition {p} is not a partition of the deployment")
+            })?],
+            None => client.partitions().ids().collect(),
+        };
+    let timeout = args.query.timeout();
+    let asks = partitions.into_iter().map(|p| {
+        let client = client.clone();
+        async move { (p, client.status(op_id, p, timeout).await) }
+    });
+    let mut failed = Vec::new();
+    for (p, answer) in futures_util::future::join_all(asks).await {
+        match answer {
+            Ok(OpStatus::Decided(decision)) => {
+                let decision: serde_json::Value = serde_json::from_slice(&wire::encode(&decision))
+                    .context("encoding the decision")?;
+                println!(
+                    "{}",
+                    serde_json::json!({"status": "decided", "decision": decision})
+                );
+                // A saga still in flight has no final outcome yet: not
+                // decided, so "unknown" (3), like an op not yet applied.
+                return Ok(match decision["outcome"].as_str() {
+                    Some("confirmed") => 0,
+                    Some("rejected") => 1,
+                    _ => EXIT_UNKNOWN,
+                });
+            }
+            Ok(OpStatus::Unknown) => {}
+            Err(e) => failed.push(format!("partition {p}: {e}")),
+        }
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "not every partition answered: {}",
+        failed.join("; ")
+    );
+    println!("{}", serde_json::json!({"status": "unknown"}));
+    Ok(EXIT_UNKNOWN)
+}
+
+/// `amends balance`: the account's balance, holds and limits as JSON.
+pub async fn balance(args: BalanceArgs) -> anyhow::Result<u8> {
+    let account = AccountId::new(args.account.clone())
+        .with_context(|| format!("{:?} is not an account id", args.account))?;
+    let client = args.query.connect("amends balance").await?;
+    match client.balance(&account, args.query.timeout()).await? {
+        Some(balance) => {
+            let mut value = serde_json::to_value(&balance)?;
+            value["status"] = "found".into();
+            println!("{value}");
+            Ok(0)
+        }
+        None => {
+            println!(
+                "{}",
+                serde_json::json!({"status": "unknown", "account": account.as_str()})
+            );
+            Ok(EXIT_UNKNOWN)
+        }
+    }
+}
+
+/// `amends claim-owner`: who holds `(namespace, key)`, as JSON.
+pub async fn claim_owner(args: ClaimOwnerArgs) -> anyhow::Result<u8> {
+    let namespace = Namespace::new(args.namespace.clone())
+        .with_context(|| format!("{:?} is not a namespace", args.namespace))?;
+    let key =
+        ClaimKey::new(args.key.clone()).with_context(|| format!("{:?} is not a key", args.key))?;
+    let client = args.query.connect("amends claim-owner").await?;
+    let claim = client
+        .claim_owner(&namespace, &key, args.query.timeout())
+        .await?;
+    let mut value = serde_json::to_value(&claim)?;
+    value["status"] = if claim.owner.is_some() {
+        "claimed"
+    } else {
+        "free"
+    }
+    .into();
+    value["namespace"] = namespace.as_str().into();
+    value["key"] = key.as_str().into();
+    println!("{value}");
+    Ok(0)
+}
+
+/// `amends stats`: every partition's state, applied position, last
+/// sequence and lag, as a table (or JSON lines).
+pub async fn stats(args: StatsArgs) -> anyhow::Result<u8> {
+    let client = args.query.connect("amends stats").await?;
+    let timeout = args.query.timeout();
+    let asks = client.partitions().ids().map(|p| {
+        let client = client.clone();
+        async move { (p, client.stats(p, timeout).await) }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    if !args.json {
+        println!(
+            "{:>9}  {:<10}  {:>12}  {:>12}  {:>8}  {:>8}  {:>15}",
+            "partition", "state", "applied", "last_seq", "lag", "restarts", "log_time_ms"
+        );
+    }
+    let mut failed = 0_usize;
+    for (p, answer) in answers {
+        let stats = match answer {
+            Ok(stats) => stats,
+            Err(e) => {
+                eprintln!("partition {p}: {e}");
+                failed = failed.saturating_add(1);
+                continue;
+            }
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&stats)?);
+            continue;
+        }
+        let or_dash = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        let state = serde_json::to_value(stats.state)?;
+        println!(
+            "{:>9}  {:<10}  {:>12}  {:>12}  {:>8}  {:>8}  {:>15}",
+            stats.partition,
+            state.as_str().unwrap_or("?"),
+            stats.applied_position,
+            or_dash(stats.last_sequence),
+            or_dash(stats.lag),
+            stats.restarts,
+            stats.log_time_ms
+        );
+        if let Some(detail) = stats.detail.as_deref().or(stats.stream_error.as_deref()) {
+            println!("{:>9}  {detail}", "");
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} partition(s) did not answer");
+    Ok(0)
+}

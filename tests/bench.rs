@@ -1,0 +1,78 @@
+//! `amends bench` end to end: the built binary starts its own nats-server,
+//! a private PostgreSQL (initdb in a temporary directory) and `amends
+//! serve`, drives all three with a short bounded workload, and reports a
+//! nonzero throughput for each, in its table and its JSON.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// What to install when the run fails for want of a server.
+const HINT: &str = "needs nats-server (scripts/setup) and PostgreSQL's initdb/postgres/pg_ctl on PATH or in /usr/lib/postgresql/<v>/bin (scripts/setup installs it: apt-get install postgresql)";
+
+#[test]
+fn bench_runs_ceiling_postgres_and_amends() {
+    // Proves one short run measures all three systems: each row of the table
+    // and of the JSON has answers and a nonzero throughput, and the run is
+    // quick (bounded by --duration and --count).
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_amends"))
+        .args([
+            "bench",
+            "--duration",
+            "2s",
+            "--count",
+            "500",
+            "--mix",
+            "claim:1,debit-credit:2",
+            "--accounts",
+            "50",
+            "--clients",
+            "2",
+            "--in-flight",
+            "8",
+            "--json",
+        ])
+        .arg(&json)
+        .env_remove("AMENDS_BENCH_POSTGRES_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "amends bench failed ({HINT}):\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    for system in ["ceiling", "PostgreSQL", "amends"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {system} ")))
+            .unwrap_or_else(|| panic!("no {system} row in:\n{stdout}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let ops: f64 = cells[2].parse().unwrap_or_else(|_| panic!("row {row}"));
+        assert!(ops > 0.0, "{system}: zero throughput in {row}");
+        let errors: u64 = cells[9].parse().unwrap();
+        assert_eq!(errors, 0, "{system} had errors:\n{stdout}");
+    }
+    assert!(stdout.contains("amends/ceiling: "), "{stdout}");
+    assert!(stdout.contains("amends serve resident memory: "), "{stdout}");
+
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let systems = doc["systems"].as_array().unwrap();
+    assert_eq!(systems.len(), 3, "{doc}");
+    for s in systems {
+        assert!(s["ops_per_s"].as_f64().unwrap() > 0.0, "{s}");
+        let answers = s["confirmed"].as_u64().unwrap() + s["refused"].as_u64().unwrap();
+        assert_eq!(answers, 500, "every submitted operation answered: {s}");
+        assert!(s["latency_us"]["p99"].as_u64().unwrap() > 0, "{s}");
+    }
+    assert!(doc["amends_memory_kib"]["vm_hwm"].as_u64().unwrap() > 0, "{doc}");
+}
