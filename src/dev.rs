@@ -3,9 +3,10 @@
 //! Starts the pinned `nats-server` (JetStream, loopback, a free port, its
 //! store in the data directory), runs the service on every partition in
 //! this process through the same code as `amends serve`, walks through a
-//! short demo with amends-client (a confirmation, two refusals, a duplicate
-//! and an apology), then serves until Ctrl-C or SIGTERM. On the way out the
-//! child server is killed by its PID and reaped, whatever happened before.
+//! short demo with amends-client (a confirmation, two refusals, a duplicate,
+//! an apology and a transfer saga), then serves until Ctrl-C or SIGTERM. On
+//! the way out the child server is killed by its PID and reaped, whatever
+//! happened before.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -267,8 +268,33 @@ async fn demo(client: &Client, url: &str) -> anyhow::Result<()> {
         prefix.stream_name(Stream::Apologies)
     );
     println!("   {}", String::from_utf8_lossy(&apology));
+
+    let bob = AccountId::new(format!("bob-{run}"))?;
     println!(
-        "\ndemo done: confirmed, insufficient_funds, already_claimed, a duplicate, an apology"
+        "\n6. A saga: open {bob}, then transfer 60 from {account} to {bob} (a debit and a credit, possibly on two partitions), then 500, which {account} does not have."
+    );
+    let open_bob = request(Cmd::OpenAccount {
+        account: bob.clone(),
+        floor: 0,
+        ceiling: None,
+    });
+    show("open_account", &decide(client, &open_bob).await?);
+    let transfer = |amount: u64| -> anyhow::Result<Request> {
+        let mut r = request(Cmd::Transfer {
+            from: account.clone(),
+            to: bob.clone(),
+            amount: Amount::new(amount)?,
+            deadline_ms: None,
+        });
+        // The saga lives with the debit: fewer log appends.
+        r.op_id = client.new_saga_op_id(account.as_str());
+        Ok(r)
+    };
+    show("transfer 60", &decide(client, &transfer(60)?).await?);
+    show("transfer 500", &decide(client, &transfer(500)?).await?);
+    println!("   the refused transfer names its step (0, the debit) and why; its hold was voided");
+    println!(
+        "\ndemo done: confirmed, insufficient_funds, already_claimed, a duplicate, an apology, a saga"
     );
     Ok(())
 }

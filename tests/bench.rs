@@ -62,7 +62,10 @@ fn bench_runs_ceiling_postgres_and_amends() {
         assert_eq!(errors, 0, "{system} had errors:\n{stdout}");
     }
     assert!(stdout.contains("amends/ceiling: "), "{stdout}");
-    assert!(stdout.contains("amends serve resident memory: "), "{stdout}");
+    assert!(
+        stdout.contains("amends serve resident memory: "),
+        "{stdout}"
+    );
 
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -74,5 +77,8 @@ fn bench_runs_ceiling_postgres_and_amends() {
         assert_eq!(answers, 500, "every submitted operation answered: {s}");
         assert!(s["latency_us"]["p99"].as_u64().unwrap() > 0, "{s}");
     }
-    assert!(doc["amends_memory_kib"]["vm_hwm"].as_u64().unwrap() > 0, "{doc}");
+    assert!(
+        doc["amends_memory_kib"]["vm_hwm"].as_u64().unwrap() > 0,
+        "{doc}"
+    );
 }

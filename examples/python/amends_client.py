@@ -70,9 +70,17 @@ def partition_of(routing_key: str, partitions: int) -> int:
     return jump_hash(fnv1a_64(routing_key.encode("utf-8")), partitions)
 
 
-def routing_key(command: dict[str, Any]) -> str:
-    """The routing key of a command: the account, or namespace U+001F key."""
+SAGA_COMMANDS = {"transfer", "saga"}
+
+
+def routing_key(command: dict[str, Any], op_id: str | None = None) -> str:
+    """The routing key of a request: the account, namespace U+001F key, or,
+    for a saga (`transfer`, `saga`), its op id in canonical text."""
     kind = command.get("type")
+    if kind in SAGA_COMMANDS:
+        if op_id is None:
+            raise ValueError("a saga is routed by its op id")
+        return op_id
     if kind in ACCOUNT_COMMANDS:
         return command["account"]
     if kind in CLAIM_COMMANDS:
@@ -144,7 +152,7 @@ class AmendsClient:
         await self.nc.close()
 
     def subject_of(self, request: dict[str, Any]) -> str:
-        p = partition_of(routing_key(request["command"]), self.partitions)
+        p = partition_of(routing_key(request["command"], request["op_id"]), self.partitions)
         return f"{self.prefix}.req.{p}"
 
     async def submit_and_wait(

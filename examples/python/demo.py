@@ -1,9 +1,10 @@
 """Demo of the Python amends client against a running `amends serve`.
 
-Opens an account, credits it, tries an overdraft and claims a username twice,
-printing each decision as one JSON line. Exits 0 only if the outcomes are:
-confirmed, confirmed, rejected insufficient_funds, confirmed, rejected
-already_claimed.
+Opens an account, credits it, tries an overdraft, claims a username twice
+and transfers to a second account twice (a saga), printing each decision as
+one JSON line. Exits 0 only if the outcomes are: confirmed, confirmed,
+rejected insufficient_funds, confirmed, rejected already_claimed, confirmed,
+confirmed, rejected step_refused.
 
     PYTHONPATH=.tools/pypi/nats-py python3 examples/python/demo.py --nats-url nats://127.0.0.1:4222
 """
@@ -45,6 +46,10 @@ async def run(url: str, prefix: str, wait: float) -> int:
         ("debit 150", {"type": "debit", "account": account, "amount": 150}, ("rejected", "insufficient_funds")),
         ("claim as ann", {"type": "claim", "namespace": "username", "key": user, "owner": "ann"}, ("confirmed", None)),
         ("claim as bob", {"type": "claim", "namespace": "username", "key": user, "owner": "bob"}, ("rejected", "already_claimed")),
+        ("open 2nd account", {"type": "open_account", "account": account + "-b"}, ("confirmed", None)),
+        # Sagas: routed by their op id; the decision comes when both steps are done.
+        ("transfer 30", {"type": "transfer", "from": account, "to": account + "-b", "amount": 30}, ("confirmed", None)),
+        ("transfer 500", {"type": "transfer", "from": account, "to": account + "-b", "amount": 500}, ("rejected", "step_refused")),
     ]
     ok = True
     try:

@@ -37,6 +37,8 @@ fn dev_no_wait_runs_the_demo_and_stops_its_nats_server() {
         "duplicate: same decision as the first time",
         "apology on amends.apology.dev.",
         r#""reason":{"code":"insufficient_funds""#,
+        "transfer 60 -> confirmed",
+        "transfer 500 -> rejected: step_refused",
         "killed and reaped",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?}\n{context}");

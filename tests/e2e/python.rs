@@ -85,7 +85,9 @@ async fn python_demo_gets_the_expected_decisions_from_amends_serve() {
     // reads the partition count from AMENDS_META, routes, publishes with
     // Nats-Msg-Id and Amends-Reply-To, and gets each decision: open and
     // credit confirmed, an overdraft rejected insufficient_funds, a first
-    // claim confirmed and a second one rejected already_claimed.
+    // claim confirmed and a second one rejected already_claimed, a transfer
+    // (a saga, routed by its op id) confirmed and one refused naming its
+    // step.
     let nats = python(&["-c", "import nats"]);
     assert_eq!(
         nats.code,
@@ -114,6 +116,8 @@ async fn python_demo_gets_the_expected_decisions_from_amends_serve() {
         ("debit 150: ok ", "\"code\": \"insufficient_funds\""),
         ("claim as ann: ok ", "\"outcome\": \"confirmed\""),
         ("claim as bob: ok ", "\"owner\": \"ann\""),
+        ("transfer 30: ok ", "\"outcome\": \"confirmed\""),
+        ("transfer 500: ok ", "\"code\": \"insufficient_funds\""),
     ];
     for (label, field) in expected {
         let line = lines

@@ -20,6 +20,10 @@ pub struct Balance {
     /// The sum of pending holds. The holds themselves are not listed: the
     /// store keeps them by op id, with no index by account.
     pub held: i64,
+    /// Credits reserved by sagas in flight: they count against the ceiling
+    /// and join the balance when their saga confirms.
+    #[serde(default)]
+    pub incoming: i64,
     /// `balance - held`.
     pub available: i64,
     /// The lowest `available` may reach (at most 0).
@@ -37,6 +41,10 @@ pub struct Balance {
 pub struct ClaimOwner {
     /// Who holds the claim; `None` when it is free.
     pub owner: Option<Owner>,
+    /// Whether a saga in flight holds it tentatively (it becomes final, or
+    /// free, when the saga ends).
+    #[serde(default)]
+    pub tentative: bool,
     /// The partition's applied position the answer was read at (or after).
     pub position: u64,
     /// The log time of that position.

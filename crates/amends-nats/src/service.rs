@@ -768,7 +768,8 @@ impl Answers {
     }
 
     /// The balance query (body: an account id): `{"status":"found",
-    /// "account", "balance", "held", "available", "floor", "ceiling",
+    /// "account", "balance", "held", "incoming" (credits reserved by sagas
+    /// in flight), "available", "floor", "ceiling",
     /// "position", "log_time_ms"}` or `{"status":"unknown", "position",
     /// "log_time_ms"}`. The position is read first, so the account is as
     /// of that position or later. Pending holds are not listed: the store
@@ -796,6 +797,7 @@ impl Answers {
                 "account": account.as_str(),
                 "balance": a.balance,
                 "held": a.held,
+                "incoming": a.incoming,
                 "available": a.available(),
                 "floor": a.floor,
                 "ceiling": a.ceiling,
@@ -838,7 +840,12 @@ impl Answers {
         .await
         .map_err(|e| error_answer(format!("the lookup failed: {e}")))?;
         let mut answer = match found {
-            Some(claim) => json!({"status": "claimed", "owner": claim.owner.as_str()}),
+            Some(claim) => json!({
+                "status": "claimed",
+                "owner": claim.owner.as_str(),
+                // Held by a saga in flight: final or gone when it ends.
+                "tentative": claim.tentative.is_some(),
+            }),
             None => json!({"status": "free"}),
         };
         answer["namespace"] = json!(namespace.as_str());
