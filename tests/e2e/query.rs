@@ -126,8 +126,8 @@ async fn queries_cli_exit_codes_and_metrics_after_a_workload() {
     let client = client(&server, PARTITIONS).await;
 
     let alice_partition = partition_of("alice", client.partitions());
-    // An unreadable message: a dead letter, first in alice's partition (a
-    // dead letter does not move the applied position, so it is not last).
+    // An unreadable message: a dead letter, first in alice's partition (the
+    // applied position moves past it like past any message).
     let js = jetstream::new(amends_nats::test_support::connect(&server).await);
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", "garbage-1");

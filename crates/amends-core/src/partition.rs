@@ -284,6 +284,29 @@ impl Machine {
         self.apply_with_reply(state, position, log_time_ms, input, None, out)
     }
 
+    /// Moves the applied position past a message that cannot be read (a
+    /// dead letter, see [`crate::wire::decode_request`]) and changes nothing
+    /// else, log time included: such a message is not applied, but the
+    /// partition must not read it again.
+    pub fn skip<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        position: u64,
+    ) -> Result<(), Fault> {
+        let clock = state.clock();
+        if position <= clock.position {
+            return Err(Fault::PositionNotAdvancing {
+                applied: clock.position,
+                got: position,
+            });
+        }
+        state.set_clock(Clock {
+            position,
+            log_time_ms: clock.log_time_ms,
+        });
+        Ok(())
+    }
+
     /// [`Machine::apply`] for a message that named a reply subject: a saga
     /// remembers it (at most [`REPLY_SUBJECT_BYTES_MAX`] bytes) to send its
     /// final decision there ([`Effect::Reply`]). The subject is part of the

@@ -17,9 +17,10 @@
 //!
 //! Dead letters are not in the store's outbox (the core's `Effect` has no
 //! such variant), so they are published *before* the commit that moves the
-//! applied position past them: a crash before the commit replays them (the
-//! same id, `dlq-<p>-<position>`, drops the copy), a crash after it cannot
-//! lose them. A dead letter changes no state, so publishing it early
+//! applied position past them (`Machine::skip`): a crash before the commit
+//! replays them (the same id, `dlq-<p>-<position>`, drops the copy), a
+//! crash after it cannot lose them, and once committed they are never read
+//! again. A dead letter changes no other state, so publishing it early
 //! exposes no undecided decision.
 
 use std::convert::Infallible;
@@ -364,7 +365,8 @@ struct Incoming {
     position: u64,
     log_time_ms: u64,
     redelivered: bool,
-    input: Input,
+    /// `None` for a dead letter: the position moves past it, nothing else.
+    input: Option<Input>,
     reply_to: Option<String>,
 }
 
@@ -502,14 +504,25 @@ impl Worker {
                     position,
                     log_time_ms,
                     redelivered,
-                    input,
+                    input: Some(input),
                     reply_to: message
                         .headers
                         .as_ref()
                         .and_then(|h| h.get(header::REPLY_TO))
                         .map(|v| v.as_str().to_owned()),
                 }),
-                Err(unreadable) => dead.push((position, message.payload.clone(), unreadable)),
+                Err(unreadable) => {
+                    dead.push((position, message.payload.clone(), unreadable));
+                    // Committed with the batch, so that a dead letter last in
+                    // a batch is not read (and dead-lettered) again.
+                    incoming.push(Incoming {
+                        position,
+                        log_time_ms,
+                        redelivered,
+                        input: None,
+                        reply_to: None,
+                    });
+                }
             }
         }
 
@@ -639,17 +652,23 @@ fn apply_and_commit(
             if msg.position <= applied && msg.redelivered {
                 continue;
             }
+            let Some(input) = &msg.input else {
+                machine
+                    .skip(&mut state, msg.position)
+                    .map_err(Stop::Fault)?;
+                continue;
+            };
             let answer = machine
                 .apply_with_reply(
                     &mut state,
                     msg.position,
                     msg.log_time_ms,
-                    &msg.input,
+                    input,
                     msg.reply_to.as_deref(),
                     &mut effects,
                 )
                 .map_err(Stop::Fault)?;
-            tally.answer(&msg.input, &answer);
+            tally.answer(input, &answer);
             if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
                 replies.push((reply_to.clone(), decision.clone()));
             }

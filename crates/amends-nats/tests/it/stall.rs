@@ -194,7 +194,7 @@ async fn a_paused_consumer_is_noticed_and_recreated() {
 
 #[tokio::test]
 async fn an_idle_partition_ending_in_a_dead_letter_is_not_a_stall() {
-    // Proves the watchdog compares with what was delivered, not applied: a trailing dead letter (which moves no applied position) never trips it while the partition idles.
+    // Proves the watchdog compares with what was delivered, not applied: a trailing dead letter never trips it while the partition idles.
     within(async {
         let fx = Fixture::start().await;
         let inbox = fx.client.new_inbox();

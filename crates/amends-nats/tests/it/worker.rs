@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use amends_core::partition::{Config, Machine};
 use amends_core::route::{PartitionId, Partitions};
+use amends_core::state::Read as _;
 use amends_nats::topology::{self, Stream, Topology, header};
 use amends_nats::worker::{self, Options};
 use amends_store::{Partition, Store};
@@ -326,6 +327,45 @@ async fn bad_input_is_refused_or_dead_lettered_and_the_partition_goes_on() {
             .map(|d| code(d).to_owned())
             .collect();
         assert_eq!(codes, ["malformed", "confirmed"]);
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_last_in_its_batch_is_committed_past() {
+    // Proves a dead letter moves the applied position: after a valid request and then unreadable bytes (the last message), the store's applied position is the dead letter's, so a restarted worker does not read and dead-letter it again; log time stays the valid request's.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let (store, task) = fx.spawn_worker(Options::default());
+        let mut inbox = Inbox::new(&fx.client).await;
+        let d = ask(
+            &fx,
+            &mut inbox,
+            &op_id(),
+            json!({"type": "open_account", "account": "a"}),
+        )
+        .await;
+        assert_eq!(code(&d), "confirmed", "{d}");
+        let position = fx
+            .publish("junk-last", None, b"\xff not json".to_vec())
+            .await;
+        let partition = store.partition(fx.p0()).expect("partition");
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while partition.clock().position < position {
+            assert!(
+                Instant::now() < deadline,
+                "the dead letter was not committed past"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(partition.clock().position, position);
+        assert_eq!(
+            partition.clock().log_time_ms,
+            d["log_time_ms"].as_u64().expect("log time"),
+            "a dead letter leaves log time alone"
+        );
+        assert_eq!(fx.read_stream(Stream::DeadLetters).await.len(), 1);
         task.abort();
     })
     .await;
