@@ -1,5 +1,5 @@
 //! The client against real workers: confirm, refuse, duplicate, many in
-//! flight, resubmission after a timeout.
+//! flight, resubmission after a timeout, a nats-server restart.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -340,4 +340,76 @@ async fn a_lost_reply_is_recovered_through_the_status_endpoint() {
         assert_eq!(reply["status"], "error", "{reply}");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_the_service_ride_out_a_nats_server_restart() {
+    // Proves clients and service recover from a SIGKILLed and restarted nats-server on their own: 300 credits from 12 tasks through submit_and_wait while the server dies and comes back; every credit is confirmed and the balances show each applied exactly once.
+    tokio::time::timeout(Duration::from_secs(90), async {
+        const ACCOUNTS: usize = 6;
+        const OPS: usize = 300;
+        const TASKS: usize = 12;
+        let mut dep = Deployment::start("restart", 3).await;
+        dep.spawn_service();
+        let client = dep.client().await;
+        let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("acct-{i}")).collect();
+        for name in &names {
+            client
+                .submit_and_wait(&request(open(name)), TRY_TIMEOUT, 3)
+                .await
+                .expect("open");
+        }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let mut reqs = Vec::new();
+            for i in (t..OPS).step_by(TASKS) {
+                let name = names[i % ACCOUNTS].clone();
+                let n = u64::try_from(i % 7 + 1).expect("small");
+                *expected.entry(name.clone()).or_default() += i64::try_from(n).expect("small");
+                reqs.push(request(Command::Credit {
+                    account: account(&name),
+                    amount: amount(n),
+                }));
+            }
+            let (client, done) = (client.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                for r in reqs {
+                    let d = client
+                        .submit_and_wait(&r, Duration::from_secs(2), 30)
+                        .await
+                        .unwrap_or_else(|e| panic!("op {} got no decision: {e}", r.op_id));
+                    assert!(d.outcome.is_confirmed(), "{d:?}");
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
+        while done.load(std::sync::atomic::Ordering::Relaxed) < OPS / 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        dep.server.kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        dep.server.restart();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), OPS);
+        for name in &names {
+            let d = client
+                .submit_and_wait(
+                    &request(Command::Credit {
+                        account: account(name),
+                        amount: amount(1),
+                    }),
+                    TRY_TIMEOUT,
+                    5,
+                )
+                .await
+                .expect("final credit");
+            assert_eq!(balance(&d), Some(expected[name] + 1), "{name}: {d:?}");
+        }
+    })
+    .await
+    .expect("the test took longer than 90 s");
 }
