@@ -5,8 +5,10 @@
 //! start:  republish the unconfirmed outbox; (re)create the pull consumer at applied + 1
 //! loop:   fetch a batch -> decode -> dead letters (published, awaited)
 //!         -> Machine::apply each message through an Overlay -> one Partition::commit
-//!         -> publish the batch's outbox (deterministic Nats-Msg-Id, PubAcks awaited)
-//!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS) -> ack the batch
+//!         -> hand the batch to the publisher task -> ack the batch
+//! publisher (its own task, batches in commit order, while the loop goes on):
+//!         publish the batch's outbox (deterministic Nats-Msg-Id, PubAcks awaited)
+//!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS)
 //! ```
 //!
 //! Every await point is a safe place to crash or be cancelled: the store's
@@ -50,10 +52,15 @@ pub const BATCH_LEN_MAX_DEFAULT: usize = 256;
 pub const FETCH_WAIT_DEFAULT: Duration = Duration::from_millis(500);
 
 /// How long JetStream waits for the ack of a delivered batch before it
-/// delivers it again. A batch is acknowledged after its commit and its
-/// publishes; a redelivery of what was applied is skipped (see
+/// delivers it again. A batch is acknowledged after its commit; a
+/// redelivery of what was applied is skipped (see
 /// [`run_partition`]), so this only bounds how soon a lost ack is retried.
 pub const ACK_WAIT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Committed batches that may wait for the publisher while the worker
+/// applies and commits the next one. Two let a partition commit batch N+1
+/// while batch N is published; more only queue.
+pub const PIPELINE_DEPTH: usize = 2;
 
 /// Outbox entries republished per page on start.
 pub const OUTBOX_PAGE_LEN: usize = 1024;
@@ -276,6 +283,18 @@ pub async fn run_partition(
         .map_err(nats_error(p, "create consumer"))?;
     tracing::info!(partition = p, consumer = %name, start = applied.saturating_add(1), "partition worker started");
 
+    // Committed batches go to the publisher in order; it publishes while
+    // the next batch is applied and committed. Backpressure: at most
+    // `PIPELINE_DEPTH` committed batches wait.
+    let (to_publish, mut committed) = tokio::sync::mpsc::channel::<Committed>(PIPELINE_DEPTH);
+    let publisher = worker.publisher()?;
+    let mut publishing = AbortOnDrop(tokio::spawn(async move {
+        while let Some(batch) = committed.recv().await {
+            publisher.publish_committed(batch).await?;
+        }
+        Ok(())
+    }));
+
     let mut consumer_seq = 0_u64;
     // The stall watchdog: the last stream sequence delivered (dead letters
     // do not move the applied position, so that is not enough), the empty
@@ -285,6 +304,9 @@ pub async fn run_partition(
     let mut idle_fetches = 0_u32;
     let mut suspect: Option<u64> = None;
     loop {
+        if publishing.0.is_finished() {
+            return Err(publisher_stopped(&mut publishing, p).await);
+        }
         let mut fetched = consumer
             .fetch()
             .max_messages(options.batch_len_max.max(1))
@@ -342,7 +364,12 @@ pub async fn run_partition(
             consumer_seq = info.consumer_sequence;
             delivered = delivered.max(info.stream_sequence);
         }
-        worker.batch(&batch).await?;
+        let done = worker.batch(&batch).await?;
+        if to_publish.send(done).await.is_err() {
+            return Err(publisher_stopped(&mut publishing, p).await);
+        }
+        // Acknowledged once committed: the store, not the consumer, says
+        // where a restart resumes, and the outbox is republished then.
         last.ack().await.map_err(|e| Error::Nats {
             partition: p,
             action: "ack",
@@ -408,6 +435,7 @@ impl Worker {
     /// Publishes every unconfirmed outbox entry, page by page, confirming
     /// each page once all its PubAcks are in.
     async fn republish_outbox(&mut self) -> Result<(), Error> {
+        let publisher = self.publisher()?;
         let mut from = OutboxSeq(0);
         let mut total = 0_usize;
         loop {
@@ -419,14 +447,14 @@ impl Worker {
                 break;
             };
             let effects: Vec<Effect> = page.into_iter().map(|(_, e)| e).collect();
-            self.publish_effects(&effects).await?;
+            publisher.publish_effects(&effects).await?;
             from = OutboxSeq(last.get().saturating_add(1));
             self.store()?
                 .outbox_confirm(from)
                 .map_err(|e| self.store_error(e))?;
             // A saga's final decision may have missed its requester: send
             // it again (a client ignores what it already has).
-            self.send_replies(saga_replies(&effects)).await;
+            publisher.send_replies(saga_replies(&effects)).await;
             total = total.saturating_add(effects.len());
         }
         if total > 0 {
@@ -439,55 +467,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Publishes effects in order, pipelined, and waits for every PubAck.
-    async fn publish_effects(&self, effects: &[Effect]) -> Result<(), Error> {
-        let mut acks = Vec::with_capacity(effects.len());
-        for effect in effects {
-            let (subject, msg_id, body) = match effect {
-                Effect::Decided(d) => (
-                    self.prefix.dec(self.machine.partition()),
-                    d.op_id.to_string(),
-                    wire::encode(d),
-                ),
-                Effect::HoldExpired(e) => (
-                    self.prefix.dec(self.machine.partition()),
-                    e.event_id.to_string(),
-                    wire::encode(e),
-                ),
-                Effect::Apology(a) => (
-                    self.prefix.apology(&a.topic),
-                    a.decision.op_id.to_string(),
-                    wire::encode(a),
-                ),
-                // A saga's message to a partition's log: its derived op id
-                // deduplicates a re-publication in JetStream and in the core.
-                Effect::Send { partition, request } => (
-                    self.prefix.req(*partition),
-                    request.op_id.to_string(),
-                    wire::encode(request),
-                ),
-                // Core NATS, after the outbox is confirmed: `send_replies`.
-                Effect::Reply { .. } => continue,
-            };
-            let mut headers = HeaderMap::new();
-            headers.insert(header::MSG_ID, msg_id.as_str());
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, body.into())
-                .await
-                .map_err(|e| self.nats_error("publish", Box::new(e)))?;
-            acks.push(ack);
-        }
-        for ack in acks {
-            ack.await
-                .map_err(|e| self.nats_error("publish ack", Box::new(e)))?;
-        }
-        Ok(())
+    /// The publishing half, with its own handle on the store.
+    fn publisher(&self) -> Result<Publisher, Error> {
+        Ok(Publisher {
+            js: self.js.clone(),
+            prefix: self.prefix.clone(),
+            partition: self.machine.partition(),
+            store: self.store()?.clone(),
+        })
     }
 
-    /// Decodes, dead-letters, applies and commits one batch, publishes its
-    /// outbox and sends its replies. The caller acknowledges it.
-    async fn batch(&mut self, batch: &[jetstream::Message]) -> Result<(), Error> {
+    /// Decodes, dead-letters, applies and commits one batch; returns what
+    /// the publisher must publish and reply. The caller acknowledges it.
+    async fn batch(&mut self, batch: &[jetstream::Message]) -> Result<Committed, Error> {
         let p = self.machine.partition();
         let mut incoming = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
@@ -583,21 +575,107 @@ impl Worker {
             },
         })?;
 
-        let publish_started = std::time::Instant::now(); // metrics
-        self.publish_effects(&effects).await?;
-        crate::metrics::published(p, &effects, publish_started.elapsed());
-        self.store()?
-            .outbox_confirm(end)
-            .map_err(|e| self.store_error(e))?;
+        Ok(Committed {
+            effects,
+            replies,
+            end,
+        })
+    }
+}
 
-        let replies = replies.into_iter().chain(saga_replies(&effects));
+/// The publishing half of a partition worker: it publishes committed
+/// batches' outboxes in commit order, confirms them in the store and sends
+/// the replies. It runs as its own task, so that a partition applies and
+/// commits its next batch while the last one is being published.
+struct Publisher {
+    js: jetstream::Context,
+    prefix: Prefix,
+    partition: PartitionId,
+    store: Partition,
+}
+
+/// A committed batch, waiting to be published.
+struct Committed {
+    effects: Vec<Effect>,
+    replies: Vec<(String, Decision)>,
+    end: OutboxSeq,
+}
+
+impl Publisher {
+    fn store_error(&self, source: amends_store::Error) -> Error {
+        Error::Store {
+            partition: self.partition.get(),
+            source,
+        }
+    }
+
+    /// Publishes a committed batch's outbox, confirms it and sends its
+    /// replies (after the publish: a client never hears of a decision that
+    /// is not on the decisions stream).
+    async fn publish_committed(&self, batch: Committed) -> Result<(), Error> {
+        let publish_started = std::time::Instant::now(); // metrics
+        self.publish_effects(&batch.effects).await?;
+        crate::metrics::published(self.partition, &batch.effects, publish_started.elapsed());
+        self.store
+            .outbox_confirm(batch.end)
+            .map_err(|e| self.store_error(e))?;
+        let replies = batch
+            .replies
+            .into_iter()
+            .chain(saga_replies(&batch.effects));
         self.send_replies(replies).await;
+        Ok(())
+    }
+
+    /// Publishes effects in order, pipelined, and waits for every PubAck.
+    async fn publish_effects(&self, effects: &[Effect]) -> Result<(), Error> {
+        let mut acks = Vec::with_capacity(effects.len());
+        for effect in effects {
+            let (subject, msg_id, body) = match effect {
+                Effect::Decided(d) => (
+                    self.prefix.dec(self.partition),
+                    d.op_id.to_string(),
+                    wire::encode(d),
+                ),
+                Effect::HoldExpired(e) => (
+                    self.prefix.dec(self.partition),
+                    e.event_id.to_string(),
+                    wire::encode(e),
+                ),
+                Effect::Apology(a) => (
+                    self.prefix.apology(&a.topic),
+                    a.decision.op_id.to_string(),
+                    wire::encode(a),
+                ),
+                // A saga's message to a partition's log: its derived op id
+                // deduplicates a re-publication in JetStream and in the core.
+                Effect::Send { partition, request } => (
+                    self.prefix.req(*partition),
+                    request.op_id.to_string(),
+                    wire::encode(request),
+                ),
+                // Core NATS, after the outbox is confirmed: `send_replies`.
+                Effect::Reply { .. } => continue,
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(header::MSG_ID, msg_id.as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, body.into())
+                .await
+                .map_err(|e| nats_error(self.partition.get(), "publish")(Box::new(e)))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| nats_error(self.partition.get(), "publish ack")(Box::new(e)))?;
+        }
         Ok(())
     }
 
     /// Sends decisions to reply subjects (core NATS, best effort).
     async fn send_replies(&self, replies: impl Iterator<Item = (String, Decision)>) {
-        let p = self.machine.partition();
+        let p = self.partition;
         let client = self.js.client();
         for (reply_to, decision) in replies {
             // A reply subject inside the deployment's own subjects would let a
@@ -615,6 +693,27 @@ impl Worker {
                 tracing::warn!(partition = p.get(), %reply_to, error = %e, "reply not sent");
             }
         }
+    }
+}
+
+/// Aborts a task when dropped: the publisher goes with its worker.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why the publisher task ended (it ends only on an error).
+async fn publisher_stopped(task: &mut AbortOnDrop, p: u32) -> Error {
+    match (&mut task.0).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => Error::Misconfigured(format!("partition {p}: the publisher ended")),
+        Err(e) => Error::Panicked {
+            partition: p,
+            detail: format!("the publisher: {e}"),
+        },
     }
 }
 
