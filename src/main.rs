@@ -8,8 +8,10 @@
 //! runs a whole deployment (its own nats-server) with a demo; `bench`
 //! compares it with the transport ceiling and PostgreSQL. `status`,
 //! `balance`, `claim-owner` and `stats` ask the service's endpoints
-//! (`query.rs`). `audit` and `rebuild` are not built yet.
+//! (`query.rs`). `audit` replays the log and checks the invariants
+//! (`audit.rs`). `rebuild` is not built yet.
 
+mod audit;
 mod bench;
 mod dev;
 mod metrics;
@@ -67,6 +69,12 @@ enum Cmd {
     /// Prints every partition's state, applied position, last sequence and
     /// lag as a table. Exit code 0: every partition answered; 2: error.
     Stats(query::StatsArgs),
+    /// Replays the log of every partition, re-derives every decision and the
+    /// state, compares them with the decisions stream and checks the
+    /// invariants (money, claims, sagas, holds); prints a table per
+    /// partition. Reads the streams only, so it runs beside `serve`. Exit
+    /// code 0: every check passed; 1: a check failed; 2: error.
+    Audit(audit::AuditArgs),
     /// Prints the partition of a routing key (FNV-1a 64, then jump hash).
     Route {
         /// The number of partitions of the deployment.
@@ -137,6 +145,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Stats(args) => {
             init_logging("warn");
             query::exit(runtime()?.block_on(query::stats(args)));
+        }
+        Cmd::Audit(args) => {
+            init_logging("warn");
+            match runtime()?.block_on(audit::run(args)) {
+                Ok(code) => std::process::exit(i32::from(code)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2);
+                }
+            }
         }
         Cmd::Route {
             partitions,

@@ -3,6 +3,7 @@
 //! and `amends submit` against it.
 #![allow(clippy::unwrap_used, clippy::as_conversions)]
 
+mod audit;
 mod bad_input;
 mod config;
 mod dev;
