@@ -319,7 +319,12 @@ impl Target for Amends {
             .clients
             .get(client % self.clients.len().max(1))
             .context("no amends client")?;
-        let request = request(op)?;
+        let mut request = request(op)?;
+        if let Op::Transfer { from, .. } = op {
+            // The saga lives with its debit, as a client should place it
+            // (Client::new_saga_op_id): 4 appends instead of 7.
+            request.op_id = c.new_saga_op_id(&account(from));
+        }
         c.submit(&request).await.context("submit")?;
         let decision = c
             .wait(request.op_id, Duration::from_secs(60))

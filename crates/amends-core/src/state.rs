@@ -337,39 +337,88 @@ impl<'a, B: Read + ?Sized> Overlay<'a, B> {
     pub fn new(base: &'a B, changes: &'a mut ChangeSet) -> Overlay<'a, B> {
         Overlay { base, changes }
     }
+
+    fn view(&self) -> Stacked<'_, B> {
+        Stacked {
+            base: self.base,
+            top: self.changes,
+        }
+    }
 }
 
 impl<B: Read + ?Sized> Read for Overlay<'_, B> {
     fn account(&self, id: &str) -> Option<Account> {
-        match self.changes.accounts.get(id) {
+        self.view().account(id)
+    }
+
+    fn hold(&self, id: OpId) -> Option<Hold> {
+        self.view().hold(id)
+    }
+
+    fn claim(&self, key: &str) -> Option<Claim> {
+        self.view().claim(key)
+    }
+
+    fn dedup(&self, op: OpId) -> Option<Dedup> {
+        self.view().dedup(op)
+    }
+
+    fn saga(&self, id: OpId) -> Option<Saga> {
+        self.view().saga(id)
+    }
+
+    fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
+        self.view().expiry_after(after)
+    }
+
+    fn clock(&self) -> Clock {
+        self.view().clock()
+    }
+}
+
+/// A base state seen through a change set that is not written any more: a
+/// read-only [`Overlay`]. A driver applies batch N+1 over
+/// `Stacked { base: store, top: batch N's changes }` while batch N is being
+/// committed, so that the two overlap and N+1 sees N's writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Stacked<'a, B: Read + ?Sized> {
+    /// The state below.
+    pub base: &'a B,
+    /// The writes on top of it, read first.
+    pub top: &'a ChangeSet,
+}
+
+impl<B: Read + ?Sized> Read for Stacked<'_, B> {
+    fn account(&self, id: &str) -> Option<Account> {
+        match self.top.accounts.get(id) {
             Some(a) => Some(*a),
             None => self.base.account(id),
         }
     }
 
     fn hold(&self, id: OpId) -> Option<Hold> {
-        match self.changes.holds.get(&id) {
+        match self.top.holds.get(&id) {
             Some(h) => Some(h.clone()),
             None => self.base.hold(id),
         }
     }
 
     fn claim(&self, key: &str) -> Option<Claim> {
-        match self.changes.claims.get(key) {
+        match self.top.claims.get(key) {
             Some(c) => c.clone(),
             None => self.base.claim(key),
         }
     }
 
     fn dedup(&self, op: OpId) -> Option<Dedup> {
-        match self.changes.dedup.get(&op) {
+        match self.top.dedup.get(&op) {
             Some(d) => Some(d.clone()),
             None => self.base.dedup(op),
         }
     }
 
     fn saga(&self, id: OpId) -> Option<Saga> {
-        match self.changes.sagas.get(&id) {
+        match self.top.sagas.get(&id) {
             Some(s) => Some(s.clone()),
             None => self.base.saga(id),
         }
@@ -380,14 +429,14 @@ impl<B: Read + ?Sized> Read for Overlay<'_, B> {
         let mut cursor = after;
         let from_base = loop {
             match self.base.expiry_after(cursor) {
-                Some(k) if self.changes.expiries.get(&k) == Some(&false) => cursor = Some(k),
+                Some(k) if self.top.expiries.get(&k) == Some(&false) => cursor = Some(k),
                 other => break other,
             }
         };
         let mut added = match after {
-            None => self.changes.expiries.range(..),
+            None => self.top.expiries.range(..),
             Some(a) => self
-                .changes
+                .top
                 .expiries
                 .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
         };
@@ -399,7 +448,7 @@ impl<B: Read + ?Sized> Read for Overlay<'_, B> {
     }
 
     fn clock(&self) -> Clock {
-        self.changes.clock.unwrap_or_else(|| self.base.clock())
+        self.top.clock.unwrap_or_else(|| self.base.clock())
     }
 }
 

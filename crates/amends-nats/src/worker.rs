@@ -26,12 +26,13 @@
 //! exposes no undecided decision.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use amends_core::decision::Decision;
 use amends_core::partition::{Effect, Fault, Input, Machine};
 use amends_core::route::PartitionId;
-use amends_core::state::{ChangeSet, Overlay, Read};
+use amends_core::state::{ChangeSet, Overlay, Read, Stacked};
 use amends_core::wire;
 use amends_store::{OutboxSeq, Partition};
 use async_nats::HeaderMap;
@@ -61,6 +62,11 @@ pub const ACK_WAIT_DEFAULT: Duration = Duration::from_secs(30);
 /// applies and commits the next one. Two let a partition commit batch N+1
 /// while batch N is published; more only queue.
 pub const PIPELINE_DEPTH: usize = 2;
+
+/// The fetch wait while a commit is in flight: long enough to take the
+/// messages already there, short enough not to hold the commit's
+/// publication back.
+pub const PIPELINED_FETCH_WAIT: Duration = Duration::from_millis(1);
 
 /// Outbox entries republished per page on start.
 pub const OUTBOX_PAGE_LEN: usize = 1024;
@@ -303,14 +309,22 @@ pub async fn run_partition(
     let mut delivered = applied;
     let mut idle_fetches = 0_u32;
     let mut suspect: Option<u64> = None;
+    // The batch being committed while the next one is fetched and applied.
+    let mut pending: Option<InFlight> = None;
     loop {
         if publishing.0.is_finished() {
             return Err(publisher_stopped(&mut publishing, p).await);
         }
+        // With a commit in flight, only take what is there already: the
+        // committed batch must not wait for new requests to be published.
+        let wait = match pending {
+            Some(_) => PIPELINED_FETCH_WAIT,
+            None => options.fetch_wait,
+        };
         let mut fetched = consumer
             .fetch()
             .max_messages(options.batch_len_max.max(1))
-            .expires(options.fetch_wait)
+            .expires(wait)
             .messages()
             .await
             .map_err(nats_error(p, "fetch"))?;
@@ -318,7 +332,14 @@ pub async fn run_partition(
         while let Some(message) = fetched.next().await {
             batch.push(message.map_err(nats_error(p, "fetch"))?);
         }
-        let Some(last) = batch.last() else {
+        if batch.is_empty()
+            && let Some(in_flight) = pending.take()
+        {
+            let (done, last) = worker.finish(in_flight).await?;
+            hand_over(&to_publish, &mut publishing, done, &last, p).await?;
+            continue;
+        }
+        let Some(last) = batch.last().cloned() else {
             idle_fetches = idle_fetches.saturating_add(1);
             if idle_fetches.is_multiple_of(STALL_CHECK_IDLE_FETCHES) {
                 let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
@@ -364,18 +385,36 @@ pub async fn run_partition(
             consumer_seq = info.consumer_sequence;
             delivered = delivered.max(info.stream_sequence);
         }
-        let done = worker.batch(&batch).await?;
-        if to_publish.send(done).await.is_err() {
-            return Err(publisher_stopped(&mut publishing, p).await);
+        // Apply this batch over the store and the batch being committed,
+        // while that commit runs; then commit this one.
+        let below = pending.as_ref().map(|f| Arc::clone(&f.changes));
+        let applied = worker.apply(&batch, below).await?;
+        if let Some(in_flight) = pending.take() {
+            let (done, last) = worker.finish(in_flight).await?;
+            hand_over(&to_publish, &mut publishing, done, &last, p).await?;
         }
-        // Acknowledged once committed: the store, not the consumer, says
-        // where a restart resumes, and the outbox is republished then.
-        last.ack().await.map_err(|e| Error::Nats {
-            partition: p,
-            action: "ack",
-            source: e,
-        })?;
+        pending = Some(worker.start_commit(applied, last)?);
     }
+}
+
+/// Hands a committed batch to the publisher, then acknowledges it: once
+/// committed, the store (not the consumer) says where a restart resumes,
+/// and the outbox is republished then.
+async fn hand_over(
+    to_publish: &tokio::sync::mpsc::Sender<Committed>,
+    publishing: &mut AbortOnDrop,
+    done: Committed,
+    last: &jetstream::Message,
+    p: u32,
+) -> Result<(), Error> {
+    if to_publish.send(done).await.is_err() {
+        return Err(publisher_stopped(publishing, p).await);
+    }
+    last.ack().await.map_err(|e| Error::Nats {
+        partition: p,
+        action: "ack",
+        source: e,
+    })
 }
 
 /// Wraps a foreign error of `action` on partition `p`.
@@ -477,9 +516,13 @@ impl Worker {
         })
     }
 
-    /// Decodes, dead-letters, applies and commits one batch; returns what
-    /// the publisher must publish and reply. The caller acknowledges it.
-    async fn batch(&mut self, batch: &[jetstream::Message]) -> Result<Committed, Error> {
+    /// Decodes and dead-letters one batch and applies it over the store
+    /// and, if a commit is in flight, that batch's changes (`below`).
+    async fn apply(
+        &mut self,
+        batch: &[jetstream::Message],
+        below: Option<Arc<ChangeSet>>,
+    ) -> Result<Applied, Error> {
         let p = self.machine.partition();
         let mut incoming = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
@@ -519,7 +562,14 @@ impl Worker {
         }
 
         // Dead letters first: they are not in the outbox (see the module docs).
-        let applied = self.store()?.clock().position;
+        let below = below.unwrap_or_default();
+        let store = self.store()?.clone();
+        let applied = Stacked {
+            base: &store,
+            top: &below,
+        }
+        .clock()
+        .position;
         let mut acks = Vec::new();
         for (position, payload, unreadable) in dead {
             if position <= applied {
@@ -543,43 +593,136 @@ impl Worker {
         }
         crate::metrics::dead_letters(p, dead_published);
 
-        // Apply and commit off the async threads: sled reads and the fsync block.
-        let store = self.store.take().ok_or_else(|| {
-            Error::Misconfigured("store handle lost by a failed commit".to_owned())
-        })?;
+        // Off the async threads: sled reads block.
         let machine = self.machine;
         let mut changes = std::mem::take(&mut self.changes);
-        let outcome = tokio::task::spawn_blocking(move || {
-            let result = apply_and_commit(&machine, &store, &mut changes, &incoming);
-            (store, changes, result)
+        let result = tokio::task::spawn_blocking(move || {
+            let stacked = Stacked {
+                base: &store,
+                top: &below,
+            };
+            let result = apply_batch(&machine, &stacked, &mut changes, &incoming);
+            (changes, result)
         })
         .await
         .map_err(|e| Error::Panicked {
             partition: p.get(),
             detail: e.to_string(),
         })?;
-        let (store, changes, result) = outcome;
-        self.store = Some(store);
-        self.changes = changes;
-        let (effects, replies, end) = result.map_err(|e| match e {
-            Stop::Fault(fault) => {
-                tracing::error!(partition = p.get(), %fault, "the log went backwards; stopping the partition");
-                Error::LogBehind {
-                    partition: p.get(),
-                    fault,
-                }
-            }
-            Stop::Store(e) => Error::Store {
-                partition: p.get(),
-                source: e,
-            },
-        })?;
-
-        Ok(Committed {
+        let (changes, result) = result;
+        let (effects, replies, tally) = result.map_err(|e| stop_error(p, e))?;
+        Ok(Applied {
+            changes,
             effects,
             replies,
-            end,
+            tally,
         })
+    }
+
+    /// Starts committing an applied batch on the blocking pool; its
+    /// changes stay readable for the next batch's apply.
+    fn start_commit(
+        &mut self,
+        applied: Applied,
+        last: jetstream::Message,
+    ) -> Result<InFlight, Error> {
+        let store = self.store()?.clone();
+        let machine = self.machine;
+        let Applied {
+            changes,
+            effects,
+            replies,
+            mut tally,
+        } = applied;
+        let changes = Arc::new(changes);
+        let mut to_commit = (*changes).clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let position = to_commit.clock.map(|c| c.position); // metrics
+            let commit_started = std::time::Instant::now();
+            let committed = store
+                .commit(&mut to_commit, &effects)
+                .map_err(Stop::Store)?;
+            tally.effects(&effects);
+            tally.committed(machine.partition(), commit_started.elapsed(), position);
+            Ok((effects, committed.outbox.end))
+        });
+        Ok(InFlight {
+            task,
+            changes,
+            replies,
+            last,
+        })
+    }
+
+    /// Waits for a batch's commit; returns what to publish and the message
+    /// to acknowledge.
+    async fn finish(
+        &mut self,
+        in_flight: InFlight,
+    ) -> Result<(Committed, jetstream::Message), Error> {
+        let p = self.machine.partition();
+        let InFlight {
+            task,
+            changes,
+            replies,
+            last,
+        } = in_flight;
+        let (effects, end) = task
+            .await
+            .map_err(|e| Error::Panicked {
+                partition: p.get(),
+                detail: e.to_string(),
+            })?
+            .map_err(|e| stop_error(p, e))?;
+        // Keep the allocations for the next batch when nobody else holds
+        // the change set any more.
+        if let Ok(mut changes) = Arc::try_unwrap(changes) {
+            changes.clear();
+            self.changes = changes;
+        }
+        Ok((
+            Committed {
+                effects,
+                replies,
+                end,
+            },
+            last,
+        ))
+    }
+}
+
+/// A batch applied but not committed.
+struct Applied {
+    changes: ChangeSet,
+    effects: Vec<Effect>,
+    replies: Vec<(String, Decision)>,
+    tally: crate::metrics::Tally,
+}
+
+/// A batch whose commit runs on the blocking pool.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<(Vec<Effect>, OutboxSeq), Stop>>,
+    /// Its changes, read by the next batch's apply meanwhile.
+    changes: Arc<ChangeSet>,
+    replies: Vec<(String, Decision)>,
+    /// Its last message, acknowledged once the commit is done.
+    last: jetstream::Message,
+}
+
+/// The worker error of a stopped apply or commit.
+fn stop_error(p: PartitionId, stop: Stop) -> Error {
+    match stop {
+        Stop::Fault(fault) => {
+            tracing::error!(partition = p.get(), %fault, "the log went backwards; stopping the partition");
+            Error::LogBehind {
+                partition: p.get(),
+                fault,
+            }
+        }
+        Stop::Store(e) => Error::Store {
+            partition: p.get(),
+            source: e,
+        },
     }
 }
 
@@ -730,55 +873,49 @@ enum Stop {
     Store(amends_store::Error),
 }
 
-type Applied = (Vec<Effect>, Vec<(String, Decision)>, OutboxSeq);
+/// Decisions to send to reply subjects.
+type Replies = Vec<(String, Decision)>;
 
-/// Applies a batch through an overlay and commits it: the blocking half of
-/// a batch.
-fn apply_and_commit(
+/// Applies a batch over `state` into `changes`: the blocking half of a
+/// batch's apply. Returns the effects, the replies and the metrics tally.
+fn apply_batch<B: Read + ?Sized>(
     machine: &Machine,
-    store: &Partition,
+    base: &B,
     changes: &mut ChangeSet,
     incoming: &[Incoming],
-) -> Result<Applied, Stop> {
+) -> Result<(Vec<Effect>, Replies, crate::metrics::Tally), Stop> {
     changes.clear();
     let mut effects = Vec::new();
     let mut replies = Vec::new();
     let mut tally = crate::metrics::Tally::default();
-    {
-        let mut state = Overlay::new(store, changes);
-        for msg in incoming {
-            let applied = state.clock().position;
-            if msg.position <= applied && msg.redelivered {
-                continue;
-            }
-            let Some(input) = &msg.input else {
-                machine
-                    .skip(&mut state, msg.position)
-                    .map_err(Stop::Fault)?;
-                continue;
-            };
-            let answer = machine
-                .apply_with_reply(
-                    &mut state,
-                    msg.position,
-                    msg.log_time_ms,
-                    input,
-                    msg.reply_to.as_deref(),
-                    &mut effects,
-                )
+    let mut state = Overlay::new(base, changes);
+    for msg in incoming {
+        let applied = state.clock().position;
+        if msg.position <= applied && msg.redelivered {
+            continue;
+        }
+        let Some(input) = &msg.input else {
+            machine
+                .skip(&mut state, msg.position)
                 .map_err(Stop::Fault)?;
-            tally.answer(input, &answer);
-            if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
-                replies.push((reply_to.clone(), decision.clone()));
-            }
+            continue;
+        };
+        let answer = machine
+            .apply_with_reply(
+                &mut state,
+                msg.position,
+                msg.log_time_ms,
+                input,
+                msg.reply_to.as_deref(),
+                &mut effects,
+            )
+            .map_err(Stop::Fault)?;
+        tally.answer(input, &answer);
+        if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
+            replies.push((reply_to.clone(), decision.clone()));
         }
     }
-    let position = changes.clock.map(|c| c.position); // metrics
-    let commit_started = std::time::Instant::now();
-    let committed = store.commit(changes, &effects).map_err(Stop::Store)?;
-    tally.effects(&effects);
-    tally.committed(machine.partition(), commit_started.elapsed(), position);
-    Ok((effects, replies, committed.outbox.end))
+    Ok((effects, replies, tally))
 }
 
 /// A header value cannot hold line breaks: they are replaced by spaces.
