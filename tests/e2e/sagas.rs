@@ -19,7 +19,7 @@ const PARTITIONS: u32 = 4;
 /// A few hot accounts: every transfer contends with many others.
 const HOT: u64 = 6;
 const OPENING: i64 = 1_000;
-const TRANSFERS: usize = 1_500;
+const TRANSFERS: usize = 3_000;
 
 fn hot(i: u64) -> AccountId {
     AccountId::new(format!("hot-{i}")).unwrap()
@@ -78,7 +78,7 @@ async fn balance_after_credit(client: &Client, account: AccountId) -> (i64, i64)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transfers_among_hot_accounts_survive_sigkill_exactly() {
-    // Proves sagas across partitions are exact under crashes: 1,500 concurrent transfers (half with the saga placed on the debit's partition) among 6 hot accounts on 4 partitions while `amends serve` is SIGKILLed twice; every transfer gets one final decision (one message on the decisions stream, equal to the client's), each balance is what the confirmed transfers say, the sum is unchanged, and no hold is left.
+    // Proves sagas across partitions are exact under crashes: 3,000 concurrent transfers (half with the saga placed on the debit's partition) among 6 hot accounts on 4 partitions while `amends serve` is SIGKILLed twice; every transfer gets one final decision (one message on the decisions stream, equal to the client's), each balance is what the confirmed transfers say, the sum is unchanged, and no hold is left.
     let started = Instant::now();
     let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
