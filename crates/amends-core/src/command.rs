@@ -579,6 +579,13 @@ impl TryFrom<StepWire> for SagaStep {
                     reason: "a compensation must be a plain operation (not a tick, saga or step)",
                 });
             }
+            if matches!(**comp, Command::Hold { .. }) {
+                // Its id would be derived (not v7): no client could post or
+                // void it, and without a timeout it would never end.
+                return Err(FieldError::Compensation {
+                    reason: "a compensation cannot be a hold",
+                });
+            }
             if comp.routing_key() != w.command.routing_key() {
                 return Err(FieldError::Compensation {
                     reason: "a compensation must have the same routing key as its step",

@@ -339,14 +339,12 @@ impl Machine {
         let mut local = VecDeque::new();
         self.expire(state, position, now, out, &mut local);
         let answer = self.decide(state, position, now, input, reply_to, out, &mut local);
-        let mut guard = 0_usize;
+        // This ends: every message to self has an op id derived from its
+        // saga's and is decided once (a repeat is a duplicate and sends
+        // nothing), and a saga sends a bounded number of them (a try, an
+        // outcome and a confirm or cancel per step), however many sagas
+        // one message ends (expiries).
         while let Some(request) = local.pop_front() {
-            guard = guard.saturating_add(1);
-            // Each saga step sends at most a handful of messages to itself.
-            assert!(
-                guard <= 64 * SAGA_STEPS_MAX,
-                "saga messages to self do not end"
-            );
             let input = Input::Request(request);
             self.decide(state, position, now, &input, None, out, &mut local);
         }

@@ -83,3 +83,58 @@ pub fn deadline_ms(command: &Command) -> u64 {
         _ => SAGA_DEADLINE_MS_DEFAULT,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{AccountId, Amount, ClaimKey, FieldError, Namespace, Owner};
+
+    fn release() -> Command {
+        Command::Release {
+            namespace: Namespace::new("seat").expect("valid"),
+            key: ClaimKey::new("12A").expect("valid"),
+            owner: Owner::new("ann").expect("valid"),
+        }
+    }
+
+    fn hold() -> Command {
+        Command::Hold {
+            account: AccountId::new("a").expect("valid"),
+            amount: Amount::new(1).expect("valid"),
+            timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn steps_and_compensations_that_could_never_end_are_refused() {
+        // Proves a hold is neither a step nor a compensation (its derived id would leave a hold no client can end), while a release with a same-key claim as compensation is accepted.
+        assert!(matches!(
+            SagaStep::new(hold(), None),
+            Err(FieldError::StepKind { kind: "hold" })
+        ));
+        assert!(matches!(
+            SagaStep::new(release(), Some(hold())),
+            Err(FieldError::Compensation { .. })
+        ));
+        let claim = Command::Claim {
+            namespace: Namespace::new("seat").expect("valid"),
+            key: ClaimKey::new("12A").expect("valid"),
+            owner: Owner::new("ann").expect("valid"),
+        };
+        assert!(SagaStep::new(release(), Some(claim)).is_ok());
+    }
+
+    #[test]
+    fn step_ids_are_distinct_per_step_and_phase() {
+        // Proves the derived ids of a saga's messages never collide: every (step, phase) and every outcome has its own.
+        let saga = OpId::v7_from_parts(1_700_000_000_000, 7);
+        let mut ids = std::collections::BTreeSet::new();
+        for i in 0..16 {
+            for phase in [Phase::Try, Phase::Confirm, Phase::Cancel] {
+                assert!(ids.insert(step_id(saga, i, phase)));
+            }
+            assert!(ids.insert(outcome_id(saga, i)));
+        }
+        assert!(!ids.contains(&saga));
+    }
+}

@@ -3,15 +3,19 @@
 //!
 //! ```text
 //! start:  republish the unconfirmed outbox; (re)create the pull consumer at applied + 1
-//! loop:   fetch a batch -> decode -> dead letters (published, awaited)
-//!         -> Machine::apply each message through an Overlay -> one Partition::commit
-//!         -> hand the batch to the publisher task -> ack the batch
+//! loop:   fetch batch N+1 -> decode -> dead letters (published, awaited)
+//!         -> Machine::apply each message over the store and batch N's changes
+//!            (batch N is committing meanwhile) -> wait for N's commit
+//!         -> hand N to the publisher task -> start N+1's Partition::commit
 //! publisher (its own task, batches in commit order, while the loop goes on):
 //!         publish the batch's outbox (deterministic Nats-Msg-Id, PubAcks awaited)
-//!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS)
+//!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS) -> ack the batch
 //! ```
 //!
-//! Every await point is a safe place to crash or be cancelled: the store's
+//! Commits are strictly in order, so the durable state is always a prefix
+//! of the log. When the loop stops on an error, [`run_partition`] waits for
+//! the commit in flight before it returns, so a restarted worker never
+//! races it. Every await point is a safe place to crash or be cancelled: the store's
 //! applied position and outbox say where to resume, the consumer is
 //! recreated from the store's position on every start, and everything
 //! published carries a deterministic `Nats-Msg-Id`, so a republish inside
@@ -214,7 +218,12 @@ pub fn dead_letter_msg_id(partition: PartitionId, position: u64) -> String {
 /// stops the worker with [`Error::ConsumerStalled`] (see
 /// [`STALL_CHECK_IDLE_FETCHES`]), so that it is recreated.
 /// Cancel it by dropping the future (or aborting its task): every await is
-/// a safe point to stop, and the next start resumes from the store.
+/// a safe point to stop, and the next start resumes from the store. A
+/// commit in flight then runs to its end on the blocking pool; a driver
+/// that starts another worker on the same partition in the same process
+/// after dropping one should give it that moment (the supervisor never
+/// drops a worker to restart it: it restarts one that returned, and
+/// `run_partition` returns only after its commit in flight).
 pub async fn run_partition(
     js: &jetstream::Context,
     topology: &Topology,
@@ -301,23 +310,57 @@ pub async fn run_partition(
         Ok(())
     }));
 
-    let mut consumer_seq = 0_u64;
-    // The stall watchdog: the last stream sequence delivered (dead letters
-    // do not move the applied position, so that is not enough), the empty
-    // fetches in a row, and what the last look at the stream saw waiting.
     let subject = topology.prefix.req(id);
+    // The batch being committed while the next one is fetched and applied.
+    // Whatever stops the loop, that commit is waited for before the worker
+    // returns: a restarted worker must never race it.
+    let mut pending: Option<InFlight> = None;
+    let stopped = pump(
+        &mut worker,
+        &consumer,
+        &mut stream,
+        &subject,
+        options,
+        applied,
+        &to_publish,
+        &mut publishing,
+        &mut pending,
+    )
+    .await;
+    if let Some(in_flight) = pending.take() {
+        let _ = in_flight.task.await;
+    }
+    stopped
+}
+
+/// The worker's loop: fetch, apply over the batch being committed, hand
+/// that batch to the publisher, commit this one. Returns only on an error.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    worker: &mut Worker,
+    consumer: &consumer::PullConsumer,
+    stream: &mut jetstream::stream::Stream,
+    subject: &str,
+    options: Options,
+    applied: u64,
+    to_publish: &tokio::sync::mpsc::Sender<Committed>,
+    publishing: &mut AbortOnDrop,
+    pending: &mut Option<InFlight>,
+) -> Result<Infallible, Error> {
+    let p = worker.partition();
+    let mut consumer_seq = 0_u64;
+    // The stall watchdog: the last stream sequence delivered, the empty
+    // fetches in a row, and what the last look at the stream saw waiting.
     let mut delivered = applied;
     let mut idle_fetches = 0_u32;
     let mut suspect: Option<u64> = None;
-    // The batch being committed while the next one is fetched and applied.
-    let mut pending: Option<InFlight> = None;
     loop {
         if publishing.0.is_finished() {
-            return Err(publisher_stopped(&mut publishing, p).await);
+            return Err(publisher_stopped(publishing, p).await);
         }
         // With a commit in flight, only take what is there already: the
         // committed batch must not wait for new requests to be published.
-        let wait = match pending {
+        let wait = match *pending {
             Some(_) => PIPELINED_FETCH_WAIT,
             None => options.fetch_wait,
         };
@@ -335,15 +378,15 @@ pub async fn run_partition(
         if batch.is_empty()
             && let Some(in_flight) = pending.take()
         {
-            let (done, last) = worker.finish(in_flight).await?;
-            hand_over(&to_publish, &mut publishing, done, &last, p).await?;
+            let done = worker.finish(in_flight).await?;
+            hand_over(to_publish, publishing, done, p).await?;
             continue;
         }
         let Some(last) = batch.last().cloned() else {
             idle_fetches = idle_fetches.saturating_add(1);
             if idle_fetches.is_multiple_of(STALL_CHECK_IDLE_FETCHES) {
                 let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
-                let waiting = match stream.get_last_raw_message_by_subject(&subject).await {
+                let waiting = match stream.get_last_raw_message_by_subject(subject).await {
                     Ok(message) => message.sequence,
                     Err(e) if e.kind() == none => 0,
                     Err(e) => return Err(nats_error(p, "stall check")(e)),
@@ -390,31 +433,25 @@ pub async fn run_partition(
         let below = pending.as_ref().map(|f| Arc::clone(&f.changes));
         let applied = worker.apply(&batch, below).await?;
         if let Some(in_flight) = pending.take() {
-            let (done, last) = worker.finish(in_flight).await?;
-            hand_over(&to_publish, &mut publishing, done, &last, p).await?;
+            let done = worker.finish(in_flight).await?;
+            hand_over(to_publish, publishing, done, p).await?;
         }
-        pending = Some(worker.start_commit(applied, last)?);
+        *pending = Some(worker.start_commit(applied, last)?);
     }
 }
 
-/// Hands a committed batch to the publisher, then acknowledges it: once
-/// committed, the store (not the consumer) says where a restart resumes,
-/// and the outbox is republished then.
+/// Hands a committed batch to the publisher, which publishes it, then
+/// acknowledges it.
 async fn hand_over(
     to_publish: &tokio::sync::mpsc::Sender<Committed>,
     publishing: &mut AbortOnDrop,
     done: Committed,
-    last: &jetstream::Message,
     p: u32,
 ) -> Result<(), Error> {
     if to_publish.send(done).await.is_err() {
         return Err(publisher_stopped(publishing, p).await);
     }
-    last.ack().await.map_err(|e| Error::Nats {
-        partition: p,
-        action: "ack",
-        source: e,
-    })
+    Ok(())
 }
 
 /// Wraps a foreign error of `action` on partition `p`.
@@ -602,15 +639,23 @@ impl Worker {
                 top: &below,
             };
             let result = apply_batch(&machine, &stacked, &mut changes, &incoming);
-            (changes, result)
+            (changes, result, store.take_read_fault())
         })
         .await
         .map_err(|e| Error::Panicked {
             partition: p.get(),
             detail: e.to_string(),
         })?;
-        let (changes, result) = result;
+        let (changes, result, read_fault) = result;
         let (effects, replies, tally) = result.map_err(|e| stop_error(p, e))?;
+        // A read that failed made the batch's decisions on missing state:
+        // none of them may be committed.
+        if let Some(e) = read_fault {
+            return Err(Error::Store {
+                partition: p.get(),
+                source: e,
+            });
+        }
         Ok(Applied {
             changes,
             effects,
@@ -654,12 +699,9 @@ impl Worker {
         })
     }
 
-    /// Waits for a batch's commit; returns what to publish and the message
-    /// to acknowledge.
-    async fn finish(
-        &mut self,
-        in_flight: InFlight,
-    ) -> Result<(Committed, jetstream::Message), Error> {
+    /// Waits for a batch's commit; returns what to publish (and the
+    /// message to acknowledge after).
+    async fn finish(&mut self, in_flight: InFlight) -> Result<Committed, Error> {
         let p = self.machine.partition();
         let InFlight {
             task,
@@ -680,14 +722,12 @@ impl Worker {
             changes.clear();
             self.changes = changes;
         }
-        Ok((
-            Committed {
-                effects,
-                replies,
-                end,
-            },
-            last,
-        ))
+        Ok(Committed {
+            effects,
+            replies,
+            end,
+            last: Some(last),
+        })
     }
 }
 
@@ -742,6 +782,9 @@ struct Committed {
     effects: Vec<Effect>,
     replies: Vec<(String, Decision)>,
     end: OutboxSeq,
+    /// The batch's last message, acknowledged once the batch is published
+    /// (ack policy all: it acknowledges the whole batch).
+    last: Option<jetstream::Message>,
 }
 
 impl Publisher {
@@ -767,6 +810,16 @@ impl Publisher {
             .into_iter()
             .chain(saga_replies(&batch.effects));
         self.send_replies(replies).await;
+        // Acknowledged once published, so that whatever the consumer has
+        // acknowledged is on the decisions stream (`amends audit` relies
+        // on it); a restart resumes from the store either way.
+        if let Some(last) = batch.last {
+            last.ack().await.map_err(|e| Error::Nats {
+                partition: self.partition.get(),
+                action: "ack",
+                source: e,
+            })?;
+        }
         Ok(())
     }
 

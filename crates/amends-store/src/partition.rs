@@ -628,7 +628,12 @@ impl Partition {
         }
     }
 
-    fn take_read_fault(&self) -> Option<Error> {
+    /// Takes the first read failure through this handle since the last
+    /// take (or commit through it). [`Read`] cannot return errors, so a
+    /// failed read answers "not found" and is recorded here; a driver that
+    /// applies through one handle and commits through another must check
+    /// it before committing (a commit checks its own handle's).
+    pub fn take_read_fault(&self) -> Option<Error> {
         self.read_fault
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
