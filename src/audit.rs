@@ -589,6 +589,13 @@ fn check_invariants(replays: &[Replay], partitions: Partitions, findings: &mut F
                         (None, Some(step)) => {
                             saga_reservation(replays, step, "hold", &hold_id.to_string(), findings);
                         }
+                        // A client's own hold (a v7 id) may wait for its
+                        // post or void for ever; a hold with a derived id
+                        // that is no saga step's could never end.
+                        (None, None) if hold_id.v7_unix_ms().is_none() => findings.fail(format!(
+                            "partition {p}: hold {hold_id} on {} has no expiry and no saga to end it",
+                            h.account
+                        )),
                         (None, None) => {}
                     }
                 }
@@ -975,6 +982,28 @@ mod tests {
             );
         });
         assert!(failures.contains("pending holds add up to"), "{failures}");
+
+        // A hold with a derived id, no expiry and no saga: nobody can end it.
+        let failures = tamper(&|s| {
+            let id = AccountId::new("a").unwrap();
+            s.put_hold(
+                op(98).derive("nobody's step"),
+                Hold {
+                    account: AccountId::new("a").unwrap(),
+                    amount: 1,
+                    expires_at_ms: None,
+                    status: HoldStatus::Pending,
+                },
+            );
+            s.put_account(
+                &id,
+                Account {
+                    held: account.held + 1,
+                    ..account
+                },
+            );
+        });
+        assert!(failures.contains("no saga to end it"), "{failures}");
 
         let seat = route::claim_routing_key("seat", "7");
         let q =
