@@ -418,7 +418,11 @@ impl Machine {
         }
         if let Input::Request(req) = input {
             match &req.command {
-                Command::Transfer { .. } | Command::Saga { .. } => {
+                // A saga on another partition than its op id's is refused
+                // by `execute` (its outcomes would go elsewhere).
+                Command::Transfer { .. } | Command::Saga { .. }
+                    if self.saga_partition(req.op_id) == self.partition =>
+                {
                     let d = self.start_saga(
                         state,
                         req,
@@ -705,13 +709,21 @@ impl Machine {
                     Ok(Outcome::confirmed())
                 }
             }),
-            // Ticks return before dedup, and sagas and their messages are
-            // decided by `decide` before `execute` is reached.
-            Command::Tick {}
-            | Command::Transfer { .. }
-            | Command::Saga { .. }
-            | Command::Step { .. }
-            | Command::StepOutcome { .. } => Ok(Outcome::confirmed()),
+            // A saga reaches `execute` only on the wrong partition (`decide`
+            // starts it on the right one).
+            Command::Transfer { .. } | Command::Saga { .. } => Err(Reason::Malformed {
+                detail: format!(
+                    "a saga belongs to the partition of its op id ({}), not {}: \
+                     publish it on that partition's subject (see specs/routing.md)",
+                    self.saga_partition(req.op_id),
+                    self.partition
+                ),
+            }),
+            // Ticks return before dedup, and saga messages are decided by
+            // `decide` before `execute` is reached.
+            Command::Tick {} | Command::Step { .. } | Command::StepOutcome { .. } => {
+                Ok(Outcome::confirmed())
+            }
         }
     }
 }

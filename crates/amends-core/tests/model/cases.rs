@@ -168,8 +168,16 @@ fn single() -> Machine {
 
 /// An account on another partition than [`machine`]'s, so a saga's step on
 /// it is sent through the outbox and the saga stays in flight.
+/// The machine of the partition (of 8) that keeps saga `id(n)`: a saga is
+/// decided only on the partition of its op id.
+fn home_of(n: u128) -> Machine {
+    let partitions = Partitions::new(8).expect("8 partitions");
+    let home = route::partition_of(&route::saga_routing_key(&id(n).0), partitions);
+    Machine::new(home, partitions, config())
+}
+
 fn remote_account() -> String {
-    let m = machine();
+    let m = home_of(1);
     let partitions = Partitions::new(8).expect("8 partitions");
     (0..)
         .map(|i| format!("r{i}"))
@@ -509,7 +517,7 @@ fn reason_cases() -> Vec<(Machine, Vec<Step>, Step, Value)> {
         // The debit's try went to another partition and no outcome came
         // back: the first message at the deadline (a tick) cancels it.
         (
-            machine(),
+            home_of(1),
             vec![req(1, transfer(&remote, "b", 5, Some(100))), at(100)],
             req(2, Command::Tick {}),
             rejected(json!({ "code": "deadline_exceeded", "deadline_ms": T0_MS + 100 })),
@@ -934,4 +942,33 @@ fn refusals_of_the_op_id_are_for_the_sender_only() {
     );
     outside(&mut p, req(1, open("a")));
     outside(&mut p, zero_credit(id_at(1_002, 3)));
+}
+
+#[test]
+fn a_saga_on_another_partition_than_its_op_ids_is_refused() {
+    // Proves a saga published to the wrong partition is refused at once, as malformed naming the right partition, instead of waiting out its deadline for outcomes that would go elsewhere.
+    let mut p = Partition::new();
+    let home = route::partition_of(
+        &route::saga_routing_key(&id(1).0),
+        Partitions::new(8).expect("8"),
+    );
+    assert_ne!(
+        home,
+        machine().partition(),
+        "the case needs a saga that belongs elsewhere"
+    );
+    let (answer, effects) = p
+        .step(req(1, transfer("a", "b", 5, None)))
+        .expect("a message");
+    let Answer::Decided(d) = answer else {
+        panic!("decided, got {answer:?}")
+    };
+    let Some(Reason::Malformed { detail }) = d.outcome.reason() else {
+        panic!("malformed, got {d:?}")
+    };
+    assert!(detail.contains(&format!("({home})")), "{detail}");
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Send { .. })),
+        "no step was sent: {effects:?}"
+    );
 }

@@ -68,7 +68,7 @@ fn a_saga_moves_on_across_batches_and_survives_reopen() {
     // whole stored state equals an in-memory run; then compaction past the
     // horizon drops the ended saga.
     let dir = tempfile::tempdir().expect("tempdir");
-    let saga_id = OpId::v7_from_parts(support::T0_MS, 42);
+    let saga_id = support::saga_id_here(support::T0_MS, 42);
     let transfer = Request {
         op_id: saga_id,
         command: Command::Transfer {
@@ -172,7 +172,7 @@ fn a_saga_in_flight_is_never_compacted() {
     // Proves that compaction, at any horizon, keeps a saga still in flight
     // (and its expiry entry), while its deadline is what ends it.
     let dir = tempfile::tempdir().expect("tempdir");
-    let saga_id = OpId::v7_from_parts(support::T0_MS, 7);
+    let saga_id = support::saga_id_here(support::T0_MS, 7);
     let transfer = Request {
         op_id: saga_id,
         command: Command::Transfer {

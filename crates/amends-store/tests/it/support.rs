@@ -13,7 +13,7 @@ use amends_core::command::{
 use amends_core::decision::{Outcome, Reason};
 use amends_core::id::OpId;
 use amends_core::partition::{Config, Effect, Fault, Machine};
-use amends_core::route::{PartitionId, Partitions};
+use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
 use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, Read, SagaState, Write};
 use amends_core::wire;
@@ -42,6 +42,17 @@ pub fn partitions() -> Partitions {
 
 pub fn partition_id() -> PartitionId {
     partitions().id(PARTITION).expect("partition in range")
+}
+
+/// A saga op id at `ms` that routes to the test's partition (the first
+/// from `seed` on).
+pub fn saga_id_here(ms: u64, seed: u128) -> OpId {
+    (seed..)
+        .map(|n| OpId::v7_from_parts(ms, n))
+        .find(|id| {
+            route::partition_of(&route::saga_routing_key(&id.0), partitions()) == partition_id()
+        })
+        .expect("some id routes here")
 }
 
 pub fn machine() -> Machine {
@@ -300,7 +311,14 @@ impl Gen {
 
     /// A `transfer` or a `saga` of one to three steps, started here.
     fn saga_start(&mut self) -> (Vec<u8>, Option<Request>) {
-        let op_id = self.op_id();
+        // A saga is decided on the partition of its op id: draw one there.
+        let op_id = loop {
+            let id = self.op_id();
+            if route::partition_of(&route::saga_routing_key(&id.0), partitions()) == partition_id()
+            {
+                break id;
+            }
+        };
         let (command, len) = if self.rng.percent(50) {
             let command = Command::Transfer {
                 from: self.some_account(),
