@@ -512,7 +512,7 @@ fn check_invariants(replays: &[Replay], partitions: Partitions, findings: &mut F
     let mut ledger: BTreeMap<(usize, String), i128> = BTreeMap::new();
     for (sp, r) in replays.iter().enumerate() {
         for (saga_id, s) in r.state.sagas() {
-            for (index, step) in (0u32..).zip(saga::steps(&s.command)) {
+            for (index, step) in (0u32..).zip(saga::steps(&s.command).iter()) {
                 let Some(q) = step.command.routing_key().and_then(|k| index_of(&k)) else {
                     continue;
                 };

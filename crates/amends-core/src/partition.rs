@@ -770,16 +770,7 @@ impl Machine {
         local: &mut VecDeque<Request>,
         out: &mut Vec<Effect>,
     ) {
-        let request = Request {
-            op_id: saga::step_id(saga, index, phase),
-            command: Command::Step {
-                saga,
-                index,
-                phase,
-                step: step.clone(),
-            },
-            apology_topic: None,
-        };
+        let request = saga::step_request(saga, index, phase, step.clone());
         self.send(self.target_of(step), request, local, out);
     }
 
@@ -791,15 +782,7 @@ impl Machine {
         local: &mut VecDeque<Request>,
         out: &mut Vec<Effect>,
     ) {
-        let request = Request {
-            op_id: saga::outcome_id(saga, index),
-            command: Command::StepOutcome {
-                saga,
-                index,
-                outcome,
-            },
-            apology_topic: None,
-        };
+        let request = saga::outcome_request(saga, index, outcome);
         self.send(self.saga_partition(saga), request, local, out);
     }
 
@@ -1046,15 +1029,15 @@ impl Machine {
                 let next = index.saturating_add(1);
                 let next_step = usize::try_from(next).ok().and_then(|i| steps.get(i));
                 if let Some(step) = next_step {
+                    self.send_step(saga_id, next, Phase::Try, step, local, out);
                     s.state = SagaState::Trying { step: next };
                     state.put_saga(saga_id, s);
                     if let Some(mut d) = state.dedup(saga_id) {
                         d.decision.outcome = Outcome::InFlight { step: next };
                         state.put_dedup(saga_id, d);
                     }
-                    self.send_step(saga_id, next, Phase::Try, step, local, out);
                 } else {
-                    for (i, step) in (0_u32..).zip(&steps) {
+                    for (i, step) in (0_u32..).zip(steps.iter()) {
                         if step.is_tentative() {
                             self.send_step(saga_id, i, Phase::Confirm, step, local, out);
                         }
@@ -1097,7 +1080,7 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) {
         let steps = saga::steps(&s.command);
-        let indexed: Vec<(u32, &SagaStep)> = (0_u32..).zip(&steps).collect();
+        let indexed: Vec<(u32, &SagaStep)> = (0_u32..).zip(steps.iter()).collect();
         for &(i, step) in indexed.iter().rev() {
             let undo = step.is_tentative() || step.compensation.is_some();
             let wanted = match i.cmp(&in_flight) {

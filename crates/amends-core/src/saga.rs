@@ -31,7 +31,10 @@
 //! The partition driver needs no saga knowledge beyond publishing the
 //! outbox: all of this is decided in [`crate::partition::Machine::apply`].
 
-use crate::command::{Command, Phase, SAGA_DEADLINE_MS_DEFAULT, SagaStep};
+use std::borrow::Cow;
+
+use crate::command::{Command, Phase, Request, SAGA_DEADLINE_MS_DEFAULT, SagaStep};
+use crate::decision::Outcome;
 use crate::id::OpId;
 
 /// The op id of phase `phase` of step `index` of saga `saga`: derived from
@@ -46,13 +49,43 @@ pub fn outcome_id(saga: OpId, index: u32) -> OpId {
     saga.derive(&format!("step/{index}/outcome"))
 }
 
-/// The steps of a `transfer` or `saga` command, in order; empty for any
-/// other command. A transfer is a debit of `from` then a credit of `to`.
-pub fn steps(command: &Command) -> Vec<SagaStep> {
+/// The message carrying phase `phase` of step `index` of saga `saga`, with
+/// its derived op id: what the saga's partition appends to the step's.
+pub fn step_request(saga: OpId, index: u32, phase: Phase, step: SagaStep) -> Request {
+    Request {
+        op_id: step_id(saga, index, phase),
+        command: Command::Step {
+            saga,
+            index,
+            phase,
+            step,
+        },
+        apology_topic: None,
+    }
+}
+
+/// The message carrying the outcome of step `index`'s try, with its derived
+/// op id: what the step's partition appends to the saga's.
+pub fn outcome_request(saga: OpId, index: u32, outcome: Outcome) -> Request {
+    Request {
+        op_id: outcome_id(saga, index),
+        command: Command::StepOutcome {
+            saga,
+            index,
+            outcome,
+        },
+        apology_topic: None,
+    }
+}
+
+/// The steps of a `transfer` or `saga` command, in order (borrowed from a
+/// `saga`; a transfer's two are built); empty for any other command. A
+/// transfer is a debit of `from` then a credit of `to`.
+pub fn steps(command: &Command) -> Cow<'_, [SagaStep]> {
     match command {
         Command::Transfer {
             from, to, amount, ..
-        } => vec![
+        } => Cow::Owned(vec![
             SagaStep {
                 command: Box::new(Command::Debit {
                     account: from.clone(),
@@ -67,9 +100,9 @@ pub fn steps(command: &Command) -> Vec<SagaStep> {
                 }),
                 compensation: None,
             },
-        ],
-        Command::Saga { steps, .. } => steps.as_slice().to_vec(),
-        _ => Vec::new(),
+        ]),
+        Command::Saga { steps, .. } => Cow::Borrowed(steps.as_slice()),
+        _ => Cow::Borrowed(&[]),
     }
 }
 

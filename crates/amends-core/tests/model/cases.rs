@@ -197,16 +197,8 @@ fn transfer(from: &str, to: &str, v: u64, deadline_ms: Option<u64>) -> Command {
 /// Phase `phase` of step `index` of saga `saga` (the op id numbered
 /// `saga`), under its derived op id, as the saga's partition sends it.
 fn step_msg(saga: u128, index: u32, phase: Phase, command: Command) -> Step {
-    let saga = id(saga);
-    req_id(
-        saga::step_id(saga, index, phase),
-        Command::Step {
-            saga,
-            index,
-            phase,
-            step: SagaStep::new(command, None).expect("a valid step"),
-        },
-    )
+    let step = SagaStep::new(command, None).expect("a valid step");
+    Step::Req(saga::step_request(id(saga), index, phase, step))
 }
 
 /// A partition fed step by step at increasing positions.

@@ -37,16 +37,11 @@ fn msg(position: u64, request: &Request, reply_to: Option<&str>) -> Msg {
 }
 
 fn outcome_msg(position: u64, saga_id: OpId, index: u32, outcome: Outcome) -> Msg {
-    let req = Request {
-        op_id: saga::outcome_id(saga_id, index),
-        command: Command::StepOutcome {
-            saga: saga_id,
-            index,
-            outcome,
-        },
-        apology_topic: None,
-    };
-    msg(position, &req, None)
+    msg(
+        position,
+        &saga::outcome_request(saga_id, index, outcome),
+        None,
+    )
 }
 
 /// Every outbox entry of `p` still unconfirmed.

@@ -366,15 +366,7 @@ impl Gen {
                 },
             }
         };
-        let req = Request {
-            op_id: saga::outcome_id(saga, index),
-            command: Command::StepOutcome {
-                saga,
-                index,
-                outcome,
-            },
-            apology_topic: None,
-        };
+        let req = saga::outcome_request(saga, index, outcome);
         Some((wire::encode(&req), Some(req)))
     }
 
@@ -406,16 +398,7 @@ impl Gen {
         } else {
             end
         };
-        let req = Request {
-            op_id: saga::step_id(saga, index, phase),
-            command: Command::Step {
-                saga,
-                index,
-                phase,
-                step,
-            },
-            apology_topic: None,
-        };
+        let req = saga::step_request(saga, index, phase, step);
         (wire::encode(&req), Some(req))
     }
 
