@@ -21,14 +21,11 @@ use std::time::Duration;
 
 use amends_core::command::{Topic, is_subject_token_byte};
 use amends_core::partition::Apology;
-use amends_core::wire::{REQUEST_BYTES_MAX, encode};
 use amends_core::{OpId, Request};
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 
-use crate::client::{Client, Submitted};
-use crate::subject;
+use crate::client::{Client, Submitted, encode_checked};
 use crate::{Error, Result};
 
 /// How long the consumer waits for the ack of a delivered apology before it
@@ -172,41 +169,13 @@ impl Client {
                 topic: topic.as_str().to_owned(),
             });
         }
-        let op_id = request.op_id;
         let partition = self.partition_of(request)?;
         let optimistic = Request {
             apology_topic: Some(topic.clone()),
             ..request.clone()
         };
-        let body = encode(&optimistic);
-        if body.len() > REQUEST_BYTES_MAX {
-            return Err(Error::TooLarge {
-                op_id,
-                len: body.len(),
-                max: REQUEST_BYTES_MAX,
-            });
-        }
-        let subject = self.prefix().req(partition);
-        let mut headers = HeaderMap::new();
-        headers.insert(subject::MSG_ID, op_id.to_string().as_str());
-        let publish_err = |source: crate::Source| Error::Publish {
-            op_id,
-            subject: subject.clone(),
-            source,
-        };
-        let ack = self
-            .jetstream()
-            .publish_with_headers(subject.clone(), headers, body.into())
-            .await
-            .map_err(|e| publish_err(Box::new(e)))?
-            .await
-            .map_err(|e| publish_err(Box::new(e)))?;
-        Ok(Submitted {
-            op_id,
-            partition,
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        let body = encode_checked(&optimistic)?;
+        self.publish(request.op_id, partition, body, None).await
     }
 
     /// The apologies of `topic`, read through the durable pull consumer

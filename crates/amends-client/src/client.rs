@@ -232,28 +232,36 @@ impl Client {
     /// [`Client::wait`]. Submitting the same request again (same op id and
     /// body) is safe: see [`Client::submit_and_wait`].
     pub async fn submit(&self, request: &Request) -> Result<Submitted> {
-        let op_id = request.op_id;
         let partition = self.partition_of(request)?;
-        let body = encode(request);
-        if body.len() > REQUEST_BYTES_MAX {
-            return Err(Error::TooLarge {
-                op_id,
-                len: body.len(),
-                max: REQUEST_BYTES_MAX,
-            });
-        }
+        let body = encode_checked(request)?;
         // Registered before the publish, so that a decision arriving before
         // the caller waits is kept for it.
         self.inner
             .pending
-            .entry(op_id)
+            .entry(request.op_id)
             .or_insert_with(|| Slot::Waiting(Vec::new()));
+        let reply_to = self.reply_subject(request.op_id);
+        self.publish(request.op_id, partition, body, Some(&reply_to))
+            .await
+    }
 
+    /// Publishes a request's `body` to `partition`'s log with the op id as
+    /// `Nats-Msg-Id` and, if given, `reply_to` as `Amends-Reply-To`; returns
+    /// once JetStream acknowledged it.
+    pub(crate) async fn publish(
+        &self,
+        op_id: OpId,
+        partition: PartitionId,
+        body: Vec<u8>,
+        reply_to: Option<&str>,
+    ) -> Result<Submitted> {
         let subject = self.inner.prefix.req(partition);
         let mut headers = HeaderMap::new();
         headers.insert(subject::MSG_ID, op_id.to_string().as_str());
-        headers.insert(subject::REPLY_TO, self.reply_subject(op_id).as_str());
-        let publish_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Publish {
+        if let Some(reply_to) = reply_to {
+            headers.insert(subject::REPLY_TO, reply_to);
+        }
+        let publish_err = |source: crate::Source| Error::Publish {
             op_id,
             subject: subject.clone(),
             source,
@@ -435,6 +443,19 @@ impl Client {
             Slot::Decided(_) => true,
         });
     }
+}
+
+/// A request's wire body, refused if over the protocol's size limit.
+pub(crate) fn encode_checked(request: &Request) -> Result<Vec<u8>> {
+    let body = encode(request);
+    if body.len() > REQUEST_BYTES_MAX {
+        return Err(Error::TooLarge {
+            op_id: request.op_id,
+            len: body.len(),
+            max: REQUEST_BYTES_MAX,
+        });
+    }
+    Ok(body)
 }
 
 /// Reads the partition count from the deployment's meta bucket.
