@@ -29,7 +29,7 @@ use async_nats::jetstream;
 use clap::Args;
 use futures_util::StreamExt as _;
 
-use crate::nats::NatsArgs;
+use crate::nats::DeploymentArgs;
 
 /// Exit code: a check failed.
 pub const EXIT_FAILED: u8 = 1;
@@ -38,13 +38,7 @@ pub const EXIT_FAILED: u8 = 1;
 #[derive(Args, Debug)]
 pub struct AuditArgs {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    /// The subject prefix of the deployment.
-    #[arg(long, env = "AMENDS_PREFIX", default_value = "amends")]
-    pub prefix: String,
-    /// The partition count; read from the deployment when absent.
-    #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
-    pub partitions: Option<u32>,
+    pub deployment: DeploymentArgs,
     /// How long to try to connect, in milliseconds, before giving up.
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
@@ -161,16 +155,19 @@ impl Replay {
 /// Runs the audit. `Ok` carries the exit code (0 clean, 1 failed); `Err`
 /// is an error (exit code 2).
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
-    let prefix = Prefix::new(args.prefix.clone())
-        .with_context(|| format!("invalid --prefix {:?}", args.prefix))?;
+    let deployment = &args.deployment;
+    let prefix = Prefix::new(deployment.prefix.clone())
+        .with_context(|| format!("invalid --prefix {:?}", deployment.prefix))?;
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
-    let client = tokio::time::timeout(connect_timeout, args.nats.connect("amends-audit"))
+    let client = tokio::time::timeout(connect_timeout, deployment.nats.connect("amends-audit"))
         .await
         .map_err(|_| anyhow::anyhow!("no NATS connection within {connect_timeout:?}"))??;
     let js = jetstream::new(client);
-    let partitions = match args.partitions {
-        Some(n) => Partitions::new(n).context("invalid --partitions")?,
-        None => read_partitions(&js, &prefix).await?,
+    let partitions = match deployment.partition_count()? {
+        Some(n) => n,
+        None => amends_client::read_partitions(&js, &deployment.client_prefix()?)
+            .await
+            .context("reading the partition count (is this a deployment?)")?,
     };
 
     let req_name = prefix.stream_name(Stream::Requests);
@@ -309,25 +306,6 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     } else {
         EXIT_FAILED
     })
-}
-
-/// The partition count recorded in the deployment's META bucket.
-async fn read_partitions(js: &jetstream::Context, prefix: &Prefix) -> anyhow::Result<Partitions> {
-    let bucket = prefix.meta_bucket();
-    let store = js
-        .get_key_value(&bucket)
-        .await
-        .with_context(|| format!("opening the bucket {bucket} (is this a deployment?)"))?;
-    let value = store
-        .get(topology::PARTITIONS_KEY)
-        .await
-        .with_context(|| format!("reading {bucket}/{}", topology::PARTITIONS_KEY))?
-        .with_context(|| format!("no key {} in {bucket}", topology::PARTITIONS_KEY))?;
-    let n: u32 = std::str::from_utf8(&value)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .with_context(|| format!("{bucket}/{}: not a number", topology::PARTITIONS_KEY))?;
-    Partitions::new(n).with_context(|| format!("{bucket}: bad partition count {n}"))
 }
 
 /// Reads `stream` from its first message up to sequence `end` with an

@@ -1,4 +1,6 @@
-//! The NATS connection flags shared by `serve` and `submit`.
+//! The NATS connection flags shared by the commands that connect, and the
+//! deployment flags (prefix, partition count) of the client-side commands
+//! (`submit`, the queries, `audit`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -120,5 +122,48 @@ impl NatsArgs {
                 }
             }
         }
+    }
+}
+
+/// The flags that name a deployment from the client side: how to connect,
+/// its subject prefix and, optionally, its partition count (read from the
+/// deployment when absent).
+#[derive(Args, Debug, Clone)]
+pub struct DeploymentArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// The partition count; read from the deployment when absent.
+    #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// The subject prefix of the deployment.
+    #[arg(long, env = "AMENDS_PREFIX", default_value = "amends")]
+    pub prefix: String,
+}
+
+impl DeploymentArgs {
+    /// The client options these flags give, with `name` as the connection
+    /// name.
+    pub fn client_options(&self, name: &str) -> anyhow::Result<amends_client::Options> {
+        let mut options = amends_client::Options::new(String::new());
+        options.servers = self.nats.servers()?;
+        options.auth = self.nats.client_auth();
+        options.prefix = self.client_prefix()?;
+        options.partitions = self.partition_count()?;
+        options.name = Some(name.to_owned());
+        Ok(options)
+    }
+
+    /// `--prefix`, validated.
+    pub fn client_prefix(&self) -> anyhow::Result<amends_client::Prefix> {
+        amends_client::Prefix::new(self.prefix.clone())
+            .with_context(|| format!("invalid --prefix {:?}", self.prefix))
+    }
+
+    /// `--partitions`, validated, if given.
+    pub fn partition_count(&self) -> anyhow::Result<Option<amends_core::route::Partitions>> {
+        self.partitions
+            .map(amends_core::route::Partitions::new)
+            .transpose()
+            .context("invalid --partitions")
     }
 }

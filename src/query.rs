@@ -7,14 +7,13 @@
 
 use std::time::Duration;
 
-use amends_client::{Client, OpStatus, Options, Prefix};
+use amends_client::{Client, OpStatus};
 use amends_core::command::{AccountId, ClaimKey, Namespace};
-use amends_core::route::Partitions;
 use amends_core::{OpId, wire};
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::nats::NatsArgs;
+use crate::nats::DeploymentArgs;
 
 /// Exit code: an answer that is not "confirmed" / "found" but not an error
 /// either: the op id or account is unknown.
@@ -24,13 +23,7 @@ pub const EXIT_UNKNOWN: u8 = 3;
 #[derive(Args, Debug)]
 pub struct QueryArgs {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    /// The partition count; read from the deployment when absent.
-    #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
-    pub partitions: Option<u32>,
-    /// The subject prefix of the deployment.
-    #[arg(long, env = "AMENDS_PREFIX", default_value = "amends")]
-    pub prefix: String,
+    pub deployment: DeploymentArgs,
     /// How long to wait for each answer, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub timeout_ms: u64,
@@ -38,18 +31,7 @@ pub struct QueryArgs {
 
 impl QueryArgs {
     async fn connect(&self, name: &str) -> anyhow::Result<Client> {
-        let mut options = Options::new(String::new());
-        options.servers = self.nats.servers()?;
-        options.auth = self.nats.client_auth();
-        options.prefix = Prefix::new(self.prefix.clone())
-            .with_context(|| format!("invalid --prefix {:?}", self.prefix))?;
-        options.partitions = self
-            .partitions
-            .map(Partitions::new)
-            .transpose()
-            .context("invalid --partitions")?;
-        options.name = Some(name.to_owned());
-        Client::connect(options)
+        Client::connect(self.deployment.client_options(name)?)
             .await
             .context("connecting to the deployment")
     }

@@ -3,25 +3,18 @@
 use std::io::Read as _;
 use std::time::Duration;
 
-use amends_client::{Client, Options, Prefix, Request};
-use amends_core::route::Partitions;
+use amends_client::{Client, Request};
 use amends_core::wire;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::nats::NatsArgs;
+use crate::nats::DeploymentArgs;
 
 /// The flags of `amends submit`.
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    /// The partition count; read from the deployment when absent.
-    #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
-    pub partitions: Option<u32>,
-    /// The subject prefix of the deployment.
-    #[arg(long, env = "AMENDS_PREFIX", default_value = "amends")]
-    pub prefix: String,
+    pub deployment: DeploymentArgs,
     /// How long each try waits for the decision, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub timeout_ms: u64,
@@ -49,17 +42,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<u8> {
     };
     let request = parse_request(&body)?;
 
-    let mut options = Options::new(String::new());
-    options.servers = args.nats.servers()?;
-    options.auth = args.nats.client_auth();
-    options.prefix = Prefix::new(args.prefix.clone())
-        .with_context(|| format!("invalid --prefix {:?}", args.prefix))?;
-    options.partitions = args
-        .partitions
-        .map(Partitions::new)
-        .transpose()
-        .context("invalid --partitions")?;
-    options.name = Some("amends submit".to_owned());
+    let options = args.deployment.client_options("amends submit")?;
     let client = Client::connect(options)
         .await
         .context("connecting to the deployment")?;

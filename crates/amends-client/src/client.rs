@@ -459,7 +459,7 @@ pub(crate) fn encode_checked(request: &Request) -> Result<Vec<u8>> {
 }
 
 /// Reads the partition count from the deployment's meta bucket.
-async fn read_partitions(js: &jetstream::Context, prefix: &Prefix) -> Result<Partitions> {
+pub async fn read_partitions(js: &jetstream::Context, prefix: &Prefix) -> Result<Partitions> {
     let bucket = prefix.meta_bucket();
     let meta = |detail: String, source: Option<crate::Source>| Error::Meta {
         bucket: bucket.clone(),

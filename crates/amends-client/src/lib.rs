@@ -72,7 +72,7 @@ pub use amends_core::{Decision, OpId, Request};
 pub use apology::{
     APOLOGY_ACK_WAIT_DEFAULT, Apologies, ApologiesOptions, DURABLE_NAME_BYTES_MAX, Delivery,
 };
-pub use client::{Client, OpStatus, Submitted};
+pub use client::{Client, OpStatus, Submitted, read_partitions};
 pub use error::{Error, Source};
 pub use options::{Auth, ClientCert, Options, Tls};
 pub use query::{Balance, ClaimOwner, PartitionState, PartitionStats};
