@@ -680,13 +680,11 @@ impl Worker {
             mut tally,
         } = applied;
         let changes = Arc::new(changes);
-        let mut to_commit = (*changes).clone();
+        let to_commit = Arc::clone(&changes);
         let task = tokio::task::spawn_blocking(move || {
             let position = to_commit.clock.map(|c| c.position); // metrics
             let commit_started = std::time::Instant::now();
-            let committed = store
-                .commit(&mut to_commit, &effects)
-                .map_err(Stop::Store)?;
+            let committed = store.commit(&to_commit, &effects).map_err(Stop::Store)?;
             tally.effects(&effects);
             tally.committed(machine.partition(), commit_started.elapsed(), position);
             Ok((effects, committed.outbox.end))

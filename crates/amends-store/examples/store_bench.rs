@@ -270,7 +270,8 @@ impl Driver {
 
     fn commit(&mut self) -> Result<()> {
         let started = Instant::now();
-        let committed = self.p.commit(&mut self.changes, &self.effects)?;
+        let committed = self.p.commit(&self.changes, &self.effects)?;
+        self.changes.clear();
         self.latency.record(micros(started.elapsed()))?;
         // A driver publishes the effects now, then confirms them.
         self.p.outbox_confirm(committed.outbox.end)?;

@@ -12,7 +12,7 @@
 //! ```text
 //! for each batch of log messages:
 //!     machine.apply(&mut Overlay::new(&partition, &mut changes), ...)   // every message
-//!     let done = partition.commit(&mut changes, &effects)?               // one atomic write + fsync
+//!     let done = partition.commit(&changes, &effects)?                   // one atomic write + fsync
 //!     publish effects; partition.outbox_confirm(done.outbox.end)?        // only now
 //! ```
 //!

@@ -230,12 +230,14 @@ impl Partition {
     /// then (with [`Durability::Fsync`]) a flush. Only after `Ok` may the
     /// driver publish the effects or acknowledge the batch's messages.
     ///
-    /// On `Ok`, `changes` is cleared (keeping its allocations) and the
-    /// effects' outbox entries are returned, with the batch's size. On
+    /// `changes` is only read: the driver may keep reading it (the next
+    /// batch is applied over it while this one commits) and clears it for
+    /// reuse. On `Ok`, the effects' outbox entries are returned, with the
+    /// batch's size. On
     /// `Err`, nothing derived from the batch may be published: the driver
     /// drops the store and reopens it, which resumes from the last durable
     /// batch. An empty batch (no changes, no effects) writes nothing.
-    pub fn commit(&self, changes: &mut ChangeSet, effects: &[Effect]) -> Result<Committed> {
+    pub fn commit(&self, changes: &ChangeSet, effects: &[Effect]) -> Result<Committed> {
         if let Some(e) = self.take_read_fault() {
             return Err(Error::BatchRead {
                 source: Box::new(e),
@@ -313,7 +315,6 @@ impl Partition {
         if self.durability == Durability::Fsync {
             self.tree.flush().map_err(|e| Error::storage("flush", e))?;
         }
-        changes.clear();
         Ok(Committed {
             outbox: OutboxRange {
                 start,

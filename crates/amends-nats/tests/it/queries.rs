@@ -77,7 +77,7 @@ async fn queries_answer_from_the_store_and_stats_tell_a_stopped_partition() {
                 .apply(&mut state, 1_000_000, 1, &input, &mut effects)
                 .expect("apply");
         }
-        forged.commit(&mut changes, &effects).expect("commit");
+        forged.commit(&changes, &effects).expect("commit");
 
         let service = Service::new(
             &js,

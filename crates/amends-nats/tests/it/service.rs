@@ -358,7 +358,7 @@ async fn a_partition_whose_log_went_backwards_stops_and_the_others_go_on() {
                 .apply(&mut state, 1_000_000, 1, &input, &mut effects)
                 .expect("apply");
         }
-        partition.commit(&mut changes, &effects).expect("commit");
+        partition.commit(&changes, &effects).expect("commit");
 
         let (status, task) = fx.spawn();
         let account = (0..)

@@ -140,14 +140,14 @@ fn a_corrupt_record_fails_the_batch_and_names_its_key() {
     for n in 0..24 {
         let _ = p.account(&format!("acct-{n}"));
     }
-    let mut changes = ChangeSet {
+    let changes = ChangeSet {
         clock: Some(Clock {
             position: 10_000,
             log_time_ms: support::T0_MS,
         }),
         ..ChangeSet::default()
     };
-    let err = p.commit(&mut changes, &[]).expect_err("batch refused");
+    let err = p.commit(&changes, &[]).expect_err("batch refused");
     assert!(matches!(err, Error::BatchRead { .. }), "{err:?}");
     assert!(
         err.to_string().contains("corrupt record at key aacct-"),
@@ -165,14 +165,14 @@ fn a_stale_change_set_is_refused() {
     let log = support::generate(5, 50);
     Runner::new().batch(&p, &log);
     let before: Vec<_> = p.dump().collect::<Result<_, _>>().expect("dump");
-    let mut changes = ChangeSet {
+    let changes = ChangeSet {
         clock: Some(Clock {
             position: p.clock().position,
             log_time_ms: support::T0_MS,
         }),
         ..ChangeSet::default()
     };
-    let err = p.commit(&mut changes, &[]).expect_err("stale");
+    let err = p.commit(&changes, &[]).expect_err("stale");
     assert!(matches!(err, Error::PositionNotAdvancing { .. }), "{err:?}");
     let after: Vec<_> = p.dump().collect::<Result<_, _>>().expect("dump");
     assert_eq!(before, after);

@@ -569,7 +569,8 @@ impl Runner {
     /// range and the effects to publish.
     pub fn batch(&mut self, p: &Partition, msgs: &[Msg]) -> (OutboxRange, Vec<Effect>) {
         self.apply(p, msgs);
-        let committed = p.commit(&mut self.changes, &self.effects).expect("commit");
+        let committed = p.commit(&self.changes, &self.effects).expect("commit");
+        self.changes.clear();
         (committed.outbox, std::mem::take(&mut self.effects))
     }
 
