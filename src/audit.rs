@@ -928,14 +928,15 @@ mod tests {
         });
         assert!(failures.contains("money not conserved"), "{failures}");
 
-        let failures = tamper(&|s| {
+        // A pending hold of 1 on "a" (its account's held raised to match).
+        let add_hold = |s: &mut MemState, hold: OpId, expires_at_ms: Option<u64>| {
             let id = AccountId::new("a").unwrap();
             s.put_hold(
-                op(99),
+                hold,
                 Hold {
-                    account: AccountId::new("a").unwrap(),
+                    account: id.clone(),
                     amount: 1,
-                    expires_at_ms: Some(T0),
+                    expires_at_ms,
                     status: HoldStatus::Pending,
                 },
             );
@@ -946,7 +947,8 @@ mod tests {
                     ..account
                 },
             );
-        });
+        };
+        let failures = tamper(&|s| add_hold(s, op(99), Some(T0)));
         assert!(failures.contains("past its expiry"), "{failures}");
 
         let failures = tamper(&|s| {
@@ -962,25 +964,7 @@ mod tests {
         assert!(failures.contains("pending holds add up to"), "{failures}");
 
         // A hold with a derived id, no expiry and no saga: nobody can end it.
-        let failures = tamper(&|s| {
-            let id = AccountId::new("a").unwrap();
-            s.put_hold(
-                op(98).derive("nobody's step"),
-                Hold {
-                    account: AccountId::new("a").unwrap(),
-                    amount: 1,
-                    expires_at_ms: None,
-                    status: HoldStatus::Pending,
-                },
-            );
-            s.put_account(
-                &id,
-                Account {
-                    held: account.held + 1,
-                    ..account
-                },
-            );
-        });
+        let failures = tamper(&|s| add_hold(s, op(98).derive("nobody's step"), None));
         assert!(failures.contains("no saga to end it"), "{failures}");
 
         let seat = route::claim_routing_key("seat", "7");

@@ -282,11 +282,9 @@ async fn audit_passes_after_sigkills_under_concurrent_transfers() {
         tokio::spawn(async move { crate::submit_all(&client, &transfers, &done).await })
     };
     for threshold in [100, 250] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while done.load(std::sync::atomic::Ordering::Relaxed) < threshold {
-            assert!(Instant::now() < deadline, "stuck: {}", serve.log());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        serve
+            .wait_for(&done, threshold, Duration::from_secs(30))
+            .await;
         serve.restart();
     }
     let answers = tokio::time::timeout(Duration::from_secs(60), load)

@@ -212,15 +212,9 @@ async fn sigkill_serve_under_load_answers_every_op_once_with_exact_balances() {
     };
     let mut kills = 0;
     for threshold in [OPS / 4, OPS / 2, 3 * OPS / 4] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while done.load(Ordering::Relaxed) < threshold {
-            assert!(
-                Instant::now() < deadline,
-                "stuck before {threshold}: {}",
-                serve.log()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        serve
+            .wait_for(&done, threshold, Duration::from_secs(30))
+            .await;
         serve.assert_running();
         serve.restart();
         kills += 1;

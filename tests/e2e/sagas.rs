@@ -112,15 +112,9 @@ async fn transfers_among_hot_accounts_survive_sigkill_exactly() {
         tokio::spawn(async move { submit_all(&client, &work, &done).await })
     };
     for threshold in [TRANSFERS / 3, 2 * TRANSFERS / 3] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while done.load(Ordering::Relaxed) < threshold {
-            assert!(
-                Instant::now() < deadline,
-                "stuck before {threshold}: {}",
-                serve.log()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        serve
+            .wait_for(&done, threshold, Duration::from_secs(60))
+            .await;
         serve.assert_running();
         serve.restart();
         assert!(

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use amends_client::{Client, Options};
@@ -90,6 +91,21 @@ impl Serve {
                 "amends serve exited: {status:?}\n{}",
                 self.log()
             );
+        }
+    }
+
+    /// Waits until `done` reaches `threshold` (operations answered by a
+    /// workload running beside), failing with the log if that takes longer
+    /// than `within`: the moment to kill the service mid-workload.
+    pub async fn wait_for(&self, done: &AtomicUsize, threshold: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while done.load(Ordering::Relaxed) < threshold {
+            assert!(
+                Instant::now() < deadline,
+                "stuck before {threshold}: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
