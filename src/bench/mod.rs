@@ -297,3 +297,17 @@ async fn run_postgres(
     let stats = workload::drive("PostgreSQL", pg, spec, load).await?;
     Ok((stats, private))
 }
+
+/// Waits up to `within` for `child` to exit after it was asked to stop,
+/// then kills it; reaps it either way.
+fn reap_within(child: &mut std::process::Child, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
