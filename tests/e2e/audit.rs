@@ -17,7 +17,7 @@ use crate::{TRIES, TRY_TIMEOUT, request};
 
 const PARTITIONS: u32 = 4;
 
-fn audit(server: &Server) -> Output {
+pub(crate) fn audit(server: &Server) -> Output {
     Command::new(AMENDS)
         .args(["audit", "--nats-url", &server.url()])
         .output()

@@ -7,6 +7,7 @@ mod audit;
 mod bad_input;
 mod config;
 mod dev;
+mod faults;
 mod python;
 mod query;
 mod sagas;

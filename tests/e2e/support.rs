@@ -82,6 +82,16 @@ impl Serve {
         self.spawn();
     }
 
+    /// Sends `signal` (`STOP` or `CONT`) to the process, by its PID.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("amends serve runs");
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {}: {status}", child.id());
+    }
+
     /// Whether the process still runs (it must never exit on its own).
     pub fn assert_running(&mut self) {
         if let Some(child) = self.child.as_mut() {

@@ -175,6 +175,26 @@ pub enum Error {
         /// The consumer sequence delivered now.
         got: u64,
     },
+    /// Deliveries went missing between the consumer and the worker: the
+    /// consumer delivered a consumer sequence past the one after the last
+    /// the worker received. async-nats 0.51 drops the messages a fetch had
+    /// already buffered when its own expiry timer fires before they are
+    /// read, which a pause of the process (GC, VM, SIGSTOP, CPU
+    /// starvation) longer than the fetch wait plus 5 s causes. Nothing
+    /// past the gap is applied or acknowledged; starting again recreates
+    /// the consumer at the store's applied position + 1, which delivers
+    /// the missing messages again.
+    #[error(
+        "partition {partition}: deliveries missing (consumer sequence {got} after {last}); the consumer must be recreated"
+    )]
+    ConsumerGap {
+        /// The partition.
+        partition: u32,
+        /// The consumer sequence received last.
+        last: u64,
+        /// The consumer sequence received now.
+        got: u64,
+    },
     /// The consumer stalled: fetches came back empty while the requests
     /// stream held a message of this partition past the last one
     /// delivered (see [`STALL_CHECK_IDLE_FETCHES`]). Starting again
@@ -412,6 +432,24 @@ async fn pump(
         suspect = None;
         for message in &batch {
             let info = message.info().map_err(nats_error(p, "read message info"))?;
+            // Every delivery must follow the last one without a gap: a
+            // delivery the client library dropped (async-nats 0.51 drops a
+            // fetch's buffered messages once its own expiry timer fires,
+            // as after a pause of the process) must never be acknowledged
+            // by a later one under ack-all.
+            if info.consumer_sequence > consumer_seq.saturating_add(1) {
+                tracing::warn!(
+                    partition = p,
+                    last = consumer_seq,
+                    got = info.consumer_sequence,
+                    "deliveries missing from the consumer; recreating it"
+                );
+                return Err(Error::ConsumerGap {
+                    partition: p,
+                    last: consumer_seq,
+                    got: info.consumer_sequence,
+                });
+            }
             if info.consumer_sequence <= consumer_seq {
                 tracing::warn!(
                     partition = p,
