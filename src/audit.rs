@@ -120,7 +120,7 @@ impl Replay {
         let mut effects = Vec::new();
         let Ok(input) = wire::decode_request(payload) else {
             self.dead_letters = self.dead_letters.saturating_add(1);
-            if let Err(fault) = self.machine.skip(&mut self.state, seq) {
+            if let Err(fault) = self.machine.skip(&mut self.state, seq, log_time_ms) {
                 findings.fail(format!("partition {p}: {fault}"));
             }
             return effects;

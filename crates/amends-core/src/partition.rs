@@ -285,13 +285,17 @@ impl Machine {
     }
 
     /// Moves the applied position past a message that cannot be read (a
-    /// dead letter, see [`crate::wire::decode_request`]) and changes nothing
-    /// else, log time included: such a message is not applied, but the
-    /// partition must not read it again.
+    /// dead letter, see [`crate::wire::decode_request`]) and its log time
+    /// to the message's, as for any message, and changes nothing else: such
+    /// a message is not applied, but the partition must not read it again.
+    /// (Log time moving here changes no decision: the next message moves it
+    /// at least as far. It keeps the clock equal to the last message's
+    /// time, which the driver compares with the log to notice a rollback.)
     pub fn skip<S: Read + Write + ?Sized>(
         &self,
         state: &mut S,
         position: u64,
+        log_time_ms: u64,
     ) -> Result<(), Fault> {
         let clock = state.clock();
         if position <= clock.position {
@@ -302,7 +306,7 @@ impl Machine {
         }
         state.set_clock(Clock {
             position,
-            log_time_ms: clock.log_time_ms,
+            log_time_ms: clock.log_time_ms.max(log_time_ms),
         });
         Ok(())
     }

@@ -328,6 +328,7 @@ pub fn is_fatal(error: &worker::Error) -> bool {
     matches!(
         error,
         worker::Error::LogBehind { .. }
+            | worker::Error::LogChanged { .. }
             | worker::Error::Misconfigured(_)
             | worker::Error::Topology(_)
     )

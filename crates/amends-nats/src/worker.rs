@@ -125,6 +125,23 @@ pub enum Error {
         /// What was seen.
         fault: Fault,
     },
+    /// The requests stream no longer holds, at the applied position, the
+    /// message the store applied there (see [`check_tail`]): the log was
+    /// trimmed or rolled back, possibly refilled by new requests. Deciding
+    /// on would skip requests or contradict published decisions, so the
+    /// partition stops until an operator looks (README, "When a partition
+    /// stops").
+    #[error(
+        "partition {partition}: the log changed under the applied position {position}: {found} is there now"
+    )]
+    LogChanged {
+        /// The partition.
+        partition: u32,
+        /// The store's applied position.
+        position: u64,
+        /// What the stream holds there now.
+        found: String,
+    },
     /// The store failed (commit, outbox); the driver reopens it and starts
     /// again from its durable state.
     #[error("partition {partition}: store: {source}")]
@@ -291,6 +308,8 @@ pub async fn run_partition(
             fault,
         });
     }
+    let subject = topology.prefix.req(id);
+    check_tail(&stream, &subject, p, worker.store()?.clock()).await?;
     let name = crate::topology::worker_consumer(id);
     match stream.delete_consumer(&name).await {
         Ok(_) => {}
@@ -330,7 +349,6 @@ pub async fn run_partition(
         Ok(())
     }));
 
-    let subject = topology.prefix.req(id);
     // The batch being committed while the next one is fetched and applied.
     // Whatever stops the loop, that commit is waited for before the worker
     // returns: a restarted worker must never race it.
@@ -411,6 +429,9 @@ async fn pump(
                     Err(e) if e.kind() == none => 0,
                     Err(e) => return Err(nats_error(p, "stall check")(e)),
                 };
+                // Idle is when the tail is looked at again: a trim or a
+                // rollback of the log while the partition runs.
+                check_tail(stream, subject, p, worker.store()?.clock()).await?;
                 if suspect.is_some_and(|seen| seen > delivered) {
                     tracing::warn!(
                         partition = p,
@@ -476,6 +497,62 @@ async fn pump(
         }
         *pending = Some(worker.start_commit(applied, last)?);
     }
+}
+
+/// Checks that the requests stream still holds, at the store's applied
+/// position, the message the store applied there: a message of this
+/// partition's subject, no newer than the store's log time. The stream has
+/// no age or size limits, so that message can be gone or replaced only if
+/// the log was trimmed, or rolled back (a restore of an older copy, or
+/// acknowledged writes lost) and new requests took its sequence: deciding
+/// on from the consumer's start would skip those requests.
+///
+/// A message of another partition there, or one published later than
+/// everything the store applied, or none, is [`Error::LogChanged`]. (A
+/// rollback refilled by a message of this partition whose timestamp is not
+/// later, which needs the server's clock to have gone back, is not seen
+/// here; `amends audit` compares every decision with the log.)
+async fn check_tail(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    p: u32,
+    applied: amends_core::state::Clock,
+) -> Result<(), Error> {
+    if applied.position == 0 {
+        return Ok(());
+    }
+    let changed = |found: String| {
+        tracing::error!(partition = p, position = applied.position, %found, "the log changed under the applied position; stopping the partition");
+        Err(Error::LogChanged {
+            partition: p,
+            position: applied.position,
+            found,
+        })
+    };
+    let message = match stream.get_raw_message(applied.position).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            return changed("no message".to_owned());
+        }
+        Err(e) => return Err(nats_error(p, "read the applied message")(e)),
+    };
+    if message.subject.as_str() != subject {
+        return changed(format!("a message of {}", message.subject));
+    }
+    let time_ms = log_time_ms(message.time.unix_timestamp_nanos());
+    if time_ms > applied.log_time_ms {
+        return changed(format!(
+            "a message published at {time_ms} ms, after the store's log time {} ms",
+            applied.log_time_ms
+        ));
+    }
+    Ok(())
+}
+
+/// A JetStream timestamp (nanoseconds since the Unix epoch) as log time:
+/// milliseconds since the Unix epoch.
+fn log_time_ms(unix_nanos: i128) -> u64 {
+    u64::try_from(unix_nanos / 1_000_000).unwrap_or(0)
 }
 
 /// Hands a committed batch to the publisher, which publishes it, then
@@ -606,8 +683,7 @@ impl Worker {
                 .info()
                 .map_err(|e| self.nats_error("read message info", e))?;
             let position = info.stream_sequence;
-            let log_time_ms =
-                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            let log_time_ms = log_time_ms(info.published.unix_timestamp_nanos());
             let redelivered = info.delivered > 1;
             match wire::decode_request(&message.payload) {
                 Ok(input) => incoming.push(Incoming {
@@ -985,7 +1061,7 @@ fn apply_batch<B: Read + ?Sized>(
         }
         let Some(input) = &msg.input else {
             machine
-                .skip(&mut state, msg.position)
+                .skip(&mut state, msg.position, msg.log_time_ms)
                 .map_err(Stop::Fault)?;
             continue;
         };

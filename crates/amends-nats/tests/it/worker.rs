@@ -23,7 +23,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One deployment: a server, a client, a topology, a store directory.
 struct Fixture {
-    _server: Server,
+    server: Server,
     client: async_nats::Client,
     js: jetstream::Context,
     topology: Topology,
@@ -41,7 +41,7 @@ impl Fixture {
         topology.duplicate_window = window;
         topology::ensure(&js, &topology).await.expect("ensure");
         Fixture {
-            _server: server,
+            server,
             client,
             js,
             topology,
@@ -334,7 +334,7 @@ async fn bad_input_is_refused_or_dead_lettered_and_the_partition_goes_on() {
 
 #[tokio::test]
 async fn a_dead_letter_last_in_its_batch_is_committed_past() {
-    // Proves a dead letter moves the applied position: after a valid request and then unreadable bytes (the last message), the store's applied position is the dead letter's, so a restarted worker does not read and dead-letter it again; log time stays the valid request's.
+    // Proves a dead letter moves the applied position: after a valid request and then unreadable bytes (the last message), the store's applied position is the dead letter's, so a restarted worker does not read and dead-letter it again; log time moves to the dead letter's timestamp, like any message's.
     within(async {
         let fx = Fixture::start(Duration::from_secs(120)).await;
         let (store, task) = fx.spawn_worker(Options::default());
@@ -360,10 +360,23 @@ async fn a_dead_letter_last_in_its_batch_is_committed_past() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(partition.clock().position, position);
+        // Log time is the dead letter's own timestamp, as for any message
+        // (the start-up check of the log's tail compares it).
+        let requests = fx.topology.prefix.stream_name(Stream::Requests);
+        let junk = fx
+            .js
+            .get_stream(&requests)
+            .await
+            .expect("stream")
+            .get_raw_message(position)
+            .await
+            .expect("the dead letter");
+        let junk_ms = u64::try_from(junk.time.unix_timestamp_nanos() / 1_000_000).expect("ms");
+        assert!(junk_ms >= d["log_time_ms"].as_u64().expect("log time"));
         assert_eq!(
             partition.clock().log_time_ms,
-            d["log_time_ms"].as_u64().expect("log time"),
-            "a dead letter leaves log time alone"
+            junk_ms,
+            "log time is the dead letter's"
         );
         assert_eq!(fx.read_stream(Stream::DeadLetters).await.len(), 1);
         task.abort();
@@ -549,6 +562,171 @@ async fn a_log_that_went_backwards_stops_the_partition() {
         match stopped {
             Err(worker::Error::LogBehind { partition: 0, .. }) => {}
             other => panic!("expected LogBehind, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+/// Opens accounts `names` on partition 0 through a running worker.
+async fn open_accounts(fx: &Fixture, names: &[&str]) {
+    let mut inbox = Inbox::new(&fx.client).await;
+    for account in names {
+        let d = ask(
+            fx,
+            &mut inbox,
+            &op_id(),
+            json!({"type": "open_account", "account": account}),
+        )
+        .await;
+        assert_eq!(code(&d), "confirmed", "{d}");
+    }
+}
+
+/// Runs partition 0's worker on `store` until it stops; returns why.
+async fn run_until_stopped(fx: &Fixture, store: &Store) -> worker::Error {
+    let partition = store.partition(fx.p0()).expect("partition");
+    let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
+    match worker::run_partition(&fx.js, &fx.topology, machine, partition, Options::default()).await
+    {
+        Err(e) => e,
+        Ok(never) => match never {},
+    }
+}
+
+/// Copies a directory tree (`cp -a`).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp -a {from:?} {to:?}");
+}
+
+#[tokio::test]
+async fn a_rolled_back_log_refilled_by_new_requests_stops_the_partition() {
+    // Proves a rollback is noticed even when new traffic has passed the applied position: the server's store is restored from a copy taken after 2 requests, the worker had applied 5, clients then publish 6 more; the restarted worker returns LogChanged instead of deciding from position 6 on (which would skip the new requests at 3..5), and decides nothing.
+    within(async {
+        let mut fx = Fixture::start(Duration::from_secs(120)).await;
+        let (store, task) = fx.spawn_worker(Options::default());
+        open_accounts(&fx, &["a", "b"]).await;
+        task.abort();
+        let _ = task.await;
+        let snapshot = fx.dir.path().join("nats-snapshot");
+        fx.server.kill9();
+        copy_dir(&fx.server.store_dir(), &snapshot);
+        fx.server.restart();
+        let client = connect(&fx.server).await;
+        let mut fx = Fixture {
+            js: jetstream::new(client.clone()),
+            client,
+            ..fx
+        };
+        let task = {
+            let (js, topology) = (fx.js.clone(), fx.topology.clone());
+            let (partition, p0) = (store.partition(fx.p0()).expect("partition"), fx.p0());
+            tokio::spawn(async move {
+                let machine = Machine::new(p0, topology.partitions, Config::default());
+                worker::run_partition(&js, &topology, machine, partition, Options::default()).await
+            })
+        };
+        open_accounts(&fx, &["c", "d", "e"]).await;
+        task.abort();
+        let _ = task.await;
+        assert_eq!(
+            store
+                .partition(fx.p0())
+                .expect("partition")
+                .clock()
+                .position,
+            5
+        );
+
+        // The rollback: the server comes back with the older copy.
+        fx.server.kill9();
+        std::fs::remove_dir_all(fx.server.store_dir()).expect("remove the store");
+        copy_dir(&snapshot, &fx.server.store_dir());
+        fx.server.restart();
+        let client = connect(&fx.server).await;
+        let fx = Fixture {
+            js: jetstream::new(client.clone()),
+            client,
+            ..fx
+        };
+        for i in 0..6 {
+            let id = op_id();
+            let body = request(
+                &id,
+                json!({"type": "open_account", "account": format!("n{i}")}),
+            );
+            fx.publish(&id, None, body).await;
+        }
+        match run_until_stopped(&fx, &store).await {
+            worker::Error::LogChanged {
+                partition: 0,
+                position: 5,
+                found,
+            } => assert!(found.contains("after the store's log time"), "{found}"),
+            other => panic!("expected LogChanged, got {other:?}"),
+        }
+        assert_eq!(
+            fx.read_stream(Stream::Decisions).await.len(),
+            2,
+            "only the 2 kept decisions"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_partition_whose_log_tail_is_deleted_stops_running_and_at_start() {
+    // Proves a trimmed tail is noticed at the partition's own level: while the worker idles, the last applied message of its subject is deleted from the stream (other messages follow it in the stream, so the stream-wide last sequence stays above the applied position); the running worker returns LogChanged, and so does a fresh start on the same store.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let (store, task) = fx.spawn_worker(Options::default());
+        open_accounts(&fx, &["a", "b", "c"]).await;
+        // A later message of another subject in the same stream (no
+        // partition of this one-partition topology reads it).
+        fx.js
+            .publish("amends.req.9", "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("puback");
+        let applied = store
+            .partition(fx.p0())
+            .expect("partition")
+            .clock()
+            .position;
+        assert_eq!(applied, 3);
+        let requests = fx.topology.prefix.stream_name(Stream::Requests);
+        let stream = fx.js.get_stream(&requests).await.expect("stream");
+        stream
+            .delete_message(applied)
+            .await
+            .expect("delete the tail");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the running worker noticed the deleted tail");
+        let panic = stopped.expect_err("the worker stopped with an error");
+        let text = panic
+            .into_panic()
+            .downcast::<String>()
+            .map(|s| *s)
+            .unwrap_or_default();
+        assert!(
+            text.contains("the log changed under the applied position 3"),
+            "{text}"
+        );
+
+        match run_until_stopped(&fx, &store).await {
+            worker::Error::LogChanged {
+                partition: 0,
+                position: 3,
+                found,
+            } => assert_eq!(found, "no message"),
+            other => panic!("expected LogChanged, got {other:?}"),
         }
     })
     .await;
