@@ -226,6 +226,8 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     bar.set_message("decisions");
     let dec_subjects: HashMap<String, PartitionId> =
         partitions.ids().map(|id| (prefix.dec(id), id)).collect();
+    let owner_subjects: std::collections::HashSet<String> =
+        partitions.ids().map(|id| prefix.owner(id)).collect();
     let mut published: HashMap<OpId, Vec<(u64, Decision)>> = HashMap::new();
     let mut published_expiries: HashMap<OpId, Vec<(u64, HoldExpired)>> = HashMap::new();
     read_stream(
@@ -234,6 +236,10 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         idle,
         &bar,
         |message, seq, _| {
+            // Ownership records fence the decisions; they are not ones.
+            if owner_subjects.contains(message.subject.as_str()) {
+                return;
+            }
             if !dec_subjects.contains_key(message.subject.as_str()) {
                 findings.warn(format!(
                     "decisions stream: message {seq} on {:?}, the subject of no partition",
@@ -391,6 +397,15 @@ fn compare(
                 )),
                 Some(copies) => {
                     let mut all_equal = true;
+                    if copies.len() > 1 {
+                        all_equal = false;
+                        let seqs: Vec<u64> = copies.iter().map(|(seq, _)| *seq).collect();
+                        findings.fail(format!(
+                            "op {}: on the decisions stream {} times (sequences {seqs:?}); each operation is decided once",
+                            d.op_id,
+                            copies.len()
+                        ));
+                    }
                     for (seq, copy) in copies {
                         if copy != d {
                             all_equal = false;
@@ -420,6 +435,14 @@ fn compare(
                     e.event_id, e.hold
                 )),
                 Some(copies) => {
+                    if copies.len() > 1 {
+                        let seqs: Vec<u64> = copies.iter().map(|(seq, _)| *seq).collect();
+                        findings.fail(format!(
+                            "hold expiry {}: on the decisions stream {} times (sequences {seqs:?})",
+                            e.event_id,
+                            copies.len()
+                        ));
+                    }
                     for (seq, copy) in copies.iter().filter(|(_, c)| c != e) {
                         findings.fail(format!(
                             "hold expiry {}: the decisions stream (sequence {seq}) says {} but the log re-derives {}",

@@ -124,7 +124,9 @@ async fn decisions_stream(server: &Server) -> Vec<Value> {
     let last = stream.get_info().await.unwrap().state.last_sequence;
     let mut out = Vec::new();
     for seq in 1..=last {
-        if let Ok(m) = stream.get_raw_message(seq).await {
+        if let Ok(m) = stream.get_raw_message(seq).await
+            && m.subject.starts_with("amends.dec.")
+        {
             out.push(serde_json::from_slice(&m.payload).unwrap());
         }
     }

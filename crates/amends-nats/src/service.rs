@@ -322,13 +322,15 @@ pub async fn run(
 }
 
 /// Whether a worker error must stop its partition for good: the log went
-/// backwards or the worker is misconfigured. Every other error (NATS, the
+/// backwards or changed, a newer owner fenced this one out, or the worker
+/// is misconfigured. Every other error (NATS, the
 /// store, a panicked commit) is retried on a fresh store handle.
 pub fn is_fatal(error: &worker::Error) -> bool {
     matches!(
         error,
         worker::Error::LogBehind { .. }
             | worker::Error::LogChanged { .. }
+            | worker::Error::Fenced { .. }
             | worker::Error::Misconfigured(_)
             | worker::Error::Topology(_)
     )

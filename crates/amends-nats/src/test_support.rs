@@ -325,6 +325,36 @@ pub async fn connect(server: &Server) -> async_nats::Client {
         .unwrap_or_else(|e| panic!("connect to the test server at {}: {e}", server.url()))
 }
 
+/// The number of decisions (and hold-expired events) on the decisions
+/// stream of `prefix`: its messages on the decision subjects, without the
+/// ownership records that share the stream.
+pub async fn decision_count(
+    js: &async_nats::jetstream::Context,
+    prefix: &crate::topology::Prefix,
+) -> u64 {
+    use futures_util::StreamExt as _;
+    let name = prefix.stream_name(crate::topology::Stream::Decisions);
+    let stream = js.get_stream(&name).await.expect("the decisions stream");
+    let mut subjects = stream
+        .info_with_subjects(prefix.dec_wildcard())
+        .await
+        .expect("decisions stream info");
+    let mut count = 0_u64;
+    while let Some(item) = subjects.next().await {
+        let (_, n) = item.expect("subject counts");
+        count = count.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+    count
+}
+
+/// Whether a message of the decisions stream is a decision or a
+/// hold-expired event (not an ownership record).
+pub fn is_decision_subject(prefix: &crate::topology::Prefix, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix.as_str())
+        .is_some_and(|rest| rest.starts_with(".dec."))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,6 +92,15 @@ pub mod header {
     /// The NATS subject a waiting client wants its decision sent to, in
     /// addition to the decisions stream.
     pub const REPLY_TO: &str = "Amends-Reply-To";
+    /// JetStream's fence: the publish is stored only if the last message
+    /// on [`EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT`] has this stream
+    /// sequence (else error 10071, "wrong last sequence"). Every decision
+    /// names its owner's ownership record this way.
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+    /// The subject [`EXPECTED_LAST_SUBJECT_SEQUENCE`] is checked on: the
+    /// partition's ownership subject.
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
+        "Nats-Expected-Last-Subject-Sequence-Subject";
     /// On a dead letter: why the raw bytes of the body could not be read.
     pub const ERROR: &str = "Amends-Error";
 }
@@ -174,6 +183,21 @@ impl Prefix {
         format!("{}.dec.*", self.0)
     }
 
+    /// The ownership subject of a partition: `<prefix>.owner.<p>`, on the
+    /// decisions stream. The worker that owns the partition publishes an
+    /// ownership record there when it starts; the record's stream sequence
+    /// is its epoch, and every decision it writes is fenced on it (see
+    /// [`header::EXPECTED_LAST_SUBJECT_SEQUENCE`]), so once a newer owner
+    /// published its record, an older owner's writes are refused.
+    pub fn owner(&self, partition: PartitionId) -> String {
+        format!("{}.owner.{partition}", self.0)
+    }
+
+    /// Every ownership subject: `<prefix>.owner.*`.
+    pub fn owner_wildcard(&self) -> String {
+        format!("{}.owner.*", self.0)
+    }
+
     /// The apology subject of a topic: `<prefix>.apology.<topic>`. A
     /// [`Topic`] is validated to be one or more subject tokens.
     pub fn apology(&self, topic: &Topic) -> String {
@@ -243,13 +267,14 @@ impl Prefix {
         format!("{}.stats.*", self.0)
     }
 
-    /// The subjects a stream takes: one wildcard subject.
-    pub fn stream_subject(&self, stream: Stream) -> String {
+    /// The subjects a stream takes, sorted: one wildcard subject, and for
+    /// the decisions stream the ownership records' as well.
+    pub fn stream_subjects(&self, stream: Stream) -> Vec<String> {
         match stream {
-            Stream::Requests => self.req_wildcard(),
-            Stream::Decisions => self.dec_wildcard(),
-            Stream::Apologies => self.apology_wildcard(),
-            Stream::DeadLetters => self.dlq_wildcard(),
+            Stream::Requests => vec![self.req_wildcard()],
+            Stream::Decisions => vec![self.dec_wildcard(), self.owner_wildcard()],
+            Stream::Apologies => vec![self.apology_wildcard()],
+            Stream::DeadLetters => vec![self.dlq_wildcard()],
         }
     }
 
@@ -435,7 +460,7 @@ impl Topology {
         stream::Config {
             name: self.prefix.stream_name(stream),
             description: Some(format!("amends {}: {}", self.prefix, stream.what())),
-            subjects: vec![self.prefix.stream_subject(stream)],
+            subjects: self.prefix.stream_subjects(stream),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
@@ -453,6 +478,10 @@ pub enum Action {
     Created,
     /// It existed with compatible settings and was kept as it was.
     Kept,
+    /// It existed from before the decisions were fenced (the decisions
+    /// stream without the ownership subjects); the ownership subjects were
+    /// added, nothing else changed.
+    Upgraded,
 }
 
 /// What [`ensure`] did with one stream.
@@ -500,16 +529,23 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<Repo
     topology.validate()?;
 
     let mut missing = Vec::new();
+    let mut upgrades = Vec::new();
     let mut streams = Vec::with_capacity(Stream::ALL.len());
     for stream in Stream::ALL {
         let want = topology.stream_config(stream);
         match stream_info(js, &want.name).await? {
             Some(found) => {
-                check_stream(&want, &found.config)?;
+                let action = match check_stream(&want, &found.config)? {
+                    Fit::Same => Action::Kept,
+                    Fit::Upgrade => {
+                        upgrades.push((streams.len(), found.config));
+                        Action::Upgraded
+                    }
+                };
                 streams.push(StreamReport {
                     stream,
                     name: want.name,
-                    action: Action::Kept,
+                    action,
                 });
             }
             None => {
@@ -530,6 +566,19 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<Repo
         && stored != configured
     {
         return Err(Error::PartitionCountMismatch { stored, configured });
+    }
+
+    for (index, mut config) in upgrades {
+        config.subjects = topology.stream_config(streams[index].stream).subjects;
+        let name = config.name.clone();
+        js.update_stream(config.clone())
+            .await
+            .map_err(|e| Error::Stream {
+                stream: name.clone(),
+                action: "add the ownership subjects",
+                source: Box::new(e),
+            })?;
+        tracing::info!(stream = %name, subjects = ?config.subjects, "upgraded stream: decisions are fenced by ownership records");
     }
 
     for index in missing {
@@ -578,10 +627,17 @@ async fn create_stream(js: &jetstream::Context, want: stream::Config) -> Result<
             Ok(Action::Created)
         }
         Err(err) => match stream_info(js, &name).await? {
-            Some(found) => {
-                check_stream(&want, &found.config)?;
-                Ok(Action::Kept)
-            }
+            Some(found) => match check_stream(&want, &found.config)? {
+                Fit::Same => Ok(Action::Kept),
+                // Created by an older build meanwhile: refused, as it
+                // cannot be upgraded under its feet.
+                Fit::Upgrade => Err(Error::IncompatibleStream {
+                    stream: name,
+                    field: "subjects",
+                    expected: format!("{:?}", want.subjects),
+                    found: format!("{:?}", found.config.subjects),
+                }),
+            },
             None => Err(Error::Stream {
                 stream: name,
                 action: "create",
@@ -591,9 +647,17 @@ async fn create_stream(js: &jetstream::Context, want: stream::Config) -> Result<
     }
 }
 
+/// How an existing stream fits the configuration.
+enum Fit {
+    /// As configured.
+    Same,
+    /// As configured but for the ownership subjects, which may be added.
+    Upgrade,
+}
+
 /// Compares an existing stream with the configuration, field by field, in
 /// the order documented on [`ensure`].
-fn check_stream(want: &stream::Config, found: &stream::Config) -> Result<(), Error> {
+fn check_stream(want: &stream::Config, found: &stream::Config) -> Result<Fit, Error> {
     let differ = |field, expected: String, found: String| {
         Err(Error::IncompatibleStream {
             stream: want.name.clone(),
@@ -604,7 +668,17 @@ fn check_stream(want: &stream::Config, found: &stream::Config) -> Result<(), Err
     };
     let mut found_subjects = found.subjects.clone();
     found_subjects.sort();
-    if found_subjects != want.subjects {
+    // A decisions stream from before the fence lacks the ownership
+    // subjects (the last of `want`'s): adding them is the only change.
+    let fit = if found_subjects != want.subjects
+        && want.subjects.len() == 2
+        && found_subjects.as_slice() == &want.subjects[..1]
+    {
+        Fit::Upgrade
+    } else {
+        Fit::Same
+    };
+    if matches!(fit, Fit::Same) && found_subjects != want.subjects {
         return differ(
             "subjects",
             format!("{:?}", want.subjects),
@@ -648,7 +722,7 @@ fn check_stream(want: &stream::Config, found: &stream::Config) -> Result<(), Err
             persist_text(found_persist).to_owned(),
         );
     }
-    Ok(())
+    Ok(fit)
 }
 
 fn storage_text(storage: stream::StorageType) -> &'static str {
@@ -837,17 +911,18 @@ mod tests {
             names,
             ["AMENDS_REQ", "AMENDS_DEC", "AMENDS_APOLOGY", "AMENDS_DLQ"]
         );
+        assert_eq!(prefix.owner(p7), "amends.owner.7");
         let subjects: Vec<_> = Stream::ALL
             .iter()
-            .map(|s| prefix.stream_subject(*s))
+            .map(|s| prefix.stream_subjects(*s))
             .collect();
         assert_eq!(
             subjects,
             [
-                "amends.req.*",
-                "amends.dec.*",
-                "amends.apology.>",
-                "amends.dlq.*"
+                vec!["amends.req.*"],
+                vec!["amends.dec.*", "amends.owner.*"],
+                vec!["amends.apology.>"],
+                vec!["amends.dlq.*"]
             ]
         );
         assert_eq!(prefix.meta_bucket(), "AMENDS_META");

@@ -29,6 +29,7 @@
 //! again. A dead letter changes no other state, so publishing it early
 //! exposes no undecided decision.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,7 @@ use amends_core::wire;
 use amends_store::{OutboxSeq, Partition};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::topology::{Prefix, Stream, Topology, header};
@@ -71,6 +73,19 @@ pub const PIPELINE_DEPTH: usize = 2;
 /// messages already there, short enough not to hold the commit's
 /// publication back.
 pub const PIPELINED_FETCH_WAIT: Duration = Duration::from_millis(1);
+
+/// How often a fenced decision write refused as busy (error 10164: a
+/// clustered stream checks one fenced write per subject at a time) is
+/// tried again, one at a time, before the worker gives up and restarts.
+pub const FENCE_BUSY_TRIES: u32 = 100;
+
+/// The pause before the first retry of a busy fenced write; it grows
+/// linearly with each retry.
+pub const FENCE_BUSY_BACKOFF: Duration = Duration::from_millis(2);
+
+/// JetStream's error code for a fenced write refused because another one
+/// on the same subject is being checked (clustered streams).
+const FENCE_BUSY_CODE: u64 = 10164;
 
 /// Outbox entries republished per page on start.
 pub const OUTBOX_PAGE_LEN: usize = 1024;
@@ -141,6 +156,21 @@ pub enum Error {
         position: u64,
         /// What the stream holds there now.
         found: String,
+    },
+    /// A decision write was refused by the fence: a newer owner published
+    /// its ownership record for this partition (error 10071 on the fenced
+    /// publish). This worker is not the partition's writer any more; it
+    /// stops at once and publishes nothing more.
+    #[error(
+        "partition {partition}: fenced: a newer owner took the partition (this worker's epoch {epoch}, now {owner})"
+    )]
+    Fenced {
+        /// The partition.
+        partition: u32,
+        /// This worker's epoch (the stream sequence of its ownership record).
+        epoch: u64,
+        /// The newer ownership record, as read after the refusal.
+        owner: String,
     },
     /// The store failed (commit, outbox); the driver reopens it and starts
     /// again from its durable state.
@@ -285,8 +315,9 @@ pub async fn run_partition(
         machine,
         store: Some(store),
         changes: ChangeSet::default(),
+        epoch: 0,
+        catch_up: None,
     };
-    worker.republish_outbox().await?;
 
     let applied = worker.store()?.clock().position;
     let requests = topology.prefix.stream_name(Stream::Requests);
@@ -310,6 +341,25 @@ pub async fn run_partition(
     }
     let subject = topology.prefix.req(id);
     check_tail(&stream, &subject, p, worker.store()?.clock()).await?;
+    // From here on this worker is the partition's writer: an older one's
+    // decision writes are refused by the server.
+    worker.epoch = claim_ownership(js, &topology.prefix, id).await?;
+    // A store behind the decisions stream (a new store, or an older copy)
+    // re-derives decisions an earlier owner published: they are not
+    // published again.
+    let through = last_published_position(js, &topology.prefix, id).await?;
+    if through > applied {
+        let ids = published_ids(js, &topology.prefix, id, 1).await?;
+        tracing::info!(
+            partition = p,
+            applied,
+            through,
+            published = ids.len(),
+            "catching up: decisions already on the stream are not published again"
+        );
+        worker.catch_up = Some(Arc::new(CatchUp { through, ids }));
+    }
+    worker.republish_outbox().await?;
     let name = crate::topology::worker_consumer(id);
     match stream.delete_consumer(&name).await {
         Ok(_) => {}
@@ -335,13 +385,13 @@ pub async fn run_partition(
         })
         .await
         .map_err(nats_error(p, "create consumer"))?;
-    tracing::info!(partition = p, consumer = %name, start = applied.saturating_add(1), "partition worker started");
+    tracing::info!(partition = p, consumer = %name, start = applied.saturating_add(1), epoch = worker.epoch, "partition worker started");
 
     // Committed batches go to the publisher in order; it publishes while
     // the next batch is applied and committed. Backpressure: at most
     // `PIPELINE_DEPTH` committed batches wait.
     let (to_publish, mut committed) = tokio::sync::mpsc::channel::<Committed>(PIPELINE_DEPTH);
-    let publisher = worker.publisher()?;
+    let mut publisher = worker.publisher()?;
     let mut publishing = AbortOnDrop(tokio::spawn(async move {
         while let Some(batch) = committed.recv().await {
             publisher.publish_committed(batch).await?;
@@ -555,6 +605,139 @@ fn log_time_ms(unix_nanos: i128) -> u64 {
     u64::try_from(unix_nanos / 1_000_000).unwrap_or(0)
 }
 
+/// Publishes this worker's ownership record of `partition` on the
+/// decisions stream and returns its stream sequence: the epoch every
+/// decision write of this worker is fenced on. Any older owner's fenced
+/// writes are refused from this moment on, re-sends included.
+async fn claim_ownership(
+    js: &jetstream::Context,
+    prefix: &Prefix,
+    partition: PartitionId,
+) -> Result<u64, Error> {
+    let p = partition.get();
+    let record = serde_json::json!({
+        "partition": p,
+        "pid": std::process::id(),
+        "host": hostname(),
+    });
+    let ack = js
+        .publish(prefix.owner(partition), record.to_string().into())
+        .await
+        .map_err(|e| nats_error(p, "publish the ownership record")(Box::new(e)))?
+        .await
+        .map_err(|e| nats_error(p, "publish the ownership record")(Box::new(e)))?;
+    Ok(ack.sequence)
+}
+
+/// This machine's host name, for ownership records and logs.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The `Nats-Msg-Id`s of `partition`'s decisions (and hold-expired
+/// events) on the decisions stream from stream sequence `from` on, read
+/// with a headers-only ordered consumer.
+async fn published_ids(
+    js: &jetstream::Context,
+    prefix: &Prefix,
+    partition: PartitionId,
+    from: u64,
+) -> Result<HashSet<String>, Error> {
+    let p = partition.get();
+    let stream = js
+        .get_stream(prefix.stream_name(Stream::Decisions))
+        .await
+        .map_err(nats_error(p, "get decisions stream"))?;
+    let subject = prefix.dec(partition);
+    let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
+    let mut seen = HashSet::new();
+    // Nothing there: an ordered consumer would wait for a first message.
+    match stream
+        .get_first_raw_message_by_subject(&subject, from)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == none => return Ok(seen),
+        Err(e) => return Err(nats_error(p, "read published decisions")(e)),
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            headers_only: true,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..consumer::pull::OrderedConfig::default()
+        })
+        .await
+        .map_err(nats_error(p, "read published decisions"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(nats_error(p, "read published decisions"))?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(nats_error(p, "read published decisions"))?;
+        if let Some(id) = message.headers.as_ref().and_then(|h| h.get(header::MSG_ID)) {
+            seen.insert(id.as_str().to_owned());
+        }
+        let info = message
+            .info()
+            .map_err(nats_error(p, "read published decisions"))?;
+        if info.pending == 0 {
+            break;
+        }
+    }
+    Ok(seen)
+}
+
+/// The partition position of the last decision (or hold-expired event) on
+/// the decisions stream, 0 if none.
+async fn last_published_position(
+    js: &jetstream::Context,
+    prefix: &Prefix,
+    partition: PartitionId,
+) -> Result<u64, Error> {
+    let p = partition.get();
+    let stream = js
+        .get_stream(prefix.stream_name(Stream::Decisions))
+        .await
+        .map_err(nats_error(p, "get decisions stream"))?;
+    let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
+    match stream
+        .get_last_raw_message_by_subject(&prefix.dec(partition))
+        .await
+    {
+        Ok(m) => Ok(serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .ok()
+            .and_then(|v| v.get("position").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0)),
+        Err(e) if e.kind() == none => Ok(0),
+        Err(e) => Err(nats_error(p, "read the last decision")(e)),
+    }
+}
+
+/// The partition position a decision or hold-expired effect was made at.
+fn decided_at(effect: &Effect) -> Option<u64> {
+    match effect {
+        Effect::Decided(d) => Some(d.position),
+        Effect::HoldExpired(e) => Some(e.position),
+        _ => None,
+    }
+}
+
+/// Whether a fenced publish was refused only because another fenced write
+/// on its subject was being checked (error 10164, clustered streams).
+fn fence_busy(e: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| j.error_code().0 == FENCE_BUSY_CODE)
+}
+
 /// Hands a committed batch to the publisher, which publishes it, then
 /// acknowledges it.
 async fn hand_over(
@@ -595,6 +778,20 @@ struct Worker {
     /// `None` only while a blocking commit holds it.
     store: Option<Partition>,
     changes: ChangeSet,
+    /// The stream sequence of this worker's ownership record: every
+    /// decision it writes is fenced on it.
+    epoch: u64,
+    /// Set while the store is behind what the decisions stream holds.
+    catch_up: Option<Arc<CatchUp>>,
+}
+
+/// What a worker whose store is behind the decisions stream must not
+/// publish again.
+struct CatchUp {
+    /// The position of the last decision on the stream when it started.
+    through: u64,
+    /// The ids of every decision of the partition on the stream then.
+    ids: HashSet<String>,
 }
 
 impl Worker {
@@ -625,10 +822,18 @@ impl Worker {
 
     /// Publishes every unconfirmed outbox entry, page by page, confirming
     /// each page once all its PubAcks are in.
+    ///
+    /// Decisions already on the decisions stream are not published again,
+    /// whatever the stream's duplicate window: the decisions stored after
+    /// the sequence recorded at the last confirmation
+    /// ([`Partition::decisions_published`]) are read first (this worker
+    /// has fenced every older writer, so nothing is added meanwhile), and
+    /// an entry whose id is among them is skipped.
     async fn republish_outbox(&mut self) -> Result<(), Error> {
         let publisher = self.publisher()?;
         let mut from = OutboxSeq(0);
         let mut total = 0_usize;
+        let mut on_stream: Option<HashSet<String>> = None;
         loop {
             let page = self
                 .store()?
@@ -637,11 +842,16 @@ impl Worker {
             let Some(&(last, _)) = page.last() else {
                 break;
             };
+            let on_stream = match (&mut on_stream, &self.catch_up) {
+                (Some(seen), _) => seen,
+                (None, Some(catch_up)) => on_stream.insert(catch_up.ids.clone()),
+                (None, None) => on_stream.insert(publisher.decisions_since_confirmed().await?),
+            };
             let effects: Vec<Effect> = page.into_iter().map(|(_, e)| e).collect();
-            publisher.publish_effects(&effects).await?;
+            let published = publisher.publish_effects(&effects, on_stream).await?;
             from = OutboxSeq(last.get().saturating_add(1));
             self.store()?
-                .outbox_confirm(from)
+                .outbox_confirm_published(from, published)
                 .map_err(|e| self.store_error(e))?;
             // A saga's final decision may have missed its requester: send
             // it again (a client ignores what it already has).
@@ -665,6 +875,8 @@ impl Worker {
             prefix: self.prefix.clone(),
             partition: self.machine.partition(),
             store: self.store()?.clone(),
+            epoch: self.epoch,
+            catch_up: self.catch_up.clone(),
         })
     }
 
@@ -887,6 +1099,10 @@ struct Publisher {
     prefix: Prefix,
     partition: PartitionId,
     store: Partition,
+    /// The worker's epoch: the fence of every decision write.
+    epoch: u64,
+    /// Dropped once a batch decides past what the stream held at start.
+    catch_up: Option<Arc<CatchUp>>,
 }
 
 /// A committed batch, waiting to be published.
@@ -910,12 +1126,27 @@ impl Publisher {
     /// Publishes a committed batch's outbox, confirms it and sends its
     /// replies (after the publish: a client never hears of a decision that
     /// is not on the decisions stream).
-    async fn publish_committed(&self, batch: Committed) -> Result<(), Error> {
+    async fn publish_committed(&mut self, batch: Committed) -> Result<(), Error> {
         let publish_started = std::time::Instant::now(); // metrics
-        self.publish_effects(&batch.effects).await?;
+        let empty = HashSet::new();
+        let skip = self.catch_up.as_ref().map_or(&empty, |c| &c.ids);
+        let published = self.publish_effects(&batch.effects, skip).await?;
+        if let Some(catch_up) = &self.catch_up
+            && batch
+                .effects
+                .iter()
+                .any(|e| decided_at(e) > Some(catch_up.through))
+        {
+            tracing::info!(
+                partition = self.partition.get(),
+                through = catch_up.through,
+                "caught up with the decisions stream"
+            );
+            self.catch_up = None;
+        }
         crate::metrics::published(self.partition, &batch.effects, publish_started.elapsed());
         self.store
-            .outbox_confirm(batch.end)
+            .outbox_confirm_published(batch.end, published)
             .map_err(|e| self.store_error(e))?;
         let replies = batch
             .replies
@@ -935,21 +1166,29 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publishes effects in order, pipelined, and waits for every PubAck.
-    async fn publish_effects(&self, effects: &[Effect]) -> Result<(), Error> {
-        let mut acks = Vec::with_capacity(effects.len());
+    /// Publishes effects, except those whose `Nats-Msg-Id` is in `skip`
+    /// (already on the decisions stream), and waits for every PubAck.
+    /// Returns the highest decisions-stream sequence written, if any.
+    ///
+    /// The decisions (and hold-expired events) go first, in order,
+    /// pipelined, each fenced on the epoch; only once all of them are
+    /// acknowledged go the effects that cannot be fenced (apologies and
+    /// saga messages to partitions' logs), so that a fenced-out worker
+    /// never sends one whose decision did not land.
+    async fn publish_effects(
+        &self,
+        effects: &[Effect],
+        skip: &HashSet<String>,
+    ) -> Result<Option<u64>, Error> {
+        let p = self.partition;
+        let mut decisions = Vec::new();
+        let mut others = Vec::new();
         for effect in effects {
             let (subject, msg_id, body) = match effect {
-                Effect::Decided(d) => (
-                    self.prefix.dec(self.partition),
-                    d.op_id.to_string(),
-                    wire::encode(d),
-                ),
-                Effect::HoldExpired(e) => (
-                    self.prefix.dec(self.partition),
-                    e.event_id.to_string(),
-                    wire::encode(e),
-                ),
+                Effect::Decided(d) => (self.prefix.dec(p), d.op_id.to_string(), wire::encode(d)),
+                Effect::HoldExpired(e) => {
+                    (self.prefix.dec(p), e.event_id.to_string(), wire::encode(e))
+                }
                 Effect::Apology(a) => (
                     self.prefix.apology(&a.topic),
                     a.decision.op_id.to_string(),
@@ -965,20 +1204,149 @@ impl Publisher {
                 // Core NATS, after the outbox is confirmed: `send_replies`.
                 Effect::Reply { .. } => continue,
             };
+            let fenced = matches!(effect, Effect::Decided(_) | Effect::HoldExpired(_));
+            if fenced && skip.contains(&msg_id) {
+                continue;
+            }
             let mut headers = HeaderMap::new();
             headers.insert(header::MSG_ID, msg_id.as_str());
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, body.into())
-                .await
-                .map_err(|e| nats_error(self.partition.get(), "publish")(Box::new(e)))?;
-            acks.push(ack);
+            if fenced {
+                headers.insert(
+                    header::EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    self.epoch.to_string().as_str(),
+                );
+                headers.insert(
+                    header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
+                    self.prefix.owner(p).as_str(),
+                );
+                decisions.push((subject, headers, Bytes::from(body)));
+            } else {
+                others.push((subject, headers, Bytes::from(body)));
+            }
+        }
+
+        let mut acks = Vec::with_capacity(decisions.len());
+        for (subject, headers, body) in &decisions {
+            acks.push(self.send(subject, headers, body).await?);
+        }
+        let mut highest = None;
+        let mut busy = Vec::new();
+        for (index, ack) in acks.into_iter().enumerate() {
+            match ack.await {
+                Ok(ack) => highest = highest.max(Some(ack.sequence)),
+                Err(e) if fence_busy(&e) => busy.push(index),
+                Err(e) => return Err(self.refused(e).await),
+            }
+        }
+        // On a cluster only one fenced write per subject is checked at a
+        // time: the ones refused as busy go again, one at a time.
+        for index in busy {
+            let (subject, headers, body) = &decisions[index];
+            let sequence = self.publish_fenced_alone(subject, headers, body).await?;
+            highest = highest.max(Some(sequence));
+        }
+
+        let mut acks = Vec::with_capacity(others.len());
+        for (subject, headers, body) in &others {
+            acks.push(self.send(subject, headers, body).await?);
         }
         for ack in acks {
             ack.await
-                .map_err(|e| nats_error(self.partition.get(), "publish ack")(Box::new(e)))?;
+                .map_err(|e| nats_error(p.get(), "publish ack")(Box::new(e)))?;
         }
-        Ok(())
+        Ok(highest)
+    }
+
+    /// Sends one publish; its PubAck comes later.
+    async fn send(
+        &self,
+        subject: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        self.js
+            .publish_with_headers(subject.to_owned(), headers.clone(), body.clone())
+            .await
+            .map_err(|e| nats_error(self.partition.get(), "publish")(Box::new(e)))
+    }
+
+    /// Publishes one fenced write and waits for it, again while the server
+    /// says it is busy (at most [`FENCE_BUSY_TRIES`] times).
+    async fn publish_fenced_alone(
+        &self,
+        subject: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<u64, Error> {
+        let mut attempt = 0_u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            match self.send(subject, headers, body).await?.await {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) if fence_busy(&e) && attempt < FENCE_BUSY_TRIES => {
+                    tokio::time::sleep(FENCE_BUSY_BACKOFF.saturating_mul(attempt)).await;
+                }
+                Err(e) => return Err(self.refused(e).await),
+            }
+        }
+    }
+
+    /// The worker error of a refused decision write: [`Error::Fenced`] when
+    /// the fence refused it, naming the newer owner.
+    async fn refused(&self, e: jetstream::context::PublishError) -> Error {
+        let p = self.partition.get();
+        if e.kind() != jetstream::context::PublishErrorKind::WrongLastSequence {
+            return nats_error(p, "publish ack")(Box::new(e));
+        }
+        let owner = match self.owner_record().await {
+            Ok(Some(record)) => record,
+            Ok(None) => "no ownership record".to_owned(),
+            Err(e) => format!("the ownership record could not be read: {e}"),
+        };
+        tracing::error!(partition = p, epoch = self.epoch, %owner, "fenced: a newer owner took the partition; stopping it");
+        Error::Fenced {
+            partition: p,
+            epoch: self.epoch,
+            owner,
+        }
+    }
+
+    /// The partition's latest ownership record: its sequence and body.
+    async fn owner_record(&self) -> Result<Option<String>, Source> {
+        let stream = self
+            .js
+            .get_stream(self.prefix.stream_name(Stream::Decisions))
+            .await?;
+        let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
+        match stream
+            .get_last_raw_message_by_subject(&self.prefix.owner(self.partition))
+            .await
+        {
+            Ok(m) => Ok(Some(format!(
+                "epoch {}: {}",
+                m.sequence,
+                String::from_utf8_lossy(&m.payload)
+            ))),
+            Err(e) if e.kind() == none => Ok(None),
+            Err(e) => Err(Box::new(e)),
+        }
+    }
+
+    /// The ids of this partition's decisions stored after the sequence
+    /// recorded at the last outbox confirmation: those of the unconfirmed
+    /// outbox that an earlier run published.
+    async fn decisions_since_confirmed(&self) -> Result<HashSet<String>, Error> {
+        let from = self
+            .store
+            .decisions_published()
+            .map_err(|e| self.store_error(e))?;
+        published_ids(
+            &self.js,
+            &self.prefix,
+            self.partition,
+            from.saturating_add(1),
+        )
+        .await
     }
 
     /// Sends decisions to reply subjects (core NATS, best effort).

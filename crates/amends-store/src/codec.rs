@@ -49,6 +49,9 @@ pub const OUTBOX_CHUNK_LEN: u64 = 64;
 pub(crate) const KEY_HEAD: &[u8] = b"!head";
 /// Key of the outbox confirmation watermark.
 pub(crate) const KEY_CONFIRMED: &[u8] = b"!outbox-confirmed";
+/// Key of the decisions-stream sequence published through when the outbox
+/// was last confirmed (see `Partition::decisions_published`).
+pub(crate) const KEY_PUBLISHED: &[u8] = b"!decisions-published";
 
 /// Key prefix of accounts: `a` + account id (UTF-8).
 pub(crate) const PREFIX_ACCOUNT: u8 = b'a';

@@ -130,6 +130,9 @@ pub enum Record {
     Head(Head),
     /// Every outbox entry before this one was confirmed.
     OutboxConfirmed(OutboxSeq),
+    /// The decisions-stream sequence published through at the last
+    /// confirmation.
+    DecisionsPublished(u64),
     /// An account.
     Account(AccountId, Account),
     /// A claim, by claim routing key (`namespace` U+001F `key`).
@@ -422,6 +425,31 @@ impl Partition {
     /// [`crate::Store::flush`]) makes it durable. A confirmation lost in a
     /// crash only makes the driver publish those entries again.
     pub fn outbox_confirm(&self, end: OutboxSeq) -> Result<()> {
+        self.outbox_confirm_published(end, None)
+    }
+
+    /// The decisions-stream sequence recorded by the last
+    /// [`Self::outbox_confirm_published`] (0 if none): every decision of
+    /// this partition published before the unconfirmed outbox entries is
+    /// at or below it. A driver that republishes the unconfirmed outbox
+    /// reads the decisions after it to find which entries are already on
+    /// the stream, so that exactly once there does not depend on the
+    /// stream's duplicate window.
+    pub fn decisions_published(&self) -> Result<u64> {
+        match self
+            .tree
+            .get(codec::KEY_PUBLISHED)
+            .map_err(|e| Error::storage("read", e))?
+        {
+            None => Ok(0),
+            Some(v) => codec::decode_u64(codec::KEY_PUBLISHED, &v),
+        }
+    }
+
+    /// [`Self::outbox_confirm`], recording in the same write the highest
+    /// decisions-stream sequence the confirmed entries were stored at
+    /// (kept if lower than the one recorded).
+    pub fn outbox_confirm_published(&self, end: OutboxSeq, published: Option<u64>) -> Result<()> {
         let outbox_end = self.head()?.outbox_end;
         if end.0 > outbox_end {
             return Err(Error::OutboxConfirmBeyond {
@@ -438,6 +466,11 @@ impl Partition {
             batch.remove(&codec::key_outbox(chunk));
         }
         batch.insert(codec::KEY_CONFIRMED, codec::encode_u64(end.0));
+        if let Some(published) = published
+            && published > self.decisions_published()?
+        {
+            batch.insert(codec::KEY_PUBLISHED, codec::encode_u64(published));
+        }
         self.tree
             .apply_batch(batch)
             .map_err(|e| Error::storage("outbox confirm", e))
@@ -566,7 +599,8 @@ impl Partition {
                 Record::Expiry(k) => mem.put_expiry(k, true),
                 Record::Hold(op, h) => mem.put_hold(op, h),
                 Record::Saga(op, s) => mem.put_saga(op, s),
-                Record::OutboxConfirmed(_) | Record::Outbox(..) => {}
+                Record::OutboxConfirmed(_) | Record::DecisionsPublished(_) | Record::Outbox(..) => {
+                }
             }
         }
         Ok(mem)
@@ -734,6 +768,9 @@ impl Records {
         }
         if k == codec::KEY_CONFIRMED {
             return Ok(Record::OutboxConfirmed(OutboxSeq(codec::decode_u64(k, v)?)));
+        }
+        if k == codec::KEY_PUBLISHED {
+            return Ok(Record::DecisionsPublished(codec::decode_u64(k, v)?));
         }
         match k.first().copied() {
             Some(codec::PREFIX_ACCOUNT) => {

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::support::{Server, connect, topology, within};
+use amends_nats::test_support::{decision_count, is_decision_subject};
 
 /// How long a test waits for something the service should do promptly.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,11 +123,14 @@ impl Fixture {
         loop {
             if let Ok(mut stream) = self.js.get_stream(&name).await
                 && let Ok(info) = stream.info().await
-                && (info.state.messages >= len || Instant::now() > deadline)
+                && (decision_count(&self.js, &self.topology.prefix).await >= len
+                    || Instant::now() > deadline)
             {
                 let mut out = Vec::new();
                 for seq in 1..=info.state.last_sequence {
-                    if let Ok(m) = stream.get_raw_message(seq).await {
+                    if let Ok(m) = stream.get_raw_message(seq).await
+                        && is_decision_subject(&self.topology.prefix, &m.subject)
+                    {
                         out.push(serde_json::from_slice(&m.payload).expect("json"));
                     }
                 }

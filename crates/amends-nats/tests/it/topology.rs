@@ -28,7 +28,7 @@ async fn ensure_creates_the_four_streams_and_records_the_partition_count() {
                 assert_eq!(report.action, Action::Created, "{}", report.name);
                 let info = stream_info(&js, &report.name).await.expect("created");
                 let config = info.config;
-                assert_eq!(config.subjects, [topology.prefix.stream_subject(stream)]);
+                assert_eq!(config.subjects, topology.prefix.stream_subjects(stream));
                 assert_eq!(config.storage, stream::StorageType::File);
                 assert_eq!(config.retention, stream::RetentionPolicy::Limits);
                 assert_eq!(config.duplicate_window, topology.duplicate_window);
@@ -160,7 +160,7 @@ async fn incompatible_stream_is_refused_and_left_unchanged() {
             let name = topology.prefix.stream_name(case.stream);
             let mut config = stream::Config {
                 name: name.clone(),
-                subjects: vec![topology.prefix.stream_subject(case.stream)],
+                subjects: topology.prefix.stream_subjects(case.stream),
                 storage: stream::StorageType::File,
                 duplicate_window: topology.duplicate_window,
                 ..stream::Config::default()
@@ -275,6 +275,49 @@ async fn invalid_topology_is_refused_before_any_request() {
         }
         let account = js.query_account().await.expect("account info");
         assert_eq!(account.streams, 0, "a refused topology created streams");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ensure_adds_the_ownership_subjects_to_a_decisions_stream_from_before_the_fence() {
+    // Proves an existing deployment upgrades in place: a decisions stream made as earlier builds made it (only `amends.dec.*`) with a decision on it is reported Upgraded, gains `amends.owner.*`, and keeps its messages and creation time; a second ensure keeps it.
+    within(async {
+        let (_server, _client, js) = server_and_js().await;
+        let topology = topology("amends", 2);
+        let name = topology.prefix.stream_name(Stream::Decisions);
+        js.create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![topology.prefix.dec_wildcard()],
+            storage: stream::StorageType::File,
+            duplicate_window: topology.duplicate_window,
+            ..stream::Config::default()
+        })
+        .await
+        .expect("create as before");
+        js.publish(
+            subject_in(&topology.prefix, Stream::Decisions),
+            "old".into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+        let before = stream_info(&js, &name).await.expect("exists");
+        let report = topology::ensure(&js, &topology).await.expect("ensure");
+        let decisions = &report.streams[1];
+        assert_eq!(
+            (decisions.stream, decisions.action),
+            (Stream::Decisions, Action::Upgraded)
+        );
+        let after = stream_info(&js, &name).await.expect("exists");
+        assert_eq!(after.config.subjects, ["amends.dec.*", "amends.owner.*"]);
+        assert_eq!(after.created, before.created);
+        assert_eq!(after.state.messages, 1);
+        let again = topology::ensure(&js, &topology)
+            .await
+            .expect("ensure again");
+        assert_eq!(again.streams[1].action, Action::Kept);
     })
     .await;
 }

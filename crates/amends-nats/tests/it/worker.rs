@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::support::{Server, connect, topology, within};
+use amends_nats::test_support::{decision_count, is_decision_subject};
 
 /// How long a test waits for something the worker should do promptly.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,7 +109,8 @@ impl Fixture {
     async fn decisions(&self, len: usize) -> Vec<Value> {
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         loop {
-            let found = self.read_stream(Stream::Decisions).await;
+            let mut found = self.read_stream(Stream::Decisions).await;
+            found.retain(|(subject, _, _)| is_decision_subject(&self.topology.prefix, subject));
             if found.len() >= len || Instant::now() > deadline {
                 return found
                     .iter()
@@ -148,6 +150,13 @@ impl Inbox {
             .expect("an answer in time")
             .expect("subscription open");
         serde_json::from_slice(&msg.payload).expect("decision json")
+    }
+
+    /// Fails if an answer arrives within a second.
+    async fn expect_none(&mut self) {
+        if let Ok(msg) = tokio::time::timeout(Duration::from_secs(1), self.sub.next()).await {
+            panic!("expected no answer, got {msg:?}");
+        }
     }
 }
 
@@ -450,13 +459,13 @@ async fn restarts_mid_workload_answer_every_op_exactly_once() {
             tokio::time::sleep(Duration::from_millis(run_ms)).await;
             task.abort();
             let _ = task.await;
-            let stream = fx.js.get_stream("AMENDS_DEC").await.expect("stream");
+            let stored = decision_count(&fx.js, &fx.topology.prefix).await;
             // A commit still running on its blocking thread holds the store
             // open; the reopen below waits for it, like a real restart.
             let partition = store.partition(fx.p0()).expect("partition");
             let unconfirmed = partition.outbox_end().expect("end").get()
                 - partition.outbox_confirmed().expect("confirmed").get();
-            stopped_at.push((stream.cached_info().state.messages, unconfirmed));
+            stopped_at.push((stored, unconfirmed));
             drop((partition, store));
         }
         let total = ACCOUNTS + OPS;
@@ -671,7 +680,7 @@ async fn a_rolled_back_log_refilled_by_new_requests_stops_the_partition() {
             other => panic!("expected LogChanged, got {other:?}"),
         }
         assert_eq!(
-            fx.read_stream(Stream::Decisions).await.len(),
+            decision_count(&fx.js, &fx.topology.prefix).await,
             2,
             "only the 2 kept decisions"
         );
@@ -728,6 +737,153 @@ async fn a_partition_whose_log_tail_is_deleted_stops_running_and_at_start() {
             } => assert_eq!(found, "no message"),
             other => panic!("expected LogChanged, got {other:?}"),
         }
+    })
+    .await;
+}
+
+/// Spawns partition 0's worker on `store`; the task returns why it stopped.
+fn spawn_on(fx: &Fixture, store: &Store) -> JoinHandle<worker::Error> {
+    let (js, topology) = (fx.js.clone(), fx.topology.clone());
+    let (partition, p0) = (store.partition(fx.p0()).expect("partition"), fx.p0());
+    tokio::spawn(async move {
+        let machine = Machine::new(p0, topology.partitions, Config::default());
+        match worker::run_partition(&js, &topology, machine, partition, Options::default()).await {
+            Err(e) => e,
+            Ok(never) => match never {},
+        }
+    })
+}
+
+/// Opens a store of one partition in `dir`.
+fn open_store(dir: &std::path::Path) -> Store {
+    Store::open(
+        dir,
+        amends_store::Options::new(Partitions::new(1).expect("count")),
+    )
+    .expect("open store")
+}
+
+#[tokio::test]
+async fn an_older_owner_is_fenced_and_its_decision_never_lands() {
+    // Proves the fence is the server's: a running worker decides, then a newer ownership record of its partition is published (as a new owner does on start); the worker's next decision write is refused by nats-server, the worker stops with Fenced naming the newer epoch, and that decision is not on the decisions stream (no reply either).
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let store = open_store(&fx.dir.path().join("a"));
+        let task = spawn_on(&fx, &store);
+        open_accounts(&fx, &["a", "b"]).await;
+        let newer = fx
+            .js
+            .publish(
+                fx.topology.prefix.owner(fx.p0()),
+                r#"{"owner":"newer"}"#.into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("puback")
+            .sequence;
+        let id = op_id();
+        let mut inbox = Inbox::new(&fx.client).await;
+        fx.publish(
+            &id,
+            Some(&inbox.subject),
+            request(&id, json!({"type": "open_account", "account": "c"})),
+        )
+        .await;
+        let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the worker stops")
+            .expect("the worker");
+        match &stopped {
+            worker::Error::Fenced {
+                partition: 0,
+                owner,
+                ..
+            } => assert!(owner.contains(&format!("epoch {newer}")), "{owner}"),
+            other => panic!("expected Fenced, got {other:?}"),
+        }
+        inbox.expect_none().await;
+        let decisions = fx.decisions(2).await;
+        assert_eq!(decisions.len(), 2, "{decisions:?}");
+        assert!(decisions.iter().all(|d| d["op_id"] != id.as_str()));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_behind_the_decisions_stream_publishes_nothing_twice_after_the_window() {
+    // Proves exactly once on the decisions stream does not rest on JetStream's duplicate window: (1) a committed batch whose decision a crashed run had already published is republished from the outbox after the window has passed, and (2) a worker on a fresh store re-derives decisions another store published; the stream keeps exactly one copy of each.
+    within(async {
+        let fx = Fixture::start(Duration::from_millis(200)).await;
+        let store = open_store(&fx.dir.path().join("a"));
+        // (1) A batch committed, its decision published, the outbox not
+        // confirmed: what a crash between publish and confirm leaves.
+        let id = op_id();
+        let position = fx
+            .publish(
+                &id,
+                None,
+                request(&id, json!({"type": "open_account", "account": "a"})),
+            )
+            .await;
+        let partition = store.partition(fx.p0()).expect("partition");
+        let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis(),
+        )
+        .expect("ms");
+        let mut changes = amends_core::state::ChangeSet::default();
+        let mut effects = Vec::new();
+        let input = amends_core::wire::decode_request(&request(
+            &id,
+            json!({"type": "open_account", "account": "a"}),
+        ))
+        .expect("a request");
+        {
+            let mut state = amends_core::state::Overlay::new(&partition, &mut changes);
+            machine
+                .apply(&mut state, position, now_ms, &input, &mut effects)
+                .expect("apply");
+        }
+        partition.commit(&changes, &effects).expect("commit");
+        let Some(amends_core::partition::Effect::Decided(d)) = effects.first() else {
+            panic!("a decision: {effects:?}");
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::MSG_ID, id.as_str());
+        fx.js
+            .publish_with_headers(
+                fx.topology.prefix.dec(fx.p0()),
+                headers,
+                amends_core::wire::encode(d).into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("puback");
+        tokio::time::sleep(Duration::from_millis(400)).await; // past the window
+        let task = spawn_on(&fx, &store);
+        open_accounts(&fx, &["b"]).await;
+        task.abort();
+        let _ = task.await;
+        assert_eq!(decision_count(&fx.js, &fx.topology.prefix).await, 2);
+
+        // (2) A fresh store replays both requests after the window.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let fresh = open_store(&fx.dir.path().join("fresh"));
+        let task = spawn_on(&fx, &fresh);
+        open_accounts(&fx, &["c"]).await;
+        task.abort();
+        let _ = task.await;
+        let decisions = fx.decisions(3).await;
+        let ids: std::collections::BTreeSet<&str> = decisions
+            .iter()
+            .filter_map(|d| d["op_id"].as_str())
+            .collect();
+        assert_eq!((decisions.len(), ids.len()), (3, 3), "{decisions:?}");
     })
     .await;
 }
