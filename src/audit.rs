@@ -397,7 +397,9 @@ fn compare(
                 )),
                 Some(copies) => {
                     let mut all_equal = true;
-                    if copies.len() > 1 {
+                    // Identical copies: nothing below names them. (Copies
+                    // that differ fail below, each by its sequence.)
+                    if copies.len() > 1 && copies.iter().all(|(_, copy)| copy == d) {
                         all_equal = false;
                         let seqs: Vec<u64> = copies.iter().map(|(seq, _)| *seq).collect();
                         findings.fail(format!(
@@ -435,7 +437,7 @@ fn compare(
                     e.event_id, e.hold
                 )),
                 Some(copies) => {
-                    if copies.len() > 1 {
+                    if copies.len() > 1 && copies.iter().all(|(_, copy)| copy == e) {
                         let seqs: Vec<u64> = copies.iter().map(|(seq, _)| *seq).collect();
                         findings.fail(format!(
                             "hold expiry {}: on the decisions stream {} times (sequences {seqs:?})",

@@ -122,6 +122,7 @@ async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
         duplicate_window_ms: Some(duplicate_window_ms),
         replicas: Some(1),
         metrics_addr: None,
+        lease_ttl_ms: None,
     };
     // `amends serve` itself, in this process; it also stops on Ctrl-C.
     let mut service = tokio::spawn(serve::run(serve_args));

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use amends_core::partition::Config;
 use amends_core::route::Partitions;
+use amends_nats::lease::Lease;
 use amends_nats::service::{self, Service};
 use amends_nats::topology::{self, PARTITIONS_KEY, Prefix, Topology};
 use amends_nats::worker;
@@ -66,12 +67,21 @@ pub struct ServeArgs {
     /// 127.0.0.1:9464, path /metrics); off when unset.
     #[arg(long, env = "AMENDS_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The deployment lease's time to live, in milliseconds: one serve
+    /// process holds the lease and serves every partition; another one
+    /// started beside it waits as a standby and takes over this long after
+    /// the holder stopped renewing (it died, paused or lost NATS). Set on
+    /// the first start (the bucket keeps it) [default: 10000].
+    #[arg(long, env = "AMENDS_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
 }
 
 /// The default of `--flush-every-ms`.
 pub const FLUSH_EVERY_MS_DEFAULT: u64 = 100;
 /// The default of `--duplicate-window-ms`: two minutes, JetStream's own.
 pub const DUPLICATE_WINDOW_MS_DEFAULT: u64 = 120_000;
+/// The default of `--lease-ttl-ms`.
+pub const LEASE_TTL_MS_DEFAULT: u64 = 10_000;
 /// The default of `--replicas`.
 pub const REPLICAS_DEFAULT: usize = 1;
 
@@ -98,6 +108,8 @@ pub struct FileConfig {
     pub replicas: Option<usize>,
     /// As `--metrics-addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// As `--lease-ttl-ms`.
+    pub lease_ttl_ms: Option<u64>,
     /// The `[nats]` table.
     #[serde(default)]
     pub nats: FileNats,
@@ -164,6 +176,8 @@ pub struct Settings {
     pub replicas: usize,
     /// See [`ServeArgs::metrics_addr`].
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// See [`ServeArgs::lease_ttl_ms`].
+    pub lease_ttl_ms: u64,
 }
 
 impl ServeArgs {
@@ -219,6 +233,10 @@ impl ServeArgs {
                 .unwrap_or(DUPLICATE_WINDOW_MS_DEFAULT),
             replicas: self.replicas.or(file.replicas).unwrap_or(REPLICAS_DEFAULT),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            lease_ttl_ms: self
+                .lease_ttl_ms
+                .or(file.lease_ttl_ms)
+                .unwrap_or(LEASE_TTL_MS_DEFAULT),
         })
     }
 }
@@ -286,6 +304,24 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
         tracing::info!(stream = %s.name, action = ?s.action, "stream");
     }
 
+    // One process serves the deployment; this one waits while another does.
+    let holder = serde_json::json!({
+        "host": worker::hostname(),
+        "pid": std::process::id(),
+        "data_dir": args.data_dir.display().to_string(),
+    })
+    .to_string();
+    let lease = Lease::acquire(
+        &js,
+        &topo,
+        Duration::from_millis(args.lease_ttl_ms),
+        holder,
+        |holder| tracing::warn!(%holder, "standby: another instance serves this deployment; waiting for its lease to lapse"),
+    )
+    .await
+    .context("taking the deployment lease")?;
+    tracing::info!(bucket = lease.bucket(), "holding the deployment lease");
+
     let durability = match args.durability {
         DurabilityArg::Fsync => Durability::Fsync,
         DurabilityArg::Deferred => Durability::Deferred {
@@ -307,7 +343,8 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
         ..service::Options::default()
     };
     let service = Service::new(&js, &topo, &store, Config::default(), options)
-        .context("starting the service")?;
+        .context("starting the service")?
+        .with_guard(lease.guard());
     tracing::info!(
         partitions = count,
         prefix = topo.prefix.as_str(),
@@ -315,12 +352,18 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
         durability = ?args.durability,
         "serving"
     );
-    let result = service.run().await;
+    let result = tokio::select! {
+        result = service.run() => result.map_err(anyhow::Error::from).context("the service stopped"),
+        lost = lease.keep() => {
+            tracing::error!(error = %lost, "lost the deployment lease; exiting so that this process can start again as a standby");
+            Err(anyhow::Error::from(lost))
+        }
+    };
     // Flush what a deferred store holds before reporting.
     let _ = store.flush();
     match result {
         Ok(never) => match never {},
-        Err(e) => Err(e).context("the service stopped"),
+        Err(e) => Err(e),
     }
 }
 
@@ -395,6 +438,7 @@ mod tests {
             duplicate_window_ms: None,
             replicas: None,
             metrics_addr: None,
+            lease_ttl_ms: None,
         }
     }
 

@@ -128,3 +128,88 @@ async fn a_paused_serve_skips_nothing_and_decides_each_op_at_its_own_position() 
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_serve_stands_by_then_takes_over_a_paused_one_which_is_fenced_and_exits() {
+    // Proves one writer per deployment under a second instance and a pause: serve B, started beside serve A under a paced load, waits as a standby naming A; A is SIGSTOPped past the 2 s lease TTL, B takes the lease and every partition (from an empty store) and decides on; A, SIGCONTed, exits non-zero on the lost lease (any write it still had in flight is refused by the fence, proven in the worker tests). Every op is decided exactly once, at its own position, and `amends audit` passes.
+    let started = Instant::now();
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lease = ["--lease-ttl-ms", "2000"];
+    let mut a = Serve::start_with(&server, &dir.path().join("a"), PARTITIONS, &lease);
+    let client = client(&server, PARTITIONS).await;
+    let opens: Vec<Request> = (0..ACCOUNTS as u64)
+        .map(|i| {
+            request(Cmd::OpenAccount {
+                account: account(i),
+                floor: 0,
+                ceiling: None,
+            })
+        })
+        .collect();
+    submit_all(&client, &opens, &Arc::new(AtomicUsize::new(0))).await;
+    let mut b = Serve::start_with(&server, &dir.path().join("b"), PARTITIONS, &lease);
+
+    let work = crate::workload(PACED_OPS);
+    let load = {
+        let (client, work) = (client.clone(), work.clone());
+        tokio::spawn(async move { publish_paced(&client, &work).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(b.log().contains("standby"), "B is a standby:\n{}", b.log());
+    assert!(
+        !b.log().contains(" serving"),
+        "B serves nothing yet:\n{}",
+        b.log()
+    );
+    a.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(b.log().contains(" serving"), "B took over:\n{}", b.log());
+    a.signal("CONT");
+    let code = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(10)));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "A exits non-zero once resumed, got {code:?}:\n{}",
+        a.log()
+    );
+    assert!(a.log().contains("lost the deployment lease"), "{}", a.log());
+    let positions = load.await.unwrap();
+
+    let mut answers: Vec<(Request, Decision)> = Vec::new();
+    for r in &work {
+        let d = client
+            .submit_and_wait(r, TRY_TIMEOUT, TRIES)
+            .await
+            .unwrap_or_else(|e| panic!("op {} got no decision: {e}\n{}", r.op_id, b.log()));
+        answers.push((r.clone(), d));
+    }
+    for ((r, d), position) in answers.iter().zip(&positions) {
+        assert_eq!(
+            d.position, *position,
+            "op {} not decided at its own position",
+            r.op_id
+        );
+    }
+    let seen = decisions_by_op(&server).await;
+    for (r, d) in &answers {
+        let msgs = &seen[&r.op_id.to_string()];
+        assert_eq!(msgs.len(), 1, "op {} decided {} times", r.op_id, msgs.len());
+        assert_eq!(msgs[0], serde_json::to_value(d).unwrap());
+    }
+    for r in &opens {
+        assert_eq!(seen[&r.op_id.to_string()].len(), 1, "open {} once", r.op_id);
+    }
+    let audit = crate::audit::audit(&server);
+    assert_eq!(
+        audit.status.code(),
+        Some(0),
+        "audit:\n{}\n{}",
+        String::from_utf8_lossy(&audit.stdout),
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    b.assert_running();
+    eprintln!(
+        "takeover under {PACED_OPS} paced ops: {:?}",
+        started.elapsed()
+    );
+}

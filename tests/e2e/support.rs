@@ -29,7 +29,12 @@ impl Serve {
     /// resubmission after a crash that lost a reply reaches the log and is
     /// answered from the dedup records).
     pub fn start(server: &Server, data_dir: &Path, partitions: u32) -> Serve {
-        let args = vec![
+        Serve::start_with(server, data_dir, partitions, &[])
+    }
+
+    /// [`Serve::start`] with more flags.
+    pub fn start_with(server: &Server, data_dir: &Path, partitions: u32, more: &[&str]) -> Serve {
+        let mut args = vec![
             "serve".to_owned(),
             "--nats-url".to_owned(),
             server.url(),
@@ -42,6 +47,7 @@ impl Serve {
             "--duplicate-window-ms".to_owned(),
             "1000".to_owned(),
         ];
+        args.extend(more.iter().map(|a| (*a).to_owned()));
         let mut serve = Serve {
             args,
             log: data_dir.with_extension("log"),
@@ -90,6 +96,23 @@ impl Serve {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{signal} {}: {status}", child.id());
+    }
+
+    /// Waits up to `within` for the process to exit on its own; its exit
+    /// code, or `None` if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("poll amends serve") {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether the process still runs (it must never exit on its own).

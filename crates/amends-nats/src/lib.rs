@@ -54,6 +54,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod lease;
 pub mod metrics;
 pub mod service;
 pub mod topology;

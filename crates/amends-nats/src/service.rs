@@ -38,6 +38,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 
+use crate::lease::Guard;
 use crate::topology::{Stream, Topology, header};
 use crate::worker;
 
@@ -208,6 +209,9 @@ pub struct Service {
     config: Config,
     options: Options,
     status: Status,
+    /// Asked before every (re)start of a worker: only the lease holder
+    /// may claim a partition (see [`crate::lease`]).
+    guard: Guard,
 }
 
 impl Service {
@@ -247,7 +251,15 @@ impl Service {
             config,
             options,
             status,
+            guard: Guard::always(),
         })
+    }
+
+    /// Starts workers only while `guard` is valid (the deployment lease
+    /// is held); without it they always start.
+    pub fn with_guard(mut self, guard: Guard) -> Service {
+        self.guard = guard;
+        self
     }
 
     /// The status handle.
@@ -265,6 +277,7 @@ impl Service {
             config,
             options,
             status,
+            guard,
         } = self;
         let mut workers = JoinSet::new();
         for (index, id) in topology.partitions.ids().enumerate() {
@@ -276,6 +289,7 @@ impl Service {
                 options,
                 status.clone(),
                 index,
+                guard.clone(),
             ));
         }
         let mut background = JoinSet::new();
@@ -321,6 +335,9 @@ pub async fn run(
         .await
 }
 
+/// How often a supervisor looks at the lease again while it is not valid.
+const LEASE_WAIT: Duration = Duration::from_millis(50);
+
 /// Whether a worker error must stop its partition for good: the log went
 /// backwards or changed, a newer owner fenced this one out, or the worker
 /// is misconfigured. Every other error (NATS, the
@@ -345,6 +362,7 @@ pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
 
 /// One partition's supervisor: runs its worker, restarting it after
 /// transient failures, until a fatal one.
+#[allow(clippy::too_many_arguments)] // an apply context is the restructuring's (issue 12)
 async fn supervise(
     js: jetstream::Context,
     topology: Topology,
@@ -353,10 +371,16 @@ async fn supervise(
     options: Options,
     status: Status,
     index: usize,
+    guard: Guard,
 ) {
     let p = machine.partition().get();
     let mut attempt = 0_u32;
     loop {
+        // A process that may have lost the lease (it paused past the TTL)
+        // claims nothing: the lease's keeper ends it if it did.
+        while !guard.is_valid() {
+            tokio::time::sleep(LEASE_WAIT).await;
+        }
         let started = Instant::now();
         let error = match store.partition(machine.partition()) {
             Ok(partition) => {
