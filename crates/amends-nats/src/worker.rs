@@ -2,13 +2,16 @@
 //! through the core state machine and into the store, then out to NATS.
 //!
 //! ```text
-//! start:  republish the unconfirmed outbox; (re)create the pull consumer at applied + 1
+//! start:  check the log under the store -> publish the ownership record (epoch)
+//!         -> republish the unconfirmed outbox (without what the stream holds)
+//!         -> (re)create the pull consumer at applied + 1
 //! loop:   fetch batch N+1 -> decode -> dead letters (published, awaited)
 //!         -> Machine::apply each message over the store and batch N's changes
 //!            (batch N is committing meanwhile) -> wait for N's commit
 //!         -> hand N to the publisher task -> start N+1's Partition::commit
 //! publisher (its own task, batches in commit order, while the loop goes on):
-//!         publish the batch's outbox (deterministic Nats-Msg-Id, PubAcks awaited)
+//!         publish the batch's decisions, fenced on the epoch (PubAcks awaited),
+//!         then its apologies and saga messages (deterministic Nats-Msg-Id)
 //!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS) -> ack the batch
 //! ```
 //!
@@ -19,7 +22,14 @@
 //! applied position and outbox say where to resume, the consumer is
 //! recreated from the store's position on every start, and everything
 //! published carries a deterministic `Nats-Msg-Id`, so a republish inside
-//! the streams' duplicate window stores nothing twice.
+//! the streams' duplicate window stores nothing twice; on the decisions
+//! stream, a republish after it stores nothing twice either, because the
+//! worker reads which decisions are there first.
+//!
+//! One writer per partition is the server's to enforce: every decision
+//! write names this worker's ownership record, so once a newer worker (in
+//! this process or another) has published its own, this one's writes are
+//! refused and it stops with [`Error::Fenced`].
 //!
 //! Dead letters are not in the store's outbox (the core's `Effect` has no
 //! such variant), so they are published *before* the commit that moves the
