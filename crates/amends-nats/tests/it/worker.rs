@@ -887,3 +887,33 @@ async fn a_store_behind_the_decisions_stream_publishes_nothing_twice_after_the_w
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_over_long_reply_subject_costs_no_one_their_connection() {
+    // Proves one client's bad Amends-Reply-To cannot hurt another's answers: a request names a 5,000-byte reply subject (over nats-server's 4 KB control-line limit); it is decided (on the decisions stream) and no reply is sent, and the worker's NATS connection (shared here with the test's client) is never dropped: it still has its one connect, and the next request is answered.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let task = spawn_on(&fx, &open_store(&fx.dir.path().join("a")));
+        let long = format!("_INBOX.{}", "x".repeat(5_000));
+        let id = op_id();
+        fx.publish(
+            &id,
+            Some(&long),
+            request(&id, json!({"type": "open_account", "account": "long"})),
+        )
+        .await;
+        let decisions = fx.decisions(1).await;
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
+        assert_eq!(decisions[0]["op_id"], id.as_str());
+        open_accounts(&fx, &["next"]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let connects = fx
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(connects, 1, "the connection was dropped and made again");
+        task.abort();
+    })
+    .await;
+}
