@@ -121,10 +121,12 @@ impl Fixture {
         let name = self.topology.prefix.stream_name(Stream::Decisions);
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         loop {
+            // Counted before the stream's end is read, so that every counted
+            // decision is at or below that end.
+            let counted = decision_count(&self.js, &self.topology.prefix).await;
             if let Ok(mut stream) = self.js.get_stream(&name).await
                 && let Ok(info) = stream.info().await
-                && (decision_count(&self.js, &self.topology.prefix).await >= len
-                    || Instant::now() > deadline)
+                && (counted >= len || Instant::now() > deadline)
             {
                 let mut out = Vec::new();
                 for seq in 1..=info.state.last_sequence {
