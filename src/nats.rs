@@ -113,6 +113,27 @@ impl NatsArgs {
                 Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
                     return Err(e).with_context(|| format!("invalid NATS URL in {servers:?}"));
                 }
+                // Trying again cannot help: the server refused who we are,
+                // or the TLS handshake failed. Exit with the error, so that
+                // the operator (or a process supervisor's log) sees it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        async_nats::ConnectErrorKind::AuthorizationViolation
+                            | async_nats::ConnectErrorKind::Authentication
+                    ) =>
+                {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "NATS at {servers:?} refused the credentials (check --nats-user/--nats-password, --nats-token or --nats-creds)"
+                        )
+                    });
+                }
+                Err(e) if e.kind() == async_nats::ConnectErrorKind::Tls => {
+                    return Err(e).with_context(|| {
+                        format!("the TLS handshake with NATS at {servers:?} failed")
+                    });
+                }
                 Err(e) => {
                     let delay = Duration::from_millis(
                         100u64.saturating_mul(1u64 << attempt.min(5)).min(2_000),

@@ -213,3 +213,39 @@ async fn a_second_serve_stands_by_then_takes_over_a_paused_one_which_is_fenced_a
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_wrong_or_missing_credentials_exits_with_the_error() {
+    // Proves a refused credential is not retried forever: against a nats-server that requires a token, `amends serve` with a wrong token and with none exits non-zero within seconds, saying the credentials were refused; with the right token it serves.
+    let server = Server::start_with(amends_nats::test_support::Options {
+        token: Some("s3cret"),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for (name, more) in [("wrong", vec!["--nats-token", "wrong"]), ("none", vec![])] {
+        let mut serve = Serve::start_with(&server, &dir.path().join(name), PARTITIONS, &more);
+        let code = tokio::task::block_in_place(|| serve.wait_exit(Duration::from_secs(15)));
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{name}: exit {code:?}\n{}",
+            serve.log()
+        );
+        assert!(
+            serve.log().contains("refused the credentials"),
+            "{name}: {}",
+            serve.log()
+        );
+    }
+    let mut serve = Serve::start_with(
+        &server,
+        &dir.path().join("right"),
+        PARTITIONS,
+        &["--nats-token", "s3cret"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !serve.log().contains(" serving") {
+        assert!(Instant::now() < deadline, "{}", serve.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    serve.assert_running();
+}

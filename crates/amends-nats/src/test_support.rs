@@ -52,6 +52,8 @@ pub struct Options {
     /// configuration file in the server's directory): the server fsyncs
     /// before every acknowledgement.
     pub sync_always: bool,
+    /// Require this token of every client (`--auth`).
+    pub token: Option<&'static str>,
 }
 
 /// A running `nats-server` with JetStream, on `127.0.0.1` and a free port.
@@ -157,6 +159,9 @@ impl Server {
         let mut command = Command::new(&self.binary);
         if self.options.sync_always {
             command.arg("-c").arg(self.conf_path());
+        }
+        if let Some(token) = self.options.token {
+            command.args(["--auth", token]);
         }
         command
             .arg("-js")
