@@ -82,7 +82,10 @@ async fn acknowledged_message_survives_kill9_and_restart_with_sync_always() {
     // Proves an acked request survives SIGKILL + restart (sync_interval:
     // always) and the client reconnects; no power loss is simulated.
     within(async {
-        let mut server = Server::start_with(Options { sync_always: true });
+        let mut server = Server::start_with(Options {
+            sync_always: true,
+            ..Options::default()
+        });
         let client = connect(&server).await;
         let js = jetstream::new(client.clone());
         let topology = topology("amends", 1);
