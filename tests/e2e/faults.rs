@@ -249,3 +249,105 @@ async fn serve_with_wrong_or_missing_credentials_exits_with_the_error() {
     }
     serve.assert_running();
 }
+
+/// A tmpfs of `size` mounted at `dir` for the test's life (root only, as
+/// CI runs), unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill it and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir.to_owned())
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0xa5_u8; 1 << 16];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_stops_serve_with_the_error_and_a_restart_recovers_losing_nothing() {
+    // Proves a full disk is neither papered over nor fatal to the data: `serve` with its store on a 48 MB tmpfs answers, the filesystem is then filled, and the next commits fail; serve exits non-zero within seconds saying the store must be reopened (it used to restart its workers on the failed handle forever), nothing unconfirmed is answered; once space is freed a restarted serve answers every operation exactly once and the audit passes.
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("disk"), "48m");
+    let mut serve = Serve::start(&server, &disk.0, PARTITIONS);
+    let client = client(&server, PARTITIONS).await;
+    let opens: Vec<Request> = (0..ACCOUNTS as u64)
+        .map(|i| {
+            request(Cmd::OpenAccount {
+                account: account(i),
+                floor: 0,
+                ceiling: None,
+            })
+        })
+        .collect();
+    submit_all(&client, &opens, &Arc::new(AtomicUsize::new(0))).await;
+
+    let filler = disk.fill();
+    let work = crate::workload(400);
+    for r in &work {
+        client.submit(r).await.unwrap();
+    }
+    let code = tokio::task::block_in_place(|| serve.wait_exit(Duration::from_secs(30)));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "serve exits non-zero on a full disk, got {code:?}:\n{}",
+        serve.log()
+    );
+    assert!(
+        serve.log().contains("the store must be reopened"),
+        "{}",
+        serve.log()
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    serve.restart();
+    let mut answers = Vec::new();
+    for r in &work {
+        let d = client
+            .submit_and_wait(r, TRY_TIMEOUT, TRIES)
+            .await
+            .unwrap_or_else(|e| panic!("op {} got no decision: {e}\n{}", r.op_id, serve.log()));
+        answers.push((r.clone(), d));
+    }
+    let seen = decisions_by_op(&server).await;
+    for (r, d) in &answers {
+        let msgs = &seen[&r.op_id.to_string()];
+        assert_eq!(msgs.len(), 1, "op {} decided {} times", r.op_id, msgs.len());
+        assert_eq!(msgs[0], serde_json::to_value(d).unwrap());
+    }
+    let audit = crate::audit::audit(&server);
+    assert_eq!(
+        audit.status.code(),
+        Some(0),
+        "audit:\n{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    serve.assert_running();
+}

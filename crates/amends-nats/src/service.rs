@@ -110,6 +110,17 @@ pub enum Error {
     /// The store could not hand out a partition.
     #[error("store: {0}")]
     Store(#[from] amends_store::Error),
+    /// The store failed in a way that only reopening it can mend (an I/O
+    /// error such as a full disk: sled's handle keeps failing after one):
+    /// the service stops, so that the process exits and a process
+    /// supervisor starts it again, reopening the store.
+    #[error("partition {partition}: {detail}; the store must be reopened: stopping the service")]
+    StoreFailed {
+        /// The partition whose commit or read failed.
+        partition: u32,
+        /// The error.
+        detail: String,
+    },
     /// Every partition stopped on an integrity error; see [`Status`].
     #[error("every partition stopped: {0}")]
     AllStopped(String),
@@ -310,7 +321,14 @@ impl Service {
             options,
             status.clone(),
         ));
-        while workers.join_next().await.is_some() {}
+        while let Some(ended) = workers.join_next().await {
+            // Dropping the set aborts the other workers; their commits in
+            // flight end on the blocking pool, and the store reopened by the
+            // next process resumes from what is durable.
+            if let Ok(Some(failed)) = ended {
+                return Err(failed);
+            }
+        }
         let reasons: Vec<String> = status
             .snapshot()
             .partitions
@@ -353,6 +371,16 @@ pub fn is_fatal(error: &worker::Error) -> bool {
     )
 }
 
+/// Whether a store error leaves the store's handle unusable (sled keeps
+/// failing after an I/O error such as a full disk, even once space is
+/// back): only reopening it, in a new process, mends it.
+pub fn needs_reopen(error: &amends_store::Error) -> bool {
+    matches!(
+        error,
+        amends_store::Error::Storage { .. } | amends_store::Error::BatchRead { .. }
+    )
+}
+
 /// The restart delay after `attempt` failures in a row (1-based):
 /// `min * 2^(attempt-1)`, at most `max`.
 pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
@@ -372,7 +400,7 @@ async fn supervise(
     status: Status,
     index: usize,
     guard: Guard,
-) {
+) -> Option<Error> {
     let p = machine.partition().get();
     let mut attempt = 0_u32;
     loop {
@@ -407,6 +435,22 @@ async fn supervise(
                 source: e,
             },
         };
+        if let worker::Error::Store { source, .. } = &error
+            && needs_reopen(source)
+        {
+            tracing::error!(partition = p, %error, "the store failed; stopping the service so that a restart reopens it");
+            status.set(
+                index,
+                PartitionState::Stopped {
+                    reason: format!("{error}; the process must restart to reopen the store"),
+                },
+                false,
+            );
+            return Some(Error::StoreFailed {
+                partition: p,
+                detail: error.to_string(),
+            });
+        }
         if is_fatal(&error) {
             tracing::error!(partition = p, %error, "partition stopped; it is not restarted until an operator looks");
             status.set(
@@ -416,7 +460,7 @@ async fn supervise(
                 },
                 false,
             );
-            return;
+            return None;
         }
         attempt = attempt.saturating_add(1);
         let delay = backoff(attempt, options.backoff_min, options.backoff_max);
