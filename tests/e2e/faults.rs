@@ -1,5 +1,7 @@
-//! Faults injected into a running `amends serve`: a long pause (SIGSTOP),
-//! after which nothing may be skipped, answered twice or out of place.
+//! Faults injected into running `amends serve` processes: a long pause
+//! (SIGSTOP), a second instance beside the first, wrong credentials, a full
+//! disk. After each, nothing may be skipped, answered twice or out of
+//! place.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,11 +9,10 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use amends_client::{Client, Decision, Request};
-use amends_core::command::Command as Cmd;
 use serde_json::Value;
 
 use crate::support::{Serve, Server, client};
-use crate::{ACCOUNTS, TRIES, TRY_TIMEOUT, account, decisions_stream, request, submit_all};
+use crate::{TRIES, TRY_TIMEOUT, decisions_stream, submit_all};
 
 const PARTITIONS: u32 = 4;
 /// The paced load: this many operations, one every `PACE`.
@@ -58,15 +59,7 @@ async fn a_paused_serve_skips_nothing_and_decides_each_op_at_its_own_position() 
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
     let client = client(&server, PARTITIONS).await;
-    let opens: Vec<Request> = (0..ACCOUNTS as u64)
-        .map(|i| {
-            request(Cmd::OpenAccount {
-                account: account(i),
-                floor: 0,
-                ceiling: None,
-            })
-        })
-        .collect();
+    let opens = crate::open_accounts();
     submit_all(&client, &opens, &Arc::new(AtomicUsize::new(0))).await;
 
     let work = crate::workload(PACED_OPS);
@@ -138,15 +131,7 @@ async fn a_second_serve_stands_by_then_takes_over_a_paused_one_which_is_fenced_a
     let lease = ["--lease-ttl-ms", "2000"];
     let mut a = Serve::start_with(&server, &dir.path().join("a"), PARTITIONS, &lease);
     let client = client(&server, PARTITIONS).await;
-    let opens: Vec<Request> = (0..ACCOUNTS as u64)
-        .map(|i| {
-            request(Cmd::OpenAccount {
-                account: account(i),
-                floor: 0,
-                ceiling: None,
-            })
-        })
-        .collect();
+    let opens = crate::open_accounts();
     submit_all(&client, &opens, &Arc::new(AtomicUsize::new(0))).await;
     let mut b = Serve::start_with(&server, &dir.path().join("b"), PARTITIONS, &lease);
 
@@ -298,15 +283,7 @@ async fn a_full_disk_stops_serve_with_the_error_and_a_restart_recovers_losing_no
     let disk = SmallDisk::mount(&dir.path().join("disk"), "48m");
     let mut serve = Serve::start(&server, &disk.0, PARTITIONS);
     let client = client(&server, PARTITIONS).await;
-    let opens: Vec<Request> = (0..ACCOUNTS as u64)
-        .map(|i| {
-            request(Cmd::OpenAccount {
-                account: account(i),
-                floor: 0,
-                ceiling: None,
-            })
-        })
-        .collect();
+    let opens = crate::open_accounts();
     submit_all(&client, &opens, &Arc::new(AtomicUsize::new(0))).await;
 
     let filler = disk.fill();

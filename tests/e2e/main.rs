@@ -59,6 +59,19 @@ fn request(command: Cmd) -> Request {
     }
 }
 
+/// One `open_account` request for each of the `ACCOUNTS` accounts.
+fn open_accounts() -> Vec<Request> {
+    (0..ACCOUNTS as u64)
+        .map(|i| {
+            request(Cmd::OpenAccount {
+                account: account(i),
+                floor: 0,
+                ceiling: None,
+            })
+        })
+        .collect()
+}
+
 /// The workload after the accounts are open: credits, debits (some
 /// overdrawing) and claims on a small key space (many refused as taken).
 fn workload(len: usize) -> Vec<Request> {
@@ -196,15 +209,7 @@ async fn sigkill_serve_under_load_answers_every_op_once_with_exact_balances() {
     let mut serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
     let client = client(&server, PARTITIONS).await;
 
-    let opens: Vec<Request> = (0..ACCOUNTS as u64)
-        .map(|i| {
-            request(Cmd::OpenAccount {
-                account: account(i),
-                floor: 0,
-                ceiling: None,
-            })
-        })
-        .collect();
+    let opens = open_accounts();
     let done = Arc::new(AtomicUsize::new(0));
     let mut answers = submit_all(&client, &opens, &done).await;
 
