@@ -46,6 +46,30 @@ async fn decisions_by_op(server: &Server) -> BTreeMap<String, Vec<Value>> {
     seen
 }
 
+/// Checks that the decisions stream holds exactly one decision per answered
+/// op, equal to the one its client got, and that `amends audit` exits 0;
+/// returns the stream's decisions by op id.
+async fn assert_decided_once_and_audited(
+    server: &Server,
+    answers: &[(Request, Decision)],
+) -> BTreeMap<String, Vec<Value>> {
+    let seen = decisions_by_op(server).await;
+    for (r, d) in answers {
+        let msgs = &seen[&r.op_id.to_string()];
+        assert_eq!(msgs.len(), 1, "op {} decided {} times", r.op_id, msgs.len());
+        assert_eq!(msgs[0], serde_json::to_value(d).unwrap());
+    }
+    let audit = crate::audit::audit(server);
+    assert_eq!(
+        audit.status.code(),
+        Some(0),
+        "audit:\n{}\n{}",
+        String::from_utf8_lossy(&audit.stdout),
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_serve_skips_nothing_and_decides_each_op_at_its_own_position() {
     // Proves a pause longer than a fetch's client-side expiry loses
@@ -97,20 +121,7 @@ async fn a_paused_serve_skips_nothing_and_decides_each_op_at_its_own_position() 
         serve.log()
     );
 
-    let seen = decisions_by_op(&server).await;
-    for (r, d) in &answers {
-        let msgs = &seen[&r.op_id.to_string()];
-        assert_eq!(msgs.len(), 1, "op {} decided {} times", r.op_id, msgs.len());
-        assert_eq!(msgs[0], serde_json::to_value(d).unwrap());
-    }
-    let audit = crate::audit::audit(&server);
-    assert_eq!(
-        audit.status.code(),
-        Some(0),
-        "audit:\n{}\n{}",
-        String::from_utf8_lossy(&audit.stdout),
-        String::from_utf8_lossy(&audit.stderr)
-    );
+    assert_decided_once_and_audited(&server, &answers).await;
     assert!(
         serve.log().contains("deliveries missing"),
         "the pause did not hit a fetch in flight; the test proved nothing:\n{}",
@@ -175,23 +186,10 @@ async fn a_second_serve_stands_by_then_takes_over_a_paused_one_which_is_fenced_a
             r.op_id
         );
     }
-    let seen = decisions_by_op(&server).await;
-    for (r, d) in &answers {
-        let msgs = &seen[&r.op_id.to_string()];
-        assert_eq!(msgs.len(), 1, "op {} decided {} times", r.op_id, msgs.len());
-        assert_eq!(msgs[0], serde_json::to_value(d).unwrap());
-    }
+    let seen = assert_decided_once_and_audited(&server, &answers).await;
     for r in &opens {
         assert_eq!(seen[&r.op_id.to_string()].len(), 1, "open {} once", r.op_id);
     }
-    let audit = crate::audit::audit(&server);
-    assert_eq!(
-        audit.status.code(),
-        Some(0),
-        "audit:\n{}\n{}",
-        String::from_utf8_lossy(&audit.stdout),
-        String::from_utf8_lossy(&audit.stderr)
-    );
     b.assert_running();
     eprintln!(
         "takeover under {PACED_OPS} paced ops: {:?}",
@@ -313,18 +311,6 @@ async fn a_full_disk_stops_serve_with_the_error_and_a_restart_recovers_losing_no
             .unwrap_or_else(|e| panic!("op {} got no decision: {e}\n{}", r.op_id, serve.log()));
         answers.push((r.clone(), d));
     }
-    let seen = decisions_by_op(&server).await;
-    for (r, d) in &answers {
-        let msgs = &seen[&r.op_id.to_string()];
-        assert_eq!(msgs.len(), 1, "op {} decided {} times", r.op_id, msgs.len());
-        assert_eq!(msgs[0], serde_json::to_value(d).unwrap());
-    }
-    let audit = crate::audit::audit(&server);
-    assert_eq!(
-        audit.status.code(),
-        Some(0),
-        "audit:\n{}",
-        String::from_utf8_lossy(&audit.stdout)
-    );
+    assert_decided_once_and_audited(&server, &answers).await;
     serve.assert_running();
 }
