@@ -81,7 +81,15 @@ async fn a_paused_serve_skips_nothing_and_decides_each_op_at_its_own_position() 
     let started = Instant::now();
     let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
+    // The lease's TTL is well above the pause: a lone serve paused past its
+    // TTL loses the lease and exits (for its process supervisor to start it
+    // again), which is the takeover test's subject, not this one's.
+    let serve = Serve::start_with(
+        &server,
+        &dir.path().join("data"),
+        PARTITIONS,
+        &["--lease-ttl-ms", "60000"],
+    );
     let client = client(&server, PARTITIONS).await;
     let opens = crate::open_accounts();
     submit_all(&client, &opens, &Arc::new(AtomicUsize::new(0))).await;
