@@ -320,3 +320,43 @@ async fn audit_passes_after_sigkills_under_concurrent_transfers() {
     eprintln!("{stdout}");
     serve.assert_running();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_fails_a_decision_that_is_on_the_decisions_stream_twice() {
+    // Proves the audit counts copies: after serve decides one operation, an identical second copy of its decision is published on the decisions stream (another Nats-Msg-Id, as a republish past the duplicate window would store it); the audit passed that before and now exits 1 naming the op and both sequences.
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
+    let client = client(&server, PARTITIONS).await;
+    let open = request(Cmd::OpenAccount {
+        account: AccountId::new("twice").unwrap(),
+        floor: 0,
+        ceiling: None,
+    });
+    let decided = decide(&client, &open).await;
+    let clean = audit(&server);
+    assert_eq!(clean.status.code(), Some(0), "{clean:?}");
+
+    let js = jetstream::new(amends_nats::test_support::connect(&server).await);
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "a-second-copy");
+    js.publish_with_headers(
+        format!("amends.dec.{}", decided["partition"]),
+        headers,
+        serde_json::to_vec(&decided).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let out = audit(&server);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAILED")).collect();
+    assert_eq!(failed.len(), 1, "{stdout}");
+    assert!(failed[0].contains(&open.op_id.to_string()), "{stdout}");
+    assert!(
+        failed[0].contains("on the decisions stream 2 times"),
+        "{stdout}"
+    );
+}
