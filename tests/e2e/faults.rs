@@ -46,6 +46,22 @@ async fn decisions_by_op(server: &Server) -> BTreeMap<String, Vec<Value>> {
     seen
 }
 
+/// Waits up to `within` for `serve` to exit on its own; fails unless it
+/// exits non-zero having logged `says`.
+fn assert_exits_saying(serve: &mut Serve, within: Duration, says: &str) {
+    let code = tokio::task::block_in_place(|| serve.wait_exit(within));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "serve exits non-zero, got {code:?}:\n{}",
+        serve.log()
+    );
+    assert!(
+        serve.log().contains(says),
+        "{says:?} not logged:\n{}",
+        serve.log()
+    );
+}
+
 /// Checks that the decisions stream holds exactly one decision per answered
 /// op, equal to the one its client got, and that `amends audit` exits 0;
 /// returns the stream's decisions by op id.
@@ -170,13 +186,7 @@ async fn a_second_serve_stands_by_then_takes_over_a_paused_one_which_is_fenced_a
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(b.log().contains(" serving"), "B took over:\n{}", b.log());
     a.signal("CONT");
-    let code = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(10)));
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "A exits non-zero once resumed, got {code:?}:\n{}",
-        a.log()
-    );
-    assert!(a.log().contains("lost the deployment lease"), "{}", a.log());
+    assert_exits_saying(&mut a, Duration::from_secs(10), "lost the deployment lease");
     let positions = load.await.unwrap();
 
     let mut answers: Vec<(Request, Decision)> = Vec::new();
@@ -215,16 +225,11 @@ async fn serve_with_wrong_or_missing_credentials_exits_with_the_error() {
     let dir = tempfile::tempdir().unwrap();
     for (name, more) in [("wrong", vec!["--nats-token", "wrong"]), ("none", vec![])] {
         let mut serve = Serve::start_with(&server, &dir.path().join(name), PARTITIONS, &more);
-        let code = tokio::task::block_in_place(|| serve.wait_exit(Duration::from_secs(15)));
-        assert!(
-            matches!(code, Some(c) if c != 0),
-            "{name}: exit {code:?}\n{}",
-            serve.log()
-        );
-        assert!(
-            serve.log().contains("refused the credentials"),
-            "{name}: {}",
-            serve.log()
+        eprintln!("serve with credentials: {name}");
+        assert_exits_saying(
+            &mut serve,
+            Duration::from_secs(15),
+            "refused the credentials",
         );
     }
     let mut serve = Serve::start_with(
@@ -297,16 +302,10 @@ async fn a_full_disk_stops_serve_with_the_error_and_a_restart_recovers_losing_no
     for r in &work {
         client.submit(r).await.unwrap();
     }
-    let code = tokio::task::block_in_place(|| serve.wait_exit(Duration::from_secs(30)));
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "serve exits non-zero on a full disk, got {code:?}:\n{}",
-        serve.log()
-    );
-    assert!(
-        serve.log().contains("the store must be reopened"),
-        "{}",
-        serve.log()
+    assert_exits_saying(
+        &mut serve,
+        Duration::from_secs(30),
+        "the store must be reopened",
     );
 
     std::fs::remove_file(filler).unwrap();

@@ -138,7 +138,7 @@ async fn decisions_stream(server: &Server) -> Vec<Value> {
     let mut out = Vec::new();
     for seq in 1..=last {
         if let Ok(m) = stream.get_raw_message(seq).await
-            && m.subject.starts_with("amends.dec.")
+            && amends_nats::test_support::is_decision_subject(&Default::default(), &m.subject)
         {
             out.push(serde_json::from_slice(&m.payload).unwrap());
         }

@@ -218,13 +218,6 @@ impl Lease {
             }
         }
     }
-
-    /// Gives the lease up (on a graceful stop), so a standby takes over at
-    /// once instead of after the TTL.
-    pub async fn release(self) {
-        self.guard.expire();
-        let _ = self.kv.purge(KEY).await;
-    }
 }
 
 /// Opens the lease bucket, creating it if missing. An existing bucket

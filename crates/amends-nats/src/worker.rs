@@ -1191,6 +1191,8 @@ impl Publisher {
         skip: &HashSet<String>,
     ) -> Result<Option<u64>, Error> {
         let p = self.partition;
+        let epoch = self.epoch.to_string();
+        let owner = self.prefix.owner(p);
         let mut decisions = Vec::new();
         let mut others = Vec::new();
         for effect in effects {
@@ -1221,13 +1223,10 @@ impl Publisher {
             let mut headers = HeaderMap::new();
             headers.insert(header::MSG_ID, msg_id.as_str());
             if fenced {
-                headers.insert(
-                    header::EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    self.epoch.to_string().as_str(),
-                );
+                headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, epoch.as_str());
                 headers.insert(
                     header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
-                    self.prefix.owner(p).as_str(),
+                    owner.as_str(),
                 );
                 decisions.push((subject, headers, Bytes::from(body)));
             } else {
