@@ -108,10 +108,7 @@ async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
         config: None,
         nats: NatsArgs {
             urls: vec![url.to_owned()],
-            nats_user: None,
-            nats_password: None,
-            nats_token: None,
-            nats_creds: None,
+            ..NatsArgs::default()
         },
         data_dir: Some(args.data_dir.join("store")),
         partitions: Some(args.partitions),

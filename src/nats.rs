@@ -12,7 +12,7 @@ use clap::Args;
 pub const NATS_URL_DEFAULT: &str = "nats://127.0.0.1:4222";
 
 /// How to reach NATS. Every flag has an environment fallback.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct NatsArgs {
     /// NATS server URLs; repeat the flag or give a comma-separated list
     /// [default: nats://127.0.0.1:4222]. (No clap default: `serve` tells
@@ -41,6 +41,85 @@ pub struct NatsArgs {
     /// A NATS `.creds` file (user JWT and nkey seed).
     #[arg(long, env = "AMENDS_NATS_CREDS", conflicts_with = "nats_user")]
     pub nats_creds: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS to NATS. A `tls://` URL, or a server that requires TLS, turns TLS
+/// on by itself; these flags say whom to trust and who we are.
+#[derive(Args, Debug, Clone, Default, PartialEq)]
+pub struct TlsArgs {
+    /// A PEM file of CA certificates to trust (for a server certificate
+    /// from a private CA), in addition to the system's.
+    #[arg(long = "nats-tls-ca", env = "AMENDS_NATS_TLS_CA")]
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate (chain), for a server that verifies
+    /// clients (mutual TLS); with --nats-tls-key.
+    #[arg(
+        long = "nats-tls-cert",
+        env = "AMENDS_NATS_TLS_CERT",
+        requires = "key_file"
+    )]
+    pub cert_file: Option<PathBuf>,
+    /// The PEM private key of --nats-tls-cert.
+    #[arg(
+        long = "nats-tls-key",
+        env = "AMENDS_NATS_TLS_KEY",
+        requires = "cert_file"
+    )]
+    pub key_file: Option<PathBuf>,
+    /// Refuse to connect without TLS, even to a `nats://` URL.
+    #[arg(long = "nats-tls-required", env = "AMENDS_NATS_TLS_REQUIRED")]
+    pub required: bool,
+}
+
+impl TlsArgs {
+    /// Whether any TLS setting is given.
+    pub fn is_set(&self) -> bool {
+        *self != TlsArgs::default()
+    }
+
+    /// These settings as the client library takes them.
+    pub fn client_tls(&self) -> amends_client::Tls {
+        let mut tls = amends_client::Tls::default();
+        tls.required = self.required;
+        tls.ca_file.clone_from(&self.ca_file);
+        if let (Some(cert_file), Some(key_file)) = (&self.cert_file, &self.key_file) {
+            tls.client_cert = Some(amends_client::ClientCert {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            });
+        }
+        tls
+    }
+
+    /// Applies these settings to raw connect options.
+    fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::ConnectOptions> {
+        // async-nats reads the files only when it connects, and reports a
+        // missing one as a TLS error; naming the flag here is clearer.
+        for (flag, path) in [
+            ("--nats-tls-ca", &self.ca_file),
+            ("--nats-tls-cert", &self.cert_file),
+            ("--nats-tls-key", &self.key_file),
+        ] {
+            if let Some(path) = path {
+                anyhow::ensure!(path.is_file(), "{flag} {}: no such file", path.display());
+            }
+        }
+        if self.required {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options)
+    }
 }
 
 impl NatsArgs {
@@ -108,6 +187,7 @@ impl NatsArgs {
                     .await
                     .with_context(|| format!("reading the NATS creds file {}", creds.display()))?;
             }
+            options = self.tls.apply(options)?;
             match options.connect(servers.as_str()).await {
                 Ok(client) => return Ok(client),
                 Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
@@ -129,9 +209,14 @@ impl NatsArgs {
                         )
                     });
                 }
-                Err(e) if e.kind() == async_nats::ConnectErrorKind::Tls => {
+                Err(e)
+                    if e.kind() == async_nats::ConnectErrorKind::Tls
+                        || tls_refusal(&e).is_some() =>
+                {
                     return Err(e).with_context(|| {
-                        format!("the TLS handshake with NATS at {servers:?} failed")
+                        format!(
+                            "the TLS handshake with NATS at {servers:?} failed (check --nats-tls-ca for a server certificate from a private CA, and --nats-tls-cert/--nats-tls-key for a server that verifies clients)"
+                        )
                     });
                 }
                 Err(e) => {
@@ -168,6 +253,7 @@ impl DeploymentArgs {
         let mut options = amends_client::Options::new(String::new());
         options.servers = self.nats.servers()?;
         options.auth = self.nats.client_auth();
+        options.tls = self.nats.tls.client_tls();
         options.prefix = self.client_prefix()?;
         options.partitions = self.partition_count()?;
         options.name = Some(name.to_owned());
@@ -187,4 +273,20 @@ impl DeploymentArgs {
             .transpose()
             .context("invalid --partitions")
     }
+}
+
+/// The TLS error under a connection failure, if the handshake failed.
+///
+/// async-nats 0.51 reports a failed handshake (an unknown issuer, a client
+/// certificate the server requires) as `ConnectErrorKind::Io`, not `Tls`:
+/// its connector turns the `io::Error` of tokio-rustls's handshake into a
+/// connect error with `?`, and tokio-rustls carries the `rustls::Error`
+/// inside that `io::Error`. So the error is looked for there; retrying
+/// cannot fix a certificate.
+fn tls_refusal(error: &async_nats::ConnectError) -> Option<&async_nats::rustls::Error> {
+    let source = std::error::Error::source(error)?;
+    source
+        .downcast_ref::<std::io::Error>()?
+        .get_ref()?
+        .downcast_ref::<async_nats::rustls::Error>()
 }

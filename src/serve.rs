@@ -129,6 +129,24 @@ pub struct FileNats {
     pub token: Option<String>,
     /// As `--nats-creds`.
     pub creds: Option<PathBuf>,
+    /// The `[nats.tls]` table.
+    #[serde(default)]
+    pub tls: FileTls,
+}
+
+/// The `[nats.tls]` table of the configuration file.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// As `--nats-tls-ca`.
+    pub ca_file: Option<PathBuf>,
+    /// As `--nats-tls-cert` (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// As `--nats-tls-key` (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+    /// As `--nats-tls-required`.
+    #[serde(default)]
+    pub required: bool,
 }
 
 impl FileConfig {
@@ -140,9 +158,16 @@ impl FileConfig {
         let mut config: FileConfig = toml::from_str(&text)
             .with_context(|| format!("invalid config file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        for relative in [&mut config.data_dir, &mut config.nats.creds]
-            .into_iter()
-            .flatten()
+        let tls = &mut config.nats.tls;
+        for relative in [
+            &mut config.data_dir,
+            &mut config.nats.creds,
+            &mut tls.ca_file,
+            &mut tls.cert_file,
+            &mut tls.key_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if relative.is_relative() {
                 *relative = base.join(&*relative);
@@ -203,6 +228,20 @@ impl ServeArgs {
             nats.nats_password = file.nats.password;
             nats.nats_token = file.nats.token;
             nats.nats_creds = file.nats.creds;
+        }
+        // TLS too is taken whole from the flags if any is set.
+        if !nats.tls.is_set() {
+            let tls = file.nats.tls;
+            anyhow::ensure!(
+                tls.cert_file.is_some() == tls.key_file.is_some(),
+                "[nats.tls] in the config file needs both cert_file and key_file, or neither"
+            );
+            nats.tls = crate::nats::TlsArgs {
+                ca_file: tls.ca_file,
+                cert_file: tls.cert_file,
+                key_file: tls.key_file,
+                required: tls.required,
+            };
         }
         let data_dir = self.data_dir.or(file.data_dir).context(
             "--data-dir (or AMENDS_DATA_DIR, or data_dir in the config file) is required",
@@ -422,13 +461,7 @@ mod tests {
     fn args(config: Option<PathBuf>) -> ServeArgs {
         ServeArgs {
             config,
-            nats: NatsArgs {
-                urls: Vec::new(),
-                nats_user: None,
-                nats_password: None,
-                nats_token: None,
-                nats_creds: None,
-            },
+            nats: NatsArgs::default(),
             data_dir: None,
             partitions: None,
             prefix: None,
@@ -512,5 +545,49 @@ mod tests {
         }
         let e = format!("{:#}", args(None).resolve().expect_err("refused"));
         assert!(e.contains("--data-dir") && e.contains("config file"), "{e}");
+    }
+
+    #[test]
+    fn tls_comes_whole_from_the_flags_or_the_file_with_paths_relative_to_it() {
+        // Proves the [nats.tls] table: its paths are joined to the file's directory, a cert without a key is refused naming both keys, an unknown key in it is refused, and any TLS flag replaces the file's TLS settings whole.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        let write = |tls: &str| {
+            std::fs::write(&path, format!("data_dir = \"d\"\n[nats.tls]\n{tls}")).expect("write");
+        };
+        write(
+            "ca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"/abs/k.pem\"\nrequired = true\n",
+        );
+        let tls = args(Some(path.clone()))
+            .resolve()
+            .expect("resolves")
+            .nats
+            .tls;
+        assert_eq!(tls.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(tls.cert_file, Some(dir.path().join("c.pem")));
+        assert_eq!(tls.key_file, Some(PathBuf::from("/abs/k.pem")));
+        assert!(tls.required);
+
+        let mut flags = args(Some(path.clone()));
+        flags.nats.tls.ca_file = Some(PathBuf::from("/flag/ca.pem"));
+        let tls = flags.resolve().expect("resolves").nats.tls;
+        assert_eq!(tls.ca_file, Some(PathBuf::from("/flag/ca.pem")));
+        assert_eq!(
+            (tls.cert_file, tls.key_file, tls.required),
+            (None, None, false)
+        );
+
+        write("cert_file = \"c.pem\"\n");
+        let e = format!(
+            "{:#}",
+            args(Some(path.clone())).resolve().expect_err("refused")
+        );
+        assert!(e.contains("cert_file and key_file"), "{e}");
+        write("ca = \"ca.pem\"\n");
+        let e = format!(
+            "{:#}",
+            args(Some(path.clone())).resolve().expect_err("refused")
+        );
+        assert!(e.contains("unknown field `ca`"), "{e}");
     }
 }

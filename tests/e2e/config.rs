@@ -13,13 +13,17 @@ use crate::support::{AMENDS, Server};
 
 /// Every variable `amends serve` reads, removed from the child's
 /// environment so that the test's own cannot leak in.
-const ENV: [&str; 14] = [
+const ENV: [&str; 18] = [
     "AMENDS_CONFIG",
     "AMENDS_NATS_URL",
     "AMENDS_NATS_USER",
     "AMENDS_NATS_PASSWORD",
     "AMENDS_NATS_TOKEN",
     "AMENDS_NATS_CREDS",
+    "AMENDS_NATS_TLS_CA",
+    "AMENDS_NATS_TLS_CERT",
+    "AMENDS_NATS_TLS_KEY",
+    "AMENDS_NATS_TLS_REQUIRED",
     "AMENDS_DATA_DIR",
     "AMENDS_PARTITIONS",
     "AMENDS_PREFIX",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use amends_client::{Client, Decision, Request};
 use serde_json::Value;
 
-use crate::support::{Serve, Server, client};
+use crate::support::{Serve, Server, assert_exits_saying, client};
 use crate::{TRIES, TRY_TIMEOUT, decisions_stream, submit_all};
 
 const PARTITIONS: u32 = 4;
@@ -44,22 +44,6 @@ async fn decisions_by_op(server: &Server) -> BTreeMap<String, Vec<Value>> {
         seen.entry(id).or_default().push(m);
     }
     seen
-}
-
-/// Waits up to `within` for `serve` to exit on its own; fails unless it
-/// exits non-zero having logged `says`.
-fn assert_exits_saying(serve: &mut Serve, within: Duration, says: &str) {
-    let code = tokio::task::block_in_place(|| serve.wait_exit(within));
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "serve exits non-zero, got {code:?}:\n{}",
-        serve.log()
-    );
-    assert!(
-        serve.log().contains(says),
-        "{says:?} not logged:\n{}",
-        serve.log()
-    );
 }
 
 /// Checks that the decisions stream holds exactly one decision per answered

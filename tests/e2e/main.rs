@@ -12,6 +12,7 @@ mod python;
 mod query;
 mod sagas;
 mod support;
+mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Output};
@@ -279,6 +280,11 @@ async fn sigkill_serve_under_load_answers_every_op_once_with_exact_balances() {
 }
 
 fn submit(server: &Server, json: &str) -> Output {
+    submit_with(server, &[], json)
+}
+
+/// `amends submit` of `json` with more `flags` (TLS, say).
+fn submit_with(server: &Server, flags: &[&str], json: &str) -> Output {
     Command::new(AMENDS)
         .args([
             "submit",
@@ -286,8 +292,9 @@ fn submit(server: &Server, json: &str) -> Output {
             &server.url(),
             "--timeout-ms",
             "3000",
-            json,
         ])
+        .args(flags)
+        .arg(json)
         .output()
         .unwrap()
 }

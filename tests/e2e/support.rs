@@ -180,3 +180,19 @@ pub async fn client(server: &Server, partitions: u32) -> Client {
         }
     }
 }
+
+/// Waits up to `within` for `serve` to exit on its own; fails unless it
+/// exits non-zero having logged `says`.
+pub fn assert_exits_saying(serve: &mut Serve, within: Duration, says: &str) {
+    let code = tokio::task::block_in_place(|| serve.wait_exit(within));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "serve exits non-zero, got {code:?}:\n{}",
+        serve.log()
+    );
+    assert!(
+        serve.log().contains(says),
+        "{says:?} not logged:\n{}",
+        serve.log()
+    );
+}

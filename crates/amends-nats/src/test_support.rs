@@ -24,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod tls;
+pub use tls::{Tls, TlsFiles};
+
 /// The environment variable naming the `nats-server` binary.
 pub const SERVER_ENV: &str = "AMENDS_NATS_SERVER";
 
@@ -54,6 +57,10 @@ pub struct Options {
     pub sync_always: bool,
     /// Require this token of every client (`--auth`).
     pub token: Option<&'static str>,
+    /// Speak TLS only, with certificates from a private CA made for this
+    /// server ([`Server::tls_files`]); with [`Tls::Mutual`], clients must
+    /// show a certificate from it too.
+    pub tls: Option<Tls>,
 }
 
 /// A running `nats-server` with JetStream, on `127.0.0.1` and a free port.
@@ -66,6 +73,7 @@ pub struct Server {
     /// Removed when the server is dropped, after the process is killed.
     dir: tempfile::TempDir,
     child: Option<Child>,
+    tls: Option<TlsFiles>,
 }
 
 impl Server {
@@ -87,10 +95,19 @@ impl Server {
             port: 0,
             dir,
             child: None,
+            tls: None,
         };
+        let mut conf = String::new();
         if options.sync_always {
-            let conf = "# Written by amends_nats::test_support.\n\
-                        jetstream {\n  sync_interval: always\n}\n";
+            conf.push_str("jetstream {\n  sync_interval: always\n}\n");
+        }
+        if let Some(mode) = options.tls {
+            let files = TlsFiles::generate(&server.dir.path().join("tls"));
+            conf.push_str(&files.server_block(mode));
+            server.tls = Some(files);
+        }
+        if !conf.is_empty() {
+            conf.insert_str(0, "# Written by amends_nats::test_support.\n");
             fs::write(server.conf_path(), conf).expect("write the test server's configuration");
         }
         for attempt in 1..=PORT_ATTEMPTS_MAX {
@@ -109,9 +126,16 @@ impl Server {
         self.port
     }
 
-    /// The client URL, `nats://127.0.0.1:<port>`.
+    /// The client URL, `nats://127.0.0.1:<port>` (`tls://` with
+    /// [`Options::tls`]).
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The certificates of a server started with [`Options::tls`].
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The JetStream store directory (`-sd`).
@@ -157,7 +181,7 @@ impl Server {
             .open(self.log_path())
             .expect("open the test server's log");
         let mut command = Command::new(&self.binary);
-        if self.options.sync_always {
+        if self.conf_path().is_file() {
             command.arg("-c").arg(self.conf_path());
         }
         if let Some(token) = self.options.token {
@@ -317,9 +341,16 @@ fn has_file_ending(dir: &Path, suffix: &str) -> bool {
 
 /// Connects a client to `server`. It reconnects forever, retrying every
 /// 50 ms at first and at most every 500 ms, so that tests that restart the
-/// server do not wait for the default backoff.
+/// server do not wait for the default backoff. With TLS it trusts the
+/// server's CA and shows the client certificate.
 pub async fn connect(server: &Server) -> async_nats::Client {
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(files) = server.tls_files() {
+        options = options
+            .add_root_certificates(files.ca.clone())
+            .add_client_certificate(files.client_cert.clone(), files.client_key.clone());
+    }
+    options
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(|attempts| {
             let attempts = u64::try_from(attempts).unwrap_or(u64::MAX);
