@@ -452,11 +452,24 @@ async fn restarts_mid_workload_answer_every_op_exactly_once() {
             ..Options::default()
         };
         // Stops at assorted moments: between batches, in a commit, while
-        // the outbox is being published. (decisions stored, unconfirmed outbox)
+        // the outbox is being published. Each run first waits for one more
+        // stored decision than the last (a worker's start takes a while on
+        // a loaded machine), then runs on for `extra_ms`, so every run
+        // makes progress and the early stops fall while a batch is being
+        // published. (decisions stored, unconfirmed outbox)
         let mut stopped_at = Vec::new();
-        for run_ms in [40, 9, 13, 7, 11, 15, 6, 10] {
+        let mut stored_before = 0;
+        for extra_ms in [0, 3, 0, 7, 1, 0, 5, 2] {
             let (store, task) = fx.spawn_worker(options);
-            tokio::time::sleep(Duration::from_millis(run_ms)).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while decision_count(&fx.js, &fx.topology.prefix).await <= stored_before {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no progress past {stored_before} decisions"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(extra_ms)).await;
             task.abort();
             let _ = task.await;
             let stored = decision_count(&fx.js, &fx.topology.prefix).await;
@@ -466,6 +479,7 @@ async fn restarts_mid_workload_answer_every_op_exactly_once() {
             let unconfirmed = partition.outbox_end().expect("end").get()
                 - partition.outbox_confirmed().expect("confirmed").get();
             stopped_at.push((stored, unconfirmed));
+            stored_before = stored;
             drop((partition, store));
         }
         let total = ACCOUNTS + OPS;
