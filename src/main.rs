@@ -16,6 +16,7 @@ mod bench;
 mod dev;
 mod metrics;
 mod nats;
+mod opid;
 mod query;
 mod serve;
 mod submit;
@@ -54,11 +55,26 @@ enum Cmd {
     /// (default `info`).
     Serve(serve::ServeArgs),
     /// Submits one operation and prints its decision as JSON. Exit code 0:
-    /// confirmed; 1: rejected; 2: error (no decision).
+    /// confirmed; 1: rejected; 4: its op id refused (not a UUID v7, outside
+    /// the window, reused with another body; checked before sending where
+    /// it can be); 5: in the log but no decision yet; 2: error.
     Submit(submit::SubmitArgs),
+    /// Waits for the decision of an op id submitted earlier (asking the
+    /// service's status endpoints until it is decided) and prints it as
+    /// JSON. Exit code 0: confirmed; 1: rejected; 4: its op id refused; 5:
+    /// no decision within --wait-ms; 2: error.
+    Wait(query::WaitArgs),
+    /// Prints fresh op ids (UUID v7, from this machine's clock), one a
+    /// line: what every request needs, unique to the operation and reused
+    /// only to resubmit it.
+    OpId {
+        /// How many to print.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u32,
+    },
     /// Prints what the deployment knows of an op id as JSON (asking every
     /// partition, or --partition). Exit code 0: decided confirmed; 1:
-    /// decided rejected; 3: unknown; 2: error.
+    /// decided rejected; 4: its op id refused; 3: unknown; 2: error.
     Status(query::StatusArgs),
     /// Prints an account's balance, held amount and limits as JSON. Exit
     /// code 0: found; 3: unknown account; 2: error.
@@ -89,7 +105,9 @@ enum Cmd {
         key: String,
     },
     /// Reads a request body (JSON, from the argument or stdin) the way a
-    /// partition does and prints what it becomes.
+    /// partition does and prints what it becomes. Exit code 0: valid; 4:
+    /// well-formed but its op id would be refused now; 1: malformed or a
+    /// dead letter.
     Decode {
         /// The number of partitions, to print where the request goes.
         #[arg(long, short = 'n', env = "AMENDS_PARTITIONS")]
@@ -128,6 +146,15 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("error: {e:#}");
                     std::process::exit(2);
                 }
+            }
+        }
+        Cmd::Wait(args) => {
+            init_logging("warn");
+            query::exit(runtime()?.block_on(query::wait(args)));
+        }
+        Cmd::OpId { count } => {
+            for _ in 0..count {
+                println!("{}", amends_client::Client::new_op_id());
             }
         }
         Cmd::Status(args) => {
@@ -182,11 +209,13 @@ fn main() -> anyhow::Result<()> {
             let n = partitions.map(Partitions::new).transpose()?;
             match wire::decode_request(&bytes) {
                 Ok(Input::Request(req)) => {
-                    println!("valid request {} ({})", req.op_id, req.command.kind());
-                    if req.op_id.v7_unix_ms().is_none() {
-                        println!(
-                            "warning: op_id is not a UUID v7; it will be refused as malformed"
-                        );
+                    let problem = opid::problem(req.op_id, opid::now_ms());
+                    match &problem {
+                        None => println!("valid request {} ({})", req.op_id, req.command.kind()),
+                        Some(p) => println!(
+                            "well-formed request ({}), but refused now: {p}",
+                            req.command.kind()
+                        ),
                     }
                     match (req.routing_key(), n) {
                         (Some(k), Some(n)) => {
@@ -199,6 +228,9 @@ fn main() -> anyhow::Result<()> {
                         (None, _) => println!("no routing key (ticks go to a chosen partition)"),
                     }
                     println!("{}", serde_json::to_string_pretty(&req)?);
+                    if problem.is_some() {
+                        std::process::exit(i32::from(opid::EXIT_OP_ID_REFUSED));
+                    }
                 }
                 Ok(Input::Malformed { op_id, detail, .. }) => {
                     println!("refused as malformed (op id {op_id}): {detail}");

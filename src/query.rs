@@ -1,14 +1,16 @@
-//! `amends status`, `balance`, `claim-owner` and `stats`: the service's
+//! `amends status`, `wait`, `balance`, `claim-owner` and `stats`: the service's
 //! request-reply endpoints from the command line.
 //!
-//! Exit codes: `status` 0 decided confirmed, 1 decided rejected, 3 unknown,
-//! 2 error; `balance` 0 found, 3 unknown account, 2 error; `claim-owner`
+//! Exit codes: `status` 0 decided confirmed, 1 decided rejected (4 when
+//! the op id itself was refused), 3 unknown, 2 error; `wait` the same, but
+//! 5 when no decision came in time; `balance` 0 found, 3 unknown account, 2 error; `claim-owner`
 //! and `stats` 0 answered, 2 error.
 
 use std::time::Duration;
 
-use amends_client::{Client, OpStatus};
+use amends_client::{Client, Decision, OpStatus};
 use amends_core::command::{AccountId, ClaimKey, Namespace};
+use amends_core::route::PartitionId;
 use amends_core::{OpId, wire};
 use anyhow::Context as _;
 use clap::Args;
@@ -99,46 +101,12 @@ pub fn exit(result: anyhow::Result<u8>) -> ! {
 /// `amends status`: asks the partitions what they know of an op id (all
 /// of them at once, unless `--partition`), prints the answer as JSON.
 pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
-    let op_id: OpId = args
-        .op_id
-        .parse()
-        .ok()
-        .filter(|id: &OpId| id.to_string() == args.op_id)
-        .with_context(|| format!("{:?} is not an op id in canonical text", args.op_id))?;
+    let op_id = parse_op_id(&args.op_id)?;
     let client = args.query.connect("amends status").await?;
-    let partitions: Vec<_> =
-        match args.partition {
-            Some(p) => vec![client.partitions().id(p).with_context(|| {
-                format!("--partition {p} is not a partition of the deployment")
-            })?],
-            None => client.partitions().ids().collect(),
-        };
-    let timeout = args.query.timeout();
-    let asks = partitions.into_iter().map(|p| {
-        let client = client.clone();
-        async move { (p, client.status(op_id, p, timeout).await) }
-    });
-    let mut failed = Vec::new();
-    for (p, answer) in futures_util::future::join_all(asks).await {
-        match answer {
-            Ok(OpStatus::Decided(decision)) => {
-                let decision: serde_json::Value = serde_json::from_slice(&wire::encode(&decision))
-                    .context("encoding the decision")?;
-                println!(
-                    "{}",
-                    serde_json::json!({"status": "decided", "decision": decision})
-                );
-                // A saga still in flight has no final outcome yet: not
-                // decided, so "unknown" (3), like an op not yet applied.
-                return Ok(match decision["outcome"].as_str() {
-                    Some("confirmed") => 0,
-                    Some("rejected") => 1,
-                    _ => EXIT_UNKNOWN,
-                });
-            }
-            Ok(OpStatus::Unknown) => {}
-            Err(e) => failed.push(format!("partition {p}: {e}")),
-        }
+    let partitions = partitions(&client, args.partition)?;
+    let (decision, failed) = ask(&client, op_id, &partitions, args.query.timeout()).await;
+    if let Some(decision) = decision {
+        return print_decided(&decision);
     }
     anyhow::ensure!(
         failed.is_empty(),
@@ -147,6 +115,121 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     );
     println!("{}", serde_json::json!({"status": "unknown"}));
     Ok(EXIT_UNKNOWN)
+}
+
+/// The flags of `amends wait`.
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+    /// Ask only this partition (the one that owns the operation's routing
+    /// key); by default every partition is asked.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// How long to wait for the decision in all, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub wait_ms: u64,
+    /// The op id, in canonical text.
+    pub op_id: String,
+}
+
+/// How often `amends wait` asks again.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+/// `amends wait`: asks until the op id has a final decision (printed as
+/// `status` prints it) or `--wait-ms` passed (exit 5). Partitions that do
+/// not answer (no instance serves them yet) are asked again.
+pub async fn wait(args: WaitArgs) -> anyhow::Result<u8> {
+    let op_id = parse_op_id(&args.op_id)?;
+    let client = args.query.connect("amends wait").await?;
+    let partitions = partitions(&client, args.partition)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(args.wait_ms);
+    let mut last_failed = Vec::new();
+    loop {
+        let (decision, failed) = ask(&client, op_id, &partitions, args.query.timeout()).await;
+        if let Some(decision) = decision.filter(|d| d.outcome.is_final()) {
+            return print_decided(&decision);
+        }
+        if !failed.is_empty() {
+            last_failed = failed;
+        }
+        if tokio::time::Instant::now() + WAIT_POLL > deadline {
+            break;
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+    let unanswered = if last_failed.is_empty() {
+        String::new()
+    } else {
+        format!(" (not answering: {})", last_failed.join("; "))
+    };
+    eprintln!(
+        "op {op_id}: no decision within {} ms{unanswered}; it may not be in the log, or no amends \
+         instance serves its partition yet",
+        args.wait_ms
+    );
+    println!("{}", serde_json::json!({"status": "unknown"}));
+    Ok(crate::submit::EXIT_NO_DECISION_YET)
+}
+
+fn parse_op_id(text: &str) -> anyhow::Result<OpId> {
+    text.parse()
+        .ok()
+        .filter(|id: &OpId| id.to_string() == text)
+        .with_context(|| format!("{text:?} is not an op id in canonical text"))
+}
+
+/// `only`, checked, or every partition of the deployment.
+fn partitions(client: &Client, only: Option<u32>) -> anyhow::Result<Vec<PartitionId>> {
+    Ok(match only {
+        Some(p) => vec![
+            client
+                .partitions()
+                .id(p)
+                .with_context(|| format!("--partition {p} is not a partition of the deployment"))?,
+        ],
+        None => client.partitions().ids().collect(),
+    })
+}
+
+/// Asks `partitions` at once what they know of `op_id`: a decision if one
+/// has it, and the partitions that did not answer.
+async fn ask(
+    client: &Client,
+    op_id: OpId,
+    partitions: &[PartitionId],
+    timeout: Duration,
+) -> (Option<Decision>, Vec<String>) {
+    let asks = partitions.iter().map(|&p| {
+        let client = client.clone();
+        async move { (p, client.status(op_id, p, timeout).await) }
+    });
+    let mut failed = Vec::new();
+    for (p, answer) in futures_util::future::join_all(asks).await {
+        match answer {
+            Ok(OpStatus::Decided(decision)) => return (Some(decision), failed),
+            Ok(OpStatus::Unknown) => {}
+            Err(e) => failed.push(format!("partition {}: {e}", p.get())),
+        }
+    }
+    (None, failed)
+}
+
+/// Prints `{"status": "decided", "decision": ...}`; the exit code of its
+/// outcome (a saga still in flight has no final outcome yet: not decided,
+/// so "unknown", like an op not yet applied).
+fn print_decided(decision: &Decision) -> anyhow::Result<u8> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&wire::encode(decision)).context("encoding the decision")?;
+    println!(
+        "{}",
+        serde_json::json!({"status": "decided", "decision": value})
+    );
+    Ok(if decision.outcome.is_final() {
+        crate::submit::exit_code(decision)
+    } else {
+        EXIT_UNKNOWN
+    })
 }
 
 /// `amends balance`: the account's balance, holds and limits as JSON.

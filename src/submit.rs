@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::nats::DeploymentArgs;
+use crate::opid;
 
 /// The flags of `amends submit`.
 #[derive(Args, Debug)]
@@ -28,7 +29,11 @@ pub struct SubmitArgs {
     pub request: Option<String>,
 }
 
-/// What `submit` ended with, as an exit code: 0 confirmed, 1 rejected.
+/// Exit code: the request is in the log but no decision came in time.
+pub const EXIT_NO_DECISION_YET: u8 = 5;
+
+/// What `submit` ended with, as an exit code: 0 confirmed, 1 rejected,
+/// 4 op id refused, 5 no decision yet.
 pub async fn run(args: SubmitArgs) -> anyhow::Result<u8> {
     let body = match args.request.as_deref() {
         Some("-") | None => {
@@ -41,21 +46,63 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<u8> {
         Some(text) => text.to_owned(),
     };
     let request = parse_request(&body)?;
+    if let Some(problem) = opid::problem(request.op_id, opid::now_ms()) {
+        eprintln!("error: {problem} (nothing was sent)");
+        return Ok(opid::EXIT_OP_ID_REFUSED);
+    }
 
     let options = args.deployment.client_options("amends submit")?;
     let client = Client::connect(options)
         .await
         .context("connecting to the deployment")?;
-    let decision = client
-        .submit_and_wait(&request, Duration::from_millis(args.timeout_ms), args.tries)
+    let per_try = Duration::from_millis(args.timeout_ms);
+    // The first try is published here, so that its place in the log is
+    // known if no decision comes; the others resubmit (the same op id: one
+    // message in the log, or a duplicate answered from the dedup records).
+    let submitted = client
+        .submit(&request)
         .await
         .with_context(|| format!("submitting operation {}", request.op_id))?;
+    let decision = match client.wait(request.op_id, per_try).await {
+        Ok(decision) => Ok(decision),
+        Err(amends_client::Error::Timeout { .. }) if args.tries > 1 => {
+            client
+                .submit_and_wait(&request, per_try, args.tries - 1)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let decision = match decision {
+        Ok(decision) => decision,
+        Err(amends_client::Error::Timeout { .. }) => {
+            eprintln!(
+                "op {op} is in the log (partition {p}, sequence {seq}) but has no decision after \
+                 {tries} tries of {per_try:?}: no amends instance answered. It is decided when one \
+                 serves the deployment (see `amends stats`); ask later with `amends status {op}` \
+                 or `amends wait {op}`.",
+                op = request.op_id,
+                p = submitted.partition.get(),
+                seq = submitted.sequence,
+                tries = args.tries.max(1),
+            );
+            return Ok(EXIT_NO_DECISION_YET);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("submitting operation {}", request.op_id));
+        }
+    };
     println!("{}", String::from_utf8_lossy(&wire::encode(&decision)));
-    Ok(if decision.outcome.is_confirmed() {
-        0
-    } else {
-        1
-    })
+    Ok(exit_code(&decision))
+}
+
+/// 0 confirmed, [`opid::EXIT_OP_ID_REFUSED`] for a refused op id, 1 for any
+/// other refusal (and for a saga still in flight).
+pub fn exit_code(decision: &amends_client::Decision) -> u8 {
+    match decision.outcome.reason() {
+        _ if decision.outcome.is_confirmed() => 0,
+        Some(reason) if opid::OP_ID_REASONS.contains(&reason.code()) => opid::EXIT_OP_ID_REFUSED,
+        _ => 1,
+    }
 }
 
 /// Reads a request, filling in a fresh v7 op id when it has none.

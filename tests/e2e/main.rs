@@ -8,6 +8,7 @@ mod bad_input;
 mod config;
 mod dev;
 mod faults;
+mod opid;
 mod python;
 mod query;
 mod sagas;
@@ -280,19 +281,13 @@ async fn sigkill_serve_under_load_answers_every_op_once_with_exact_balances() {
 }
 
 fn submit(server: &Server, json: &str) -> Output {
-    submit_with(server, &[], json)
+    submit_with(server, &["--timeout-ms", "3000"], json)
 }
 
-/// `amends submit` of `json` with more `flags` (TLS, say).
+/// `amends submit` of `json` with `flags` (TLS, tries, say).
 fn submit_with(server: &Server, flags: &[&str], json: &str) -> Output {
     Command::new(AMENDS)
-        .args([
-            "submit",
-            "--nats-url",
-            &server.url(),
-            "--timeout-ms",
-            "3000",
-        ])
+        .args(["submit", "--nats-url", &server.url()])
         .args(flags)
         .arg(json)
         .output()

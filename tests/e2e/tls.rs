@@ -42,7 +42,8 @@ async fn assert_serves(serve: &mut Serve) {
 /// `amends submit` of an `open_account` with `flags`.
 fn open_account(server: &Server, account: &str, flags: &[&str]) -> Output {
     let body = format!(r#"{{"command":{{"type":"open_account","account":"{account}"}}}}"#);
-    crate::submit_with(server, flags, &body)
+    let flags = [&["--timeout-ms", "3000"], flags].concat();
+    crate::submit_with(server, &flags, &body)
 }
 
 /// Starts serve with the config file `conf` (and a store beside it) and
