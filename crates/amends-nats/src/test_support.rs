@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 /// The environment variable naming the `nats-server` binary.
 pub const SERVER_ENV: &str = "AMENDS_NATS_SERVER";
 

@@ -1243,7 +1243,10 @@ impl Publisher {
         for (index, ack) in acks.into_iter().enumerate() {
             match ack.await {
                 Ok(ack) => highest = highest.max(Some(ack.sequence)),
-                Err(e) if fence_busy(&e) => busy.push(index),
+                Err(e) if fence_busy(&e) => {
+                    crate::metrics::fence_busy(p);
+                    busy.push(index);
+                }
                 Err(e) => return Err(self.refused(e).await),
             }
         }
@@ -1293,6 +1296,7 @@ impl Publisher {
             match self.send(subject, headers, body).await?.await {
                 Ok(ack) => return Ok(ack.sequence),
                 Err(e) if fence_busy(&e) && attempt < FENCE_BUSY_TRIES => {
+                    crate::metrics::fence_busy(self.partition);
                     tokio::time::sleep(FENCE_BUSY_BACKOFF.saturating_mul(attempt)).await;
                 }
                 Err(e) => return Err(self.refused(e).await),
