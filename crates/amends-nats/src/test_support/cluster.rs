@@ -34,6 +34,9 @@ pub const CLUSTER_NAME: &str = "amends-test";
 /// machine; a slow CI machine gets a wide margin.
 pub const META_LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one probe of the meta leader waits for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// How often readiness and leadership are polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -307,7 +310,13 @@ impl Cluster {
     /// leader yet, or too few peers known).
     async fn wait_meta_leader(&self) {
         let client = connect(self).await;
-        let js = async_nats::jetstream::new(client);
+        // A short timeout: a request sent before there is a meta leader is
+        // never answered, and waiting out the default 5 s delays every
+        // cluster test. (A probe created by a request that timed out is
+        // created again: the same configuration is accepted.)
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(PROBE_TIMEOUT)
+            .build(client);
         let deadline = Instant::now() + META_LEADER_TIMEOUT;
         let probe = async_nats::jetstream::stream::Config {
             name: "amends-test-cluster-probe".to_owned(),
