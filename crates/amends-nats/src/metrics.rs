@@ -24,6 +24,7 @@
 //! | `amends_lag` | gauge | | the requests stream's last sequence on the partition's subject minus the applied position |
 //! | `amends_partition_state` | gauge | `state` (`running`, `restarting`, `stopped`) | 1 for the partition's current state, 0 for the others |
 //! | `amends_partition_restarts_total` | counter | | worker restarts after a transient failure |
+//! | `amends_fence_busy_total` | counter | | fenced decision writes refused as busy (error 10164: a clustered stream checks one fenced write per partition at a time) and sent again |
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -59,6 +60,9 @@ pub const LAG: &str = "amends_lag";
 pub const PARTITION_STATE: &str = "amends_partition_state";
 /// Worker restarts after a transient failure.
 pub const PARTITION_RESTARTS: &str = "amends_partition_restarts_total";
+
+/// Fenced decision writes refused as busy (error 10164) and sent again.
+pub const FENCE_BUSY: &str = "amends_fence_busy_total";
 
 /// The values of the `state` label of [`PARTITION_STATE`].
 pub const STATES: [&str; 3] = ["running", "restarting", "stopped"];
@@ -97,6 +101,10 @@ pub fn describe() {
         "1 for the partition's current state, 0 for the others."
     );
     describe_counter!(PARTITION_RESTARTS, "Worker restarts after a failure.");
+    describe_counter!(
+        FENCE_BUSY,
+        "Fenced decision writes refused as busy (10164) and sent again."
+    );
 }
 
 fn label(partition: PartitionId) -> String {
@@ -226,6 +234,11 @@ pub(crate) fn partition_state(partition: PartitionId, state: &str, restarted: bo
     if restarted {
         metrics::counter!(PARTITION_RESTARTS, "partition" => p).increment(1);
     }
+}
+
+/// Records a fenced decision write refused as busy, to be sent again.
+pub(crate) fn fence_busy(partition: PartitionId) {
+    metrics::counter!(FENCE_BUSY, "partition" => label(partition)).increment(1);
 }
 
 /// Records a partition's applied position and lag.

@@ -10,7 +10,8 @@
 //!            (batch N is committing meanwhile) -> wait for N's commit
 //!         -> hand N to the publisher task -> start N+1's Partition::commit
 //! publisher (its own task, batches in commit order, while the loop goes on):
-//!         publish the batch's decisions, fenced on the epoch (PubAcks awaited),
+//!         publish the batch's decisions in order, fenced on the epoch (PubAcks
+//!         awaited; pipelined on one replica, one at a time on a cluster),
 //!         then its apologies and saga messages (deterministic Nats-Msg-Id)
 //!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS) -> ack the batch
 //! ```
@@ -85,8 +86,9 @@ pub const PIPELINE_DEPTH: usize = 2;
 pub const PIPELINED_FETCH_WAIT: Duration = Duration::from_millis(1);
 
 /// How often a fenced decision write refused as busy (error 10164: a
-/// clustered stream checks one fenced write per subject at a time) is
-/// tried again, one at a time, before the worker gives up and restarts.
+/// clustered stream checks one fenced write per subject at a time, so
+/// another owner's write racing this one makes it busy) is tried again
+/// before the worker gives up and restarts.
 pub const FENCE_BUSY_TRIES: u32 = 100;
 
 /// The pause before the first retry of a busy fenced write; it grows
@@ -326,6 +328,7 @@ pub async fn run_partition(
         store: Some(store),
         changes: ChangeSet::default(),
         epoch: 0,
+        fence_pipelined: false,
         catch_up: None,
     };
 
@@ -354,6 +357,7 @@ pub async fn run_partition(
     // From here on this worker is the partition's writer: an older one's
     // decision writes are refused by the server.
     worker.epoch = claim_ownership(js, &topology.prefix, id).await?;
+    worker.fence_pipelined = decisions_unreplicated(js, &topology.prefix, p).await?;
     // A store behind the decisions stream (a new store, or an older copy)
     // re-derives decisions an earlier owner published: they are not
     // published again.
@@ -740,6 +744,20 @@ fn decided_at(effect: &Effect) -> Option<u64> {
     }
 }
 
+/// Whether the decisions stream has a single replica (see
+/// [`Worker::fence_pipelined`]), as its info says now.
+async fn decisions_unreplicated(
+    js: &jetstream::Context,
+    prefix: &Prefix,
+    p: u32,
+) -> Result<bool, Error> {
+    let stream = js
+        .get_stream(prefix.stream_name(Stream::Decisions))
+        .await
+        .map_err(nats_error(p, "get decisions stream"))?;
+    Ok(stream.cached_info().config.num_replicas <= 1)
+}
+
 /// Whether a fenced publish was refused only because another fenced write
 /// on its subject was being checked (error 10164, clustered streams).
 fn fence_busy(e: &jetstream::context::PublishError) -> bool {
@@ -791,6 +809,13 @@ struct Worker {
     /// The stream sequence of this worker's ownership record: every
     /// decision it writes is fenced on it.
     epoch: u64,
+    /// Whether fenced decision writes may be pipelined: only when the
+    /// decisions stream has one replica. A replicated (clustered) stream
+    /// checks one fenced write per fence subject at a time and refuses the
+    /// others in flight as busy (10164) while later ones may pass, so
+    /// pipelined writes would land out of position order; there each is
+    /// written alone, after the one before it is acknowledged.
+    fence_pipelined: bool,
     /// Set while the store is behind what the decisions stream holds.
     catch_up: Option<Arc<CatchUp>>,
 }
@@ -886,6 +911,7 @@ impl Worker {
             partition: self.machine.partition(),
             store: self.store()?.clone(),
             epoch: self.epoch,
+            fence_pipelined: self.fence_pipelined,
             catch_up: self.catch_up.clone(),
         })
     }
@@ -1111,6 +1137,8 @@ struct Publisher {
     store: Partition,
     /// The worker's epoch: the fence of every decision write.
     epoch: u64,
+    /// See [`Worker::fence_pipelined`].
+    fence_pipelined: bool,
     /// Dropped once a batch decides past what the stream held at start.
     catch_up: Option<Arc<CatchUp>>,
 }
@@ -1180,8 +1208,10 @@ impl Publisher {
     /// (already on the decisions stream), and waits for every PubAck.
     /// Returns the highest decisions-stream sequence written, if any.
     ///
-    /// The decisions (and hold-expired events) go first, in order,
-    /// pipelined, each fenced on the epoch; only once all of them are
+    /// The decisions (and hold-expired events) go first, in order, each
+    /// fenced on the epoch (pipelined on a decisions stream of one
+    /// replica, one at a time on a replicated one: see
+    /// [`Worker::fence_pipelined`]); only once all of them are
     /// acknowledged go the effects that cannot be fenced (apologies and
     /// saga messages to partitions' logs), so that a fenced-out worker
     /// never sends one whose decision did not land.
@@ -1234,25 +1264,28 @@ impl Publisher {
             }
         }
 
-        let mut acks = Vec::with_capacity(decisions.len());
-        for (subject, headers, body) in &decisions {
-            acks.push(self.send(subject, headers, body).await?);
-        }
         let mut highest = None;
-        let mut busy = Vec::new();
-        for (index, ack) in acks.into_iter().enumerate() {
-            match ack.await {
-                Ok(ack) => highest = highest.max(Some(ack.sequence)),
-                Err(e) if fence_busy(&e) => busy.push(index),
-                Err(e) => return Err(self.refused(e).await),
+        if self.fence_pipelined {
+            let mut acks = Vec::with_capacity(decisions.len());
+            for (subject, headers, body) in &decisions {
+                acks.push(self.send(subject, headers, body).await?);
             }
-        }
-        // On a cluster only one fenced write per subject is checked at a
-        // time: the ones refused as busy go again, one at a time.
-        for index in busy {
-            let (subject, headers, body) = &decisions[index];
-            let sequence = self.publish_fenced_alone(subject, headers, body).await?;
-            highest = highest.max(Some(sequence));
+            // One replica: the server checks each fenced write as it
+            // comes, so none is refused as busy, and an error stops the
+            // batch (a restart republishes it in order).
+            for ack in acks {
+                match ack.await {
+                    Ok(ack) => highest = highest.max(Some(ack.sequence)),
+                    Err(e) => return Err(self.refused(e).await),
+                }
+            }
+        } else {
+            // Replicated: one fenced write at a time, so that decisions
+            // land in position order (see `Worker::fence_pipelined`).
+            for (subject, headers, body) in &decisions {
+                let sequence = self.publish_fenced_alone(subject, headers, body).await?;
+                highest = highest.max(Some(sequence));
+            }
         }
 
         let mut acks = Vec::with_capacity(others.len());
@@ -1280,7 +1313,9 @@ impl Publisher {
     }
 
     /// Publishes one fenced write and waits for it, again while the server
-    /// says it is busy (at most [`FENCE_BUSY_TRIES`] times).
+    /// says it is busy (at most [`FENCE_BUSY_TRIES`] times): another fenced
+    /// write on the same fence subject was being checked, which only a
+    /// racing owner of the partition sends.
     async fn publish_fenced_alone(
         &self,
         subject: &str,
@@ -1293,6 +1328,7 @@ impl Publisher {
             match self.send(subject, headers, body).await?.await {
                 Ok(ack) => return Ok(ack.sequence),
                 Err(e) if fence_busy(&e) && attempt < FENCE_BUSY_TRIES => {
+                    crate::metrics::fence_busy(self.partition);
                     tokio::time::sleep(FENCE_BUSY_BACKOFF.saturating_mul(attempt)).await;
                 }
                 Err(e) => return Err(self.refused(e).await),

@@ -4,6 +4,7 @@
 //! servers come from `amends_nats::test_support`. Without the pinned
 //! nats-server every test fails with the install hint; none is skipped.
 
+mod cluster;
 mod jetstream;
 mod queries;
 mod service;

@@ -21,6 +21,18 @@ pub async fn within<F: Future>(body: F) -> F::Output {
         .unwrap_or_else(|_| panic!("test body did not finish within {TEST_TIMEOUT:?}"))
 }
 
+/// The bound on a test body that starts a 3-node cluster: electing its
+/// leaders takes a few seconds, a killed leader's replacement a few more.
+pub const CLUSTER_TEST_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// [`within`] for a test on a cluster: fails it after
+/// [`CLUSTER_TEST_TIMEOUT`].
+pub async fn within_cluster<F: Future>(body: F) -> F::Output {
+    tokio::time::timeout(CLUSTER_TEST_TIMEOUT, body)
+        .await
+        .unwrap_or_else(|_| panic!("test body did not finish within {CLUSTER_TEST_TIMEOUT:?}"))
+}
+
 /// A topology with the defaults, `prefix` and `partitions` partitions.
 pub fn topology(prefix: &str, partitions: u32) -> Topology {
     let mut topology = Topology::new(Partitions::new(partitions).expect("a valid count"));

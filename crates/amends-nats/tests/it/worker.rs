@@ -16,15 +16,27 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::support::{Server, connect, topology, within};
+use crate::support::{Server, connect, topology, within, within_cluster};
+use amends_nats::test_support::cluster::{self, Cluster};
 use amends_nats::test_support::{decision_count, is_decision_subject};
 
 /// How long a test waits for something the worker should do promptly.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One deployment: a server, a client, a topology, a store directory.
+/// The NATS side of a [`Fixture`]: one server, or a 3-node cluster (every
+/// stream with 3 replicas).
+enum Nodes {
+    One(Server),
+    /// Held only to keep the nodes running until the fixture is dropped.
+    Three {
+        _cluster: Cluster,
+    },
+}
+
+/// One deployment: a server (or a cluster), a client, a topology, a store
+/// directory.
 struct Fixture {
-    server: Server,
+    nodes: Nodes,
     client: async_nats::Client,
     js: jetstream::Context,
     topology: Topology,
@@ -42,11 +54,37 @@ impl Fixture {
         topology.duplicate_window = window;
         topology::ensure(&js, &topology).await.expect("ensure");
         Fixture {
-            server,
+            nodes: Nodes::One(server),
             client,
             js,
             topology,
             dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// [`Fixture::start`] on a 3-node cluster, the streams with 3 replicas.
+    async fn start_cluster(window: Duration) -> Fixture {
+        let cluster = Cluster::start().await;
+        let client = cluster::connect(&cluster).await;
+        let js = jetstream::new(client.clone());
+        let mut topology = topology("amends", 1);
+        topology.duplicate_window = window;
+        topology.replicas = cluster::NODES;
+        topology::ensure(&js, &topology).await.expect("ensure");
+        Fixture {
+            nodes: Nodes::Three { _cluster: cluster },
+            client,
+            js,
+            topology,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// The one server (tests that restart or restore it).
+    fn server(&mut self) -> &mut Server {
+        match &mut self.nodes {
+            Nodes::One(server) => server,
+            Nodes::Three { .. } => panic!("a one-server test on a cluster fixture"),
         }
     }
 
@@ -637,10 +675,10 @@ async fn a_rolled_back_log_refilled_by_new_requests_stops_the_partition() {
         task.abort();
         let _ = task.await;
         let snapshot = fx.dir.path().join("nats-snapshot");
-        fx.server.kill9();
-        copy_dir(&fx.server.store_dir(), &snapshot);
-        fx.server.restart();
-        let client = connect(&fx.server).await;
+        fx.server().kill9();
+        copy_dir(&fx.server().store_dir(), &snapshot);
+        fx.server().restart();
+        let client = connect(fx.server()).await;
         let mut fx = Fixture {
             js: jetstream::new(client.clone()),
             client,
@@ -667,11 +705,11 @@ async fn a_rolled_back_log_refilled_by_new_requests_stops_the_partition() {
         );
 
         // The rollback: the server comes back with the older copy.
-        fx.server.kill9();
-        std::fs::remove_dir_all(fx.server.store_dir()).expect("remove the store");
-        copy_dir(&snapshot, &fx.server.store_dir());
-        fx.server.restart();
-        let client = connect(&fx.server).await;
+        fx.server().kill9();
+        std::fs::remove_dir_all(fx.server().store_dir()).expect("remove the store");
+        copy_dir(&snapshot, &fx.server().store_dir());
+        fx.server().restart();
+        let client = connect(fx.server()).await;
         let fx = Fixture {
             js: jetstream::new(client.clone()),
             client,
@@ -779,127 +817,208 @@ fn open_store(dir: &std::path::Path) -> Store {
 
 #[tokio::test]
 async fn an_older_owner_is_fenced_and_its_decision_never_lands() {
-    // Proves the fence is the server's: a running worker decides, then a newer ownership record of its partition is published (as a new owner does on start); the worker's next decision write is refused by nats-server, the worker stops with Fenced naming the newer epoch, and that decision is not on the decisions stream (no reply either).
+    // Proves the fence is the server's: a running worker decides, then a newer ownership record of its partition is published (as a new owner does on start); the worker's next decision write is refused by nats-server, the worker stops with Fenced naming the newer epoch, and that decision is not on the decisions stream (no reply either), nor is any re-send on the old epoch.
     within(async {
-        let fx = Fixture::start(Duration::from_secs(120)).await;
-        let store = open_store(&fx.dir.path().join("a"));
-        let task = spawn_on(&fx, &store);
-        open_accounts(&fx, &["a", "b"]).await;
-        let newer = fx
+        an_older_owner_is_fenced(Fixture::start(Duration::from_secs(120)).await).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_older_owner_is_fenced_on_a_cluster_and_its_decision_never_lands() {
+    // Proves the same fence on R3 streams of a 3-node cluster, where a re-send of a stored decision on the old epoch is acknowledged as a duplicate (nothing written) instead of refused: nothing of the older owner lands after the newer record.
+    within_cluster(async {
+        an_older_owner_is_fenced(Fixture::start_cluster(Duration::from_secs(120)).await).await;
+    })
+    .await;
+}
+
+/// The body of the older-owner tests: a worker decides 2 ops, a newer
+/// ownership record is published, the worker's next decision is refused
+/// and it stops with Fenced; then the older owner's re-sends on its epoch
+/// (of the refused decision, and of a stored one) store nothing.
+async fn an_older_owner_is_fenced(fx: Fixture) {
+    let store = open_store(&fx.dir.path().join("a"));
+    let task = spawn_on(&fx, &store);
+    open_accounts(&fx, &["a", "b"]).await;
+    let newer = fx
+        .js
+        .publish(
+            fx.topology.prefix.owner(fx.p0()),
+            r#"{"owner":"newer"}"#.into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("puback")
+        .sequence;
+    let id = op_id();
+    let mut inbox = Inbox::new(&fx.client).await;
+    fx.publish(
+        &id,
+        Some(&inbox.subject),
+        request(&id, json!({"type": "open_account", "account": "c"})),
+    )
+    .await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the worker stops")
+        .expect("the worker");
+    let epoch = match &stopped {
+        worker::Error::Fenced {
+            partition: 0,
+            owner,
+            epoch,
+        } => {
+            assert!(owner.contains(&format!("epoch {newer}")), "{owner}");
+            *epoch
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    };
+    inbox.expect_none().await;
+    let decisions = fx.decisions(2).await;
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert!(decisions.iter().all(|d| d["op_id"] != id.as_str()));
+
+    // The older owner's re-sends, fenced on its epoch: of the refused
+    // decision (a new id) and of a stored one (a's, its id on the stream).
+    let stored = decisions[0].clone();
+    let stored_id = stored["op_id"].as_str().expect("op id").to_owned();
+    let refused = json!({"op_id": id, "position": 3, "outcome": "confirmed"});
+    for (msg_id, body) in [(id.as_str(), &refused), (stored_id.as_str(), &stored)] {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::MSG_ID, msg_id);
+        headers.insert(
+            header::EXPECTED_LAST_SUBJECT_SEQUENCE,
+            epoch.to_string().as_str(),
+        );
+        headers.insert(
+            header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
+            fx.topology.prefix.owner(fx.p0()).as_str(),
+        );
+        let acked = fx
             .js
-            .publish(
-                fx.topology.prefix.owner(fx.p0()),
-                r#"{"owner":"newer"}"#.into(),
+            .publish_with_headers(
+                fx.topology.prefix.dec(fx.p0()),
+                headers,
+                serde_json::to_vec(body).expect("json").into(),
             )
             .await
             .expect("publish")
-            .await
-            .expect("puback")
-            .sequence;
-        let id = op_id();
-        let mut inbox = Inbox::new(&fx.client).await;
-        fx.publish(
-            &id,
-            Some(&inbox.subject),
-            request(&id, json!({"type": "open_account", "account": "c"})),
-        )
-        .await;
-        let stopped = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the worker stops")
-            .expect("the worker");
-        match &stopped {
-            worker::Error::Fenced {
-                partition: 0,
-                owner,
-                ..
-            } => assert!(owner.contains(&format!("epoch {newer}")), "{owner}"),
-            other => panic!("expected Fenced, got {other:?}"),
+            .await;
+        match acked {
+            // A stored id: on a cluster, the duplicate check comes first.
+            Ok(ack) => assert!(
+                ack.duplicate && msg_id == stored_id,
+                "a re-send on the old epoch stored: {ack:?}"
+            ),
+            Err(e) => assert_eq!(
+                e.kind(),
+                jetstream::context::PublishErrorKind::WrongLastSequence,
+                "{e}"
+            ),
         }
-        inbox.expect_none().await;
-        let decisions = fx.decisions(2).await;
-        assert_eq!(decisions.len(), 2, "{decisions:?}");
-        assert!(decisions.iter().all(|d| d["op_id"] != id.as_str()));
-    })
-    .await;
+    }
+    assert_eq!(
+        decision_count(&fx.js, &fx.topology.prefix).await,
+        2,
+        "nothing of the older owner landed"
+    );
 }
 
 #[tokio::test]
 async fn a_store_behind_the_decisions_stream_publishes_nothing_twice_after_the_window() {
     // Proves exactly once on the decisions stream does not rest on JetStream's duplicate window: (1) a committed batch whose decision a crashed run had already published is republished from the outbox after the window has passed, and (2) a worker on a fresh store re-derives decisions another store published; the stream keeps exactly one copy of each.
     within(async {
-        let fx = Fixture::start(Duration::from_millis(200)).await;
-        let store = open_store(&fx.dir.path().join("a"));
-        // (1) A batch committed, its decision published, the outbox not
-        // confirmed: what a crash between publish and confirm leaves.
-        let id = op_id();
-        let position = fx
-            .publish(
-                &id,
-                None,
-                request(&id, json!({"type": "open_account", "account": "a"})),
-            )
+        a_store_behind_publishes_nothing_twice(Fixture::start(Duration::from_millis(200)).await)
             .await;
-        let partition = store.partition(fx.p0()).expect("partition");
-        let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
-        let now_ms = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("after 1970")
-                .as_millis(),
-        )
-        .expect("ms");
-        let mut changes = amends_core::state::ChangeSet::default();
-        let mut effects = Vec::new();
-        let input = amends_core::wire::decode_request(&request(
-            &id,
-            json!({"type": "open_account", "account": "a"}),
-        ))
-        .expect("a request");
-        {
-            let mut state = amends_core::state::Overlay::new(&partition, &mut changes);
-            machine
-                .apply(&mut state, position, now_ms, &input, &mut effects)
-                .expect("apply");
-        }
-        partition.commit(&changes, &effects).expect("commit");
-        let Some(amends_core::partition::Effect::Decided(d)) = effects.first() else {
-            panic!("a decision: {effects:?}");
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(header::MSG_ID, id.as_str());
-        fx.js
-            .publish_with_headers(
-                fx.topology.prefix.dec(fx.p0()),
-                headers,
-                amends_core::wire::encode(d).into(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("puback");
-        tokio::time::sleep(Duration::from_millis(400)).await; // past the window
-        let task = spawn_on(&fx, &store);
-        open_accounts(&fx, &["b"]).await;
-        task.abort();
-        let _ = task.await;
-        assert_eq!(decision_count(&fx.js, &fx.topology.prefix).await, 2);
-
-        // (2) A fresh store replays both requests after the window.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let fresh = open_store(&fx.dir.path().join("fresh"));
-        let task = spawn_on(&fx, &fresh);
-        open_accounts(&fx, &["c"]).await;
-        task.abort();
-        let _ = task.await;
-        let decisions = fx.decisions(3).await;
-        let ids: std::collections::BTreeSet<&str> = decisions
-            .iter()
-            .filter_map(|d| d["op_id"].as_str())
-            .collect();
-        assert_eq!((decisions.len(), ids.len()), (3, 3), "{decisions:?}");
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_store_behind_the_decisions_stream_on_a_cluster_publishes_nothing_twice() {
+    // Proves the same on R3 streams of a 3-node cluster: a restarted owner's republish of what is already stored, and a fresh store's re-derived decisions, add no second copy after the duplicate window.
+    within_cluster(async {
+        a_store_behind_publishes_nothing_twice(
+            Fixture::start_cluster(Duration::from_millis(200)).await,
+        )
+        .await;
+    })
+    .await;
+}
+
+/// The body of the store-behind tests (see the first one).
+async fn a_store_behind_publishes_nothing_twice(fx: Fixture) {
+    let store = open_store(&fx.dir.path().join("a"));
+    // (1) A batch committed, its decision published, the outbox not
+    // confirmed: what a crash between publish and confirm leaves.
+    let id = op_id();
+    let position = fx
+        .publish(
+            &id,
+            None,
+            request(&id, json!({"type": "open_account", "account": "a"})),
+        )
+        .await;
+    let partition = store.partition(fx.p0()).expect("partition");
+    let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("ms");
+    let mut changes = amends_core::state::ChangeSet::default();
+    let mut effects = Vec::new();
+    let input = amends_core::wire::decode_request(&request(
+        &id,
+        json!({"type": "open_account", "account": "a"}),
+    ))
+    .expect("a request");
+    {
+        let mut state = amends_core::state::Overlay::new(&partition, &mut changes);
+        machine
+            .apply(&mut state, position, now_ms, &input, &mut effects)
+            .expect("apply");
+    }
+    partition.commit(&changes, &effects).expect("commit");
+    let Some(amends_core::partition::Effect::Decided(d)) = effects.first() else {
+        panic!("a decision: {effects:?}");
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::MSG_ID, id.as_str());
+    fx.js
+        .publish_with_headers(
+            fx.topology.prefix.dec(fx.p0()),
+            headers,
+            amends_core::wire::encode(d).into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("puback");
+    tokio::time::sleep(Duration::from_millis(400)).await; // past the window
+    let task = spawn_on(&fx, &store);
+    open_accounts(&fx, &["b"]).await;
+    task.abort();
+    let _ = task.await;
+    assert_eq!(decision_count(&fx.js, &fx.topology.prefix).await, 2);
+
+    // (2) A fresh store replays both requests after the window.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fresh = open_store(&fx.dir.path().join("fresh"));
+    let task = spawn_on(&fx, &fresh);
+    open_accounts(&fx, &["c"]).await;
+    task.abort();
+    let _ = task.await;
+    let decisions = fx.decisions(3).await;
+    let ids: std::collections::BTreeSet<&str> = decisions
+        .iter()
+        .filter_map(|d| d["op_id"].as_str())
+        .collect();
+    assert_eq!((decisions.len(), ids.len()), (3, 3), "{decisions:?}");
 }
 
 #[tokio::test]
