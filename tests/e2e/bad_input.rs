@@ -69,6 +69,17 @@ impl Raw {
         ack.sequence
     }
 
+    /// Publishes `body` on partition `p`'s subject with our inbox as
+    /// `Amends-Reply-To` and returns its answer, checking it is for `op_id`.
+    async fn ask_on(&mut self, p: u32, op_id: &str, body: Vec<u8>) -> Value {
+        let inbox = self.inbox.clone();
+        self.publish_to(&format!("amends.req.{p}"), op_id, body, &inbox)
+            .await;
+        let d = self.answer().await;
+        assert_eq!(d["op_id"], op_id, "{d}");
+        d
+    }
+
     /// The next answer on our inbox.
     async fn answer(&mut self) -> Value {
         let msg = tokio::time::timeout(ANSWER, self.replies.next())
@@ -460,7 +471,6 @@ async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner()
     let serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
     let client = client(&server, PARTITIONS).await;
     let mut raw = Raw::connect(&server).await;
-    let inbox = raw.inbox.clone();
     let key = "misrouted@example.com";
     let key_home = partition_of(&amends_core::route::claim_routing_key("email", key));
     let account = "misrouted-account";
@@ -470,12 +480,11 @@ async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner()
     let wrong = another(key_home);
     let first = v7();
     let claim = |op: &str, owner: &str| {
-        body(json!({"op_id": op, "command": {"type": "claim", "namespace": "email", "key": key, "owner": owner}}))
+        body(
+            json!({"op_id": op, "command": {"type": "claim", "namespace": "email", "key": key, "owner": owner}}),
+        )
     };
-    raw.publish_to(&format!("amends.req.{wrong}"), &first, claim(&first, "o1"), &inbox)
-        .await;
-    let d = raw.answer().await;
-    assert_eq!(d["op_id"], first.as_str(), "{d}");
+    let d = raw.ask_on(wrong, &first, claim(&first, "o1")).await;
     assert_eq!(d["partition"], wrong, "decided where it was published: {d}");
     assert_eq!(
         d["reason"],
@@ -488,7 +497,11 @@ async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner()
         .unwrap()
         .id(wrong)
         .unwrap();
-    match client.status(first.parse().unwrap(), wrong_id, ANSWER).await.unwrap() {
+    match client
+        .status(first.parse().unwrap(), wrong_id, ANSWER)
+        .await
+        .unwrap()
+    {
         OpStatus::Decided(decision) => assert_eq!(serde_json::to_value(&decision).unwrap(), d),
         OpStatus::Unknown => panic!("the refusal is recorded"),
     }
@@ -496,14 +509,13 @@ async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner()
     // An open_account on the wrong partition: refused too.
     let open = v7();
     let wrong_account = another(account_home);
-    raw.publish_to(
-        &format!("amends.req.{wrong_account}"),
-        &open,
-        body(json!({"op_id": open, "command": {"type": "open_account", "account": account}})),
-        &inbox,
-    )
-    .await;
-    let d = raw.answer().await;
+    let d = raw
+        .ask_on(
+            wrong_account,
+            &open,
+            body(json!({"op_id": open, "command": {"type": "open_account", "account": account}})),
+        )
+        .await;
     assert_eq!(
         d["reason"],
         json!({"code": "wrong_partition", "partition": account_home}),
@@ -513,15 +525,15 @@ async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner()
     // On its own partition the key is claimed by o2, once; o1 is then
     // refused there: one owner, whatever o1's client did.
     let second = v7();
-    raw.publish_to(&format!("amends.req.{key_home}"), &second, claim(&second, "o2"), &inbox)
-        .await;
-    let d = raw.answer().await;
+    let d = raw.ask_on(key_home, &second, claim(&second, "o2")).await;
     assert_eq!(code(&d), "confirmed", "{d}");
     let third = v7();
-    raw.publish_to(&format!("amends.req.{key_home}"), &third, claim(&third, "o1"), &inbox)
-        .await;
-    let d = raw.answer().await;
-    assert_eq!(d["reason"], json!({"code": "already_claimed", "owner": "o2"}), "{d}");
+    let d = raw.ask_on(key_home, &third, claim(&third, "o1")).await;
+    assert_eq!(
+        d["reason"],
+        json!({"code": "already_claimed", "owner": "o2"}),
+        "{d}"
+    );
     let owner = client
         .claim_owner(
             &amends_core::command::Namespace::new("email").unwrap(),
@@ -535,14 +547,7 @@ async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner()
     // The account was not opened anywhere: a credit on its own partition
     // finds no account.
     let credit = v7();
-    raw.publish_to(
-        &format!("amends.req.{account_home}"),
-        &credit,
-        body(json!({"op_id": credit, "command": {"type": "credit", "account": account, "amount": 1}})),
-        &inbox,
-    )
-    .await;
-    let d = raw.answer().await;
+    let d = raw.ask_on(account_home, &credit, body(json!({"op_id": credit, "command": {"type": "credit", "account": account, "amount": 1}}))).await;
     assert_eq!(code(&d), "unknown_account", "{d}");
 
     let out = crate::audit::audit(&server);
@@ -573,7 +578,10 @@ async fn an_invalid_reply_subject_is_refused_and_other_clients_are_answered() {
         )
         .await;
     assert_eq!(code(&d), "confirmed", "{d}\n{}", serve.log());
-    let partition = amends_core::route::Partitions::new(1).unwrap().id(0).unwrap();
+    let partition = amends_core::route::Partitions::new(1)
+        .unwrap()
+        .id(0)
+        .unwrap();
     let long = format!("_INBOX.{}", "x".repeat(5_000));
     for reply_to in [long.as_str(), "_INBOX.bad.*", "_INBOX.bad.>", "_INBOX..bad"] {
         let op = v7();
@@ -596,7 +604,12 @@ async fn an_invalid_reply_subject_is_refused_and_other_clients_are_answered() {
         let answered = client
             .submit_and_wait(&ok, ANSWER, 1)
             .await
-            .unwrap_or_else(|e| panic!("another client unanswered after {reply_to:.40}: {e}\n{}", serve.log()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "another client unanswered after {reply_to:.40}: {e}\n{}",
+                    serve.log()
+                )
+            });
         assert!(answered.outcome.is_confirmed(), "{answered:?}");
         let found = raw.decided(&op).await;
         assert_eq!(found.len(), 1, "{found:?}");
@@ -606,7 +619,11 @@ async fn an_invalid_reply_subject_is_refused_and_other_clients_are_answered() {
             json!({"code": "reply_subject_invalid", "bytes_max": 256}),
             "reply subject {reply_to:.40}: {d}"
         );
-        match client.status(op.parse().unwrap(), partition, ANSWER).await.unwrap() {
+        match client
+            .status(op.parse().unwrap(), partition, ANSWER)
+            .await
+            .unwrap()
+        {
             OpStatus::Decided(decision) => assert_eq!(&serde_json::to_value(&decision).unwrap(), d),
             OpStatus::Unknown => panic!("the refusal is recorded"),
         }
@@ -617,7 +634,9 @@ async fn an_invalid_reply_subject_is_refused_and_other_clients_are_answered() {
     let d = raw
         .ask(
             &last,
-            body(json!({"op_id": last, "command": {"type": "credit", "account": "a", "amount": 1}})),
+            body(
+                json!({"op_id": last, "command": {"type": "credit", "account": "a", "amount": 1}}),
+            ),
         )
         .await;
     assert_eq!(d["balance"], 5, "five credits of 1, none of 7: {d}");
