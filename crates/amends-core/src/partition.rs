@@ -126,7 +126,9 @@ pub enum Answer {
     /// retention whatever ids clients send, and no op id is ever decided
     /// twice. A too-old id may have been decided before (its record is past
     /// the compaction horizon); a too-new one can be sent again once the
-    /// client's clock is right.
+    /// client's clock is right. A step message (which amends writes
+    /// itself) that fails its own checks, `wrong_partition` included, is
+    /// refused this way too: it was forged.
     Refused(Decision),
     /// A tick: log time advanced, nothing to answer.
     Ticked,
