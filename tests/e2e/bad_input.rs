@@ -48,18 +48,36 @@ impl Raw {
     /// Publishes raw `body` with `Nats-Msg-Id` = `msg_id` and our inbox as
     /// `Amends-Reply-To`; returns its stream sequence.
     async fn publish(&self, msg_id: &str, body: Vec<u8>) -> u64 {
+        self.publish_to(SUBJECT, msg_id, body, &self.inbox.clone())
+            .await
+    }
+
+    /// Publishes raw `body` on `subject` with `Nats-Msg-Id` = `msg_id` and
+    /// `Amends-Reply-To` = `reply_to`; returns its stream sequence.
+    async fn publish_to(&self, subject: &str, msg_id: &str, body: Vec<u8>, reply_to: &str) -> u64 {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
-        headers.insert("Amends-Reply-To", self.inbox.as_str());
+        headers.insert("Amends-Reply-To", reply_to);
         let ack = self
             .js
-            .publish_with_headers(SUBJECT, headers, body.into())
+            .publish_with_headers(subject.to_owned(), headers, body.into())
             .await
             .unwrap()
             .await
             .unwrap();
         assert!(!ack.duplicate, "{msg_id} reached the log");
         ack.sequence
+    }
+
+    /// Publishes `body` on partition `p`'s subject with our inbox as
+    /// `Amends-Reply-To` and returns its answer, checking it is for `op_id`.
+    async fn ask_on(&mut self, p: u32, op_id: &str, body: Vec<u8>) -> Value {
+        let inbox = self.inbox.clone();
+        self.publish_to(&format!("amends.req.{p}"), op_id, body, &inbox)
+            .await;
+        let d = self.answer().await;
+        assert_eq!(d["op_id"], op_id, "{d}");
+        d
     }
 
     /// The next answer on our inbox.
@@ -98,6 +116,22 @@ impl Raw {
             }
         }
         out
+    }
+
+    /// The decisions stream's messages for `op_id`, once there is one.
+    async fn decided(&self, op_id: &str) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + ANSWER;
+        loop {
+            let found = self.decisions_of(op_id).await;
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no decision for {op_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The decisions stream's messages for `op_id`.
@@ -410,6 +444,202 @@ async fn each_bad_message_gets_its_documented_answer_and_the_partition_keeps_wor
         i64::MAX - 1,
         "no refused op changed the balance: {d}"
     );
+    let mut serve = serve;
+    serve.assert_running();
+    drop(raw.nats);
+}
+
+/// The partition count of the routing tests: enough for keys to differ.
+const PARTITIONS: u32 = 4;
+
+/// The partition (of [`PARTITIONS`]) that owns `routing_key`.
+fn partition_of(routing_key: &str) -> u32 {
+    let n = amends_core::route::Partitions::new(PARTITIONS).unwrap();
+    amends_core::route::partition_of(routing_key, n).get()
+}
+
+/// A partition other than `p`.
+fn another(p: u32) -> u32 {
+    (p + 1) % PARTITIONS
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_the_wrong_partition_is_refused_and_a_key_keeps_one_owner() {
+    // Proves routing is checked by the service: open_account and claim published raw on a partition that does not own their key are refused wrong_partition naming the owner (recorded: on the decisions stream and in the status of that partition), nothing is opened or claimed there, the same key is then claimed on its own partition by another owner, which the first owner cannot take over, and audit re-derives it all.
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
+    let client = client(&server, PARTITIONS).await;
+    let mut raw = Raw::connect(&server).await;
+    let key = "misrouted@example.com";
+    let key_home = partition_of(&amends_core::route::claim_routing_key("email", key));
+    let account = "misrouted-account";
+    let account_home = partition_of(account);
+
+    // A claim by o1 on the wrong partition: refused, naming the right one.
+    let wrong = another(key_home);
+    let first = v7();
+    let claim = |op: &str, owner: &str| {
+        body(
+            json!({"op_id": op, "command": {"type": "claim", "namespace": "email", "key": key, "owner": owner}}),
+        )
+    };
+    let d = raw.ask_on(wrong, &first, claim(&first, "o1")).await;
+    assert_eq!(d["partition"], wrong, "decided where it was published: {d}");
+    assert_eq!(
+        d["reason"],
+        json!({"code": "wrong_partition", "partition": key_home}),
+        "{d}\n{}",
+        serve.log()
+    );
+    assert_eq!(raw.decisions_of(&first).await, std::slice::from_ref(&d));
+    let wrong_id = amends_core::route::Partitions::new(PARTITIONS)
+        .unwrap()
+        .id(wrong)
+        .unwrap();
+    match client
+        .status(first.parse().unwrap(), wrong_id, ANSWER)
+        .await
+        .unwrap()
+    {
+        OpStatus::Decided(decision) => assert_eq!(serde_json::to_value(&decision).unwrap(), d),
+        OpStatus::Unknown => panic!("the refusal is recorded"),
+    }
+
+    // An open_account on the wrong partition: refused too.
+    let open = v7();
+    let wrong_account = another(account_home);
+    let d = raw
+        .ask_on(
+            wrong_account,
+            &open,
+            body(json!({"op_id": open, "command": {"type": "open_account", "account": account}})),
+        )
+        .await;
+    assert_eq!(
+        d["reason"],
+        json!({"code": "wrong_partition", "partition": account_home}),
+        "{d}"
+    );
+
+    // On its own partition the key is claimed by o2, once; o1 is then
+    // refused there: one owner, whatever o1's client did.
+    let second = v7();
+    let d = raw.ask_on(key_home, &second, claim(&second, "o2")).await;
+    assert_eq!(code(&d), "confirmed", "{d}");
+    let third = v7();
+    let d = raw.ask_on(key_home, &third, claim(&third, "o1")).await;
+    assert_eq!(
+        d["reason"],
+        json!({"code": "already_claimed", "owner": "o2"}),
+        "{d}"
+    );
+    let owner = client
+        .claim_owner(
+            &amends_core::command::Namespace::new("email").unwrap(),
+            &amends_core::command::ClaimKey::new(key).unwrap(),
+            ANSWER,
+        )
+        .await
+        .unwrap();
+    let owner = serde_json::to_value(&owner).unwrap();
+    assert_eq!(owner["owner"], "o2", "{owner}");
+    // The account was not opened anywhere: a credit on its own partition
+    // finds no account.
+    let credit = v7();
+    let d = raw.ask_on(account_home, &credit, body(json!({"op_id": credit, "command": {"type": "credit", "account": account, "amount": 1}}))).await;
+    assert_eq!(code(&d), "unknown_account", "{d}");
+
+    let out = crate::audit::audit(&server);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("audit passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut serve = serve;
+    serve.assert_running();
+    drop(raw.nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_reply_subject_is_refused_and_other_clients_are_answered() {
+    // Proves a request whose Amends-Reply-To cannot be published to (5,000 bytes, a wildcard token, an empty token) is refused reply_subject_invalid on the decisions stream and in its status, with no effect, while the service keeps its connection: a client waiting on its own replies meanwhile gets every answer.
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&server, &dir.path().join("data"), 1);
+    let client = client(&server, 1).await;
+    let mut raw = Raw::connect(&server).await;
+    let open = v7();
+    let d = raw
+        .ask(
+            &open,
+            body(json!({"op_id": open, "command": {"type": "open_account", "account": "a"}})),
+        )
+        .await;
+    assert_eq!(code(&d), "confirmed", "{d}\n{}", serve.log());
+    let partition = amends_core::route::Partitions::new(1)
+        .unwrap()
+        .id(0)
+        .unwrap();
+    let long = format!("_INBOX.{}", "x".repeat(5_000));
+    for reply_to in [long.as_str(), "_INBOX.bad.*", "_INBOX.bad.>", "_INBOX..bad"] {
+        let op = v7();
+        raw.publish_to(
+            SUBJECT,
+            &op,
+            body(json!({"op_id": op, "command": {"type": "credit", "account": "a", "amount": 7}})),
+            reply_to,
+        )
+        .await;
+        // A client that waits properly is answered meanwhile.
+        let ok = amends_core::command::Request {
+            op_id: amends_client::Client::new_op_id(),
+            command: amends_core::command::Command::Credit {
+                account: amends_core::command::AccountId::new("a").unwrap(),
+                amount: amends_core::command::Amount::new(1).unwrap(),
+            },
+            apology_topic: None,
+        };
+        let answered = client
+            .submit_and_wait(&ok, ANSWER, 1)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "another client unanswered after {reply_to:.40}: {e}\n{}",
+                    serve.log()
+                )
+            });
+        assert!(answered.outcome.is_confirmed(), "{answered:?}");
+        let found = raw.decided(&op).await;
+        assert_eq!(found.len(), 1, "{found:?}");
+        let d = &found[0];
+        assert_eq!(
+            d["reason"],
+            json!({"code": "reply_subject_invalid", "bytes_max": 256}),
+            "reply subject {reply_to:.40}: {d}"
+        );
+        match client
+            .status(op.parse().unwrap(), partition, ANSWER)
+            .await
+            .unwrap()
+        {
+            OpStatus::Decided(decision) => assert_eq!(&serde_json::to_value(&decision).unwrap(), d),
+            OpStatus::Unknown => panic!("the refusal is recorded"),
+        }
+    }
+    // None of the credits of 7 was applied: one more credit shows the
+    // balance.
+    let last = v7();
+    let d = raw
+        .ask(
+            &last,
+            body(
+                json!({"op_id": last, "command": {"type": "credit", "account": "a", "amount": 1}}),
+            ),
+        )
+        .await;
+    assert_eq!(d["balance"], 5, "five credits of 1, none of 7: {d}");
     let mut serve = serve;
     serve.assert_running();
     drop(raw.nats);

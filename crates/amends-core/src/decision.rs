@@ -93,7 +93,9 @@ impl Outcome {
 /// order: when several apply, the first one is returned. The op id comes
 /// first (a reused id with another body is a conflict whatever the body; an
 /// id that is not UUID v7, or is outside the window, is refused before its
-/// body is looked at), then the body, then the command's own checks.
+/// body is looked at), then the body, then the envelope (the reply subject
+/// the request was published with, then its partition: the body must parse
+/// for its routing key to be known), then the command's own checks.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "code", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -118,6 +120,23 @@ pub enum Reason {
     Malformed {
         /// What was wrong, for a human.
         detail: String,
+    },
+    /// The request named a reply subject (`Amends-Reply-To`) that cannot
+    /// be published to: empty, longer than `bytes_max` bytes, with an empty
+    /// token, a wildcard token (`*`, `>`), or a space or control byte
+    /// (`wire::reply_subject_is_valid`). It had no effect, and nothing is
+    /// sent to that subject: the decision is on the decisions stream.
+    ReplySubjectInvalid {
+        /// The longest reply subject accepted, in bytes (256).
+        bytes_max: u32,
+    },
+    /// The request was published on a partition that does not own its
+    /// routing key. It had no effect here; publish it on `partition`.
+    /// Checking this on every partition keeps a client's routing bug from
+    /// giving one key two owners on two partitions.
+    WrongPartition {
+        /// The partition the request belongs to.
+        partition: u32,
     },
     /// No account with that id is open on this partition.
     UnknownAccount,
@@ -207,6 +226,8 @@ impl Reason {
             Reason::Malformed { .. } => "malformed",
             Reason::OpIdConflict => "op_id_conflict",
             Reason::OpIdOutsideWindow { .. } => "op_id_outside_window",
+            Reason::ReplySubjectInvalid { .. } => "reply_subject_invalid",
+            Reason::WrongPartition { .. } => "wrong_partition",
             Reason::UnknownAccount => "unknown_account",
             Reason::AccountExists => "account_exists",
             Reason::InvalidLimits { .. } => "invalid_limits",
@@ -233,6 +254,8 @@ impl Reason {
         "op_id_conflict",
         "op_id_outside_window",
         "malformed",
+        "reply_subject_invalid",
+        "wrong_partition",
         "unknown_account",
         "account_exists",
         "invalid_limits",

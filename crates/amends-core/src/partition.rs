@@ -28,10 +28,7 @@ use crate::saga;
 use crate::state::{
     Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Read, Saga, SagaState, Write,
 };
-
-/// The longest reply subject a saga remembers for its final decision; a
-/// longer one is not kept (the client can still ask for the status).
-pub const REPLY_SUBJECT_BYTES_MAX: usize = 256;
+use crate::wire;
 
 /// Default dedup retention: a day of log time, like common idempotency
 /// windows. An op id can be resubmitted safely for this long.
@@ -129,7 +126,9 @@ pub enum Answer {
     /// retention whatever ids clients send, and no op id is ever decided
     /// twice. A too-old id may have been decided before (its record is past
     /// the compaction horizon); a too-new one can be sent again once the
-    /// client's clock is right.
+    /// client's clock is right. A step message (which amends writes
+    /// itself) that fails its own checks, `wrong_partition` included, is
+    /// refused this way too: it was forged.
     Refused(Decision),
     /// A tick: log time advanced, nothing to answer.
     Ticked,
@@ -311,8 +310,10 @@ impl Machine {
         Ok(())
     }
 
-    /// [`Machine::apply`] for a message that named a reply subject: a saga
-    /// remembers it (at most [`REPLY_SUBJECT_BYTES_MAX`] bytes) to send its
+    /// [`Machine::apply`] for a message that named a reply subject. A
+    /// request whose subject is not valid
+    /// ([`wire::reply_subject_is_valid`]) is refused with
+    /// `reply_subject_invalid`; a saga remembers a valid one to send its
     /// final decision there ([`Effect::Reply`]). The subject is part of the
     /// log message, so replay stays deterministic.
     pub fn apply_with_reply<S: Read + Write + ?Sized>(
@@ -336,7 +337,6 @@ impl Machine {
             position,
             log_time_ms: now,
         });
-        let reply_to = reply_to.filter(|r| r.len() <= REPLY_SUBJECT_BYTES_MAX);
         // Saga messages for this same partition are decided right here, in
         // this message, rather than through the log: fewer appends, same
         // decisions (they are deterministic in the state either way).
@@ -398,7 +398,9 @@ impl Machine {
             }
             // A resubmitted saga still in flight: its final decision goes to
             // the latest reply subject (the first requester may be gone).
-            if let (false, Some(to)) = (seen.decision.outcome.is_final(), reply_to)
+            // An invalid subject is not kept (nothing could be sent to it).
+            let valid_reply_to = reply_to.filter(|r| wire::reply_subject_is_valid(r));
+            if let (false, Some(to)) = (seen.decision.outcome.is_final(), valid_reply_to)
                 && let Some(mut s) = state.saga(op_id)
                 && s.reply_to.as_deref() != Some(to)
             {
@@ -420,12 +422,55 @@ impl Machine {
         if let Err(reason) = checked {
             return Answer::Refused(decision(Outcome::Rejected { reason }));
         }
-        if let Input::Request(req) = input {
-            match &req.command {
-                // A saga on another partition than its op id's is refused
-                // by `execute` (its outcomes would go elsewhere).
-                Command::Transfer { .. } | Command::Saga { .. }
-                    if self.saga_partition(req.op_id) == self.partition =>
+        let outcome = match input {
+            Input::Malformed { detail, .. } => Outcome::Rejected {
+                reason: Reason::Malformed {
+                    detail: detail.clone(),
+                },
+            },
+            // Saga messages, which amends writes itself (`check_internal`
+            // checked their envelope): their decisions are recorded, not
+            // published.
+            Input::Request(Request {
+                op_id: step_id,
+                command:
+                    Command::Step {
+                        saga,
+                        index,
+                        phase,
+                        step,
+                    },
+                ..
+            }) => {
+                let outcome = match self.step(
+                    state, *step_id, *saga, *index, *phase, step, now, horizon_ms,
+                ) {
+                    Ok(outcome) => outcome,
+                    Err(reason) => Outcome::Rejected { reason },
+                };
+                if *phase == Phase::Try {
+                    self.send_outcome(*saga, *index, outcome.clone(), local, out);
+                }
+                return internal(state, op_id, fingerprint, decision(outcome));
+            }
+            Input::Request(Request {
+                command:
+                    Command::StepOutcome {
+                        saga,
+                        index,
+                        outcome,
+                    },
+                ..
+            }) => {
+                self.on_outcome(
+                    state, *saga, *index, outcome, position, now, horizon_ms, local, out,
+                );
+                return internal(state, op_id, fingerprint, decision(Outcome::confirmed()));
+            }
+            Input::Request(req) => match self.check_envelope(req, reply_to) {
+                Err(reason) => Outcome::Rejected { reason },
+                Ok(())
+                    if matches!(req.command, Command::Transfer { .. } | Command::Saga { .. }) =>
                 {
                     let d = self.start_saga(
                         state,
@@ -439,45 +484,10 @@ impl Machine {
                     );
                     return Answer::Accepted(d);
                 }
-                Command::Step {
-                    saga,
-                    index,
-                    phase,
-                    step,
-                } => {
-                    let outcome = match self.step(
-                        state, req.op_id, *saga, *index, *phase, step, now, horizon_ms,
-                    ) {
-                        Ok(outcome) => outcome,
-                        Err(reason) => Outcome::Rejected { reason },
-                    };
-                    if *phase == Phase::Try {
-                        self.send_outcome(*saga, *index, outcome.clone(), local, out);
-                    }
-                    return internal(state, op_id, fingerprint, decision(outcome));
-                }
-                Command::StepOutcome {
-                    saga,
-                    index,
-                    outcome,
-                } => {
-                    self.on_outcome(
-                        state, *saga, *index, outcome, position, now, horizon_ms, local, out,
-                    );
-                    return internal(state, op_id, fingerprint, decision(Outcome::confirmed()));
-                }
-                _ => {}
-            }
-        }
-        let outcome = match input {
-            Input::Malformed { detail, .. } => Outcome::Rejected {
-                reason: Reason::Malformed {
-                    detail: detail.clone(),
+                Ok(()) => match self.execute(state, req, now, horizon_ms) {
+                    Ok(outcome) => outcome,
+                    Err(reason) => Outcome::Rejected { reason },
                 },
-            },
-            Input::Request(req) => match self.execute(state, req, now, horizon_ms) {
-                Ok(outcome) => outcome,
-                Err(reason) => Outcome::Rejected { reason },
             },
         };
         let decision = decision(outcome);
@@ -530,7 +540,39 @@ impl Machine {
         if req.apology_topic.is_some() {
             return Err(malformed("a step message takes no apology_topic"));
         }
-        self.check_op_id(saga, now)
+        self.check_op_id(saga, now)?;
+        // amends sends each step message to the partition of its routing
+        // key, so one elsewhere was forged: refused like the checks above.
+        self.check_route(req)
+    }
+
+    /// Checks what a client request came with besides its body: the reply
+    /// subject it named, then the partition it was published on. These
+    /// refusals are decisions like the command's own (recorded, published).
+    fn check_envelope(&self, req: &Request, reply_to: Option<&str>) -> Result<(), Reason> {
+        if reply_to.is_some_and(|r| !wire::reply_subject_is_valid(r)) {
+            return Err(Reason::ReplySubjectInvalid {
+                bytes_max: wire::REPLY_SUBJECT_BYTES_MAX,
+            });
+        }
+        self.check_route(req)
+    }
+
+    /// Refuses a request whose routing key another partition owns: deciding
+    /// it here would let one key (a claim, an account) live on two
+    /// partitions. A tick has no key and goes anywhere.
+    fn check_route(&self, req: &Request) -> Result<(), Reason> {
+        let Some(key) = req.routing_key() else {
+            return Ok(());
+        };
+        let owner = route::partition_of(&key, self.partitions);
+        if owner == self.partition {
+            Ok(())
+        } else {
+            Err(Reason::WrongPartition {
+                partition: owner.get(),
+            })
+        }
     }
 
     fn check_op_id(&self, op_id: OpId, now: u64) -> Result<(), Reason> {
@@ -713,21 +755,13 @@ impl Machine {
                     Ok(Outcome::confirmed())
                 }
             }),
-            // A saga reaches `execute` only on the wrong partition (`decide`
-            // starts it on the right one).
-            Command::Transfer { .. } | Command::Saga { .. } => Err(Reason::Malformed {
-                detail: format!(
-                    "a saga belongs to the partition of its op id ({}), not {}: \
-                     publish it on that partition's subject (see specs/routing.md)",
-                    self.saga_partition(req.op_id),
-                    self.partition
-                ),
-            }),
-            // Ticks return before dedup, and saga messages are decided by
-            // `decide` before `execute` is reached.
-            Command::Tick {} | Command::Step { .. } | Command::StepOutcome { .. } => {
-                Ok(Outcome::confirmed())
-            }
+            // Ticks return before dedup, and sagas and saga messages are
+            // decided by `decide` before `execute` is reached.
+            Command::Tick {}
+            | Command::Transfer { .. }
+            | Command::Saga { .. }
+            | Command::Step { .. }
+            | Command::StepOutcome { .. } => Ok(Outcome::confirmed()),
         }
     }
 }

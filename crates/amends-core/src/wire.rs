@@ -18,6 +18,30 @@ use crate::partition::Input;
 /// NATS's default 1 MiB payload limit.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 
+/// The longest reply subject (`Amends-Reply-To`) a request may name, in
+/// bytes. A reply is published on core NATS, whose server drops the
+/// connection of a client whose protocol line is too long (4 KiB by
+/// default, the subject and the service's own header included): far below
+/// that, one client's header can never cost the service its connection and
+/// other clients their answers. 256 bytes hold any inbox subject a NATS
+/// client library makes.
+pub const REPLY_SUBJECT_BYTES_MAX: u32 = 256;
+
+/// Whether `subject` is a reply subject amends may send a decision to:
+/// 1 to [`REPLY_SUBJECT_BYTES_MAX`] bytes of dot-separated tokens, no token
+/// empty or a wildcard (`*` or `>`: a publish cannot name one), and no byte
+/// from 0x00 to 0x20 (controls and the space) or 0x7f. A request that names
+/// another one is refused with `reply_subject_invalid`, and the driver sends
+/// nothing to it. The rule is on bytes, so every language checks it alike.
+pub fn reply_subject_is_valid(subject: &str) -> bool {
+    let bytes = subject.as_bytes();
+    u32::try_from(bytes.len()).is_ok_and(|n| (1..=REPLY_SUBJECT_BYTES_MAX).contains(&n))
+        && !bytes.iter().any(|&b| b <= 0x20 || b == 0x7f)
+        && subject
+            .split('.')
+            .all(|token| !token.is_empty() && token != "*" && token != ">")
+}
+
 /// A message that has no readable op id: it cannot be answered, so the
 /// driver puts it on the dead-letter subject with this detail.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
@@ -182,6 +206,38 @@ mod tests {
             &format!(r#"{{"op_id":"{ID}","command":{{"type":"tick"}}}} x"#),
             "dead letter: trailing characters at line 1 column 76",
         );
+    }
+
+    #[test]
+    fn reply_subjects() {
+        // Proves the reply-subject rule case by case: subjects of 1 to 256 bytes of non-empty, non-wildcard tokens pass; longer ones, spaces, control bytes, empty and wildcard tokens do not.
+        let check = |subject: &str, ok: bool| {
+            assert_eq!(reply_subject_is_valid(subject), ok, "{subject:?}")
+        };
+        let max = usize::try_from(REPLY_SUBJECT_BYTES_MAX).expect("the limit fits a usize");
+        check("_INBOX.abc.01900000-0000-7000-8000-000000000001", true);
+        check("a", true);
+        check(&"a".repeat(max), true);
+        check(&format!("{}.{}", "a".repeat(max - 2), "é"), false);
+        check(&format!("{}.{}", "a".repeat(max - 3), "é"), true);
+        check(&"a".repeat(max + 1), false);
+        check(&"a".repeat(5_000), false);
+        check("", false);
+        check("a b", false);
+        check("a\tb", false);
+        check("a\r\nb", false);
+        check("a\0b", false);
+        check("a\u{7f}b", false);
+        check("a..b", false);
+        check(".a", false);
+        check("a.", false);
+        check("*", false);
+        check(">", false);
+        check("a.*", false);
+        check("a.>", false);
+        check("a.*.b", false);
+        check("a*.b>", true);
+        check("über.ß", true);
     }
 
     #[test]

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amends_core::decision::Decision;
-use amends_core::partition::{Effect, Fault, Input, Machine, REPLY_SUBJECT_BYTES_MAX};
+use amends_core::partition::{Effect, Fault, Input, Machine};
 use amends_core::route::PartitionId;
 use amends_core::state::{ChangeSet, Overlay, Read, Stacked};
 use amends_core::wire;
@@ -1407,13 +1407,16 @@ impl Publisher {
             }
             // A subject the server would refuse (too long for its control
             // line, or not a subject) would cost this process its NATS
-            // connection, and every other client its answers meanwhile.
-            if !reply_subject_is_sendable(&reply_to) {
+            // connection, and every other client its answers meanwhile. The
+            // core refused such a request (`reply_subject_invalid`); its
+            // duplicates and op id refusals are answered here too, so the
+            // same rule keeps them off the connection.
+            if !wire::reply_subject_is_valid(&reply_to) {
                 tracing::warn!(
                     partition = p.get(),
                     len = reply_to.len(),
                     "reply subject not a valid subject of at most {} bytes; reply not sent",
-                    REPLY_SUBJECT_BYTES_MAX
+                    wire::REPLY_SUBJECT_BYTES_MAX
                 );
                 continue;
             }
@@ -1427,17 +1430,6 @@ impl Publisher {
             }
         }
     }
-}
-
-/// Whether `subject` may be published to: at most
-/// [`REPLY_SUBJECT_BYTES_MAX`] bytes (the limit the protocol documents for
-/// `Amends-Reply-To`; far below nats-server's control-line limit), no
-/// whitespace or control characters, no empty token.
-pub fn reply_subject_is_sendable(subject: &str) -> bool {
-    !subject.is_empty()
-        && subject.len() <= REPLY_SUBJECT_BYTES_MAX
-        && !subject.chars().any(|c| c.is_whitespace() || c.is_control())
-        && subject.split('.').all(|token| !token.is_empty())
 }
 
 /// Aborts a task when dropped: the publisher goes with its worker.
@@ -1522,27 +1514,4 @@ fn apply_batch<B: Read + ?Sized>(
 /// A header value cannot hold line breaks: they are replaced by spaces.
 fn header_safe(text: &str) -> String {
     text.replace(['\r', '\n'], " ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reply_subjects_that_may_be_sent() {
-        // Proves the reply-subject rule case by case: valid subjects up to the limit pass; longer ones, whitespace, control characters and empty tokens do not.
-        let check = |subject: &str, ok: bool| {
-            assert_eq!(reply_subject_is_sendable(subject), ok, "{subject:?}")
-        };
-        check("_INBOX.abc.01900000-0000-7000-8000-000000000001", true);
-        check(&"a".repeat(REPLY_SUBJECT_BYTES_MAX), true);
-        check(&"a".repeat(REPLY_SUBJECT_BYTES_MAX + 1), false);
-        check("", false);
-        check("a b", false);
-        check("a\tb", false);
-        check("a\r\nb", false);
-        check("a..b", false);
-        check(".a", false);
-        check("a.", false);
-    }
 }

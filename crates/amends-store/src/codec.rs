@@ -253,9 +253,12 @@ enum OutcomeRec {
     },
 }
 
-/// [`Reason`] in store form, in the same order. `Json` carries a reason
-/// this build has no compact form for (amends-core's `Reason` is
-/// `#[non_exhaustive]`) as its wire JSON, so no reason is ever lost.
+/// [`Reason`] in store form. `Json` carries a reason this build has no
+/// compact form for (amends-core's `Reason` is `#[non_exhaustive]`) as its
+/// wire JSON, so no reason is ever lost. Variants are encoded by index:
+/// new ones go at the end, after `Json`, so records written before they
+/// existed decode unchanged (no new [`FORMAT_VERSION`]); the order is
+/// therefore not `Reason`'s precedence order.
 #[derive(Serialize, Deserialize)]
 enum ReasonRec {
     Malformed {
@@ -309,6 +312,12 @@ enum ReasonRec {
     },
     SagaCancelled,
     Json(String),
+    ReplySubjectInvalid {
+        bytes_max: u32,
+    },
+    WrongPartition {
+        partition: u32,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -897,6 +906,12 @@ fn reason_rec(r: &Reason) -> ReasonRec {
             deadline_ms: *deadline_ms,
         },
         Reason::SagaCancelled => ReasonRec::SagaCancelled,
+        Reason::ReplySubjectInvalid { bytes_max } => ReasonRec::ReplySubjectInvalid {
+            bytes_max: *bytes_max,
+        },
+        Reason::WrongPartition { partition } => ReasonRec::WrongPartition {
+            partition: *partition,
+        },
         // A reason added to amends-core after this build: kept as its wire
         // JSON, which round-trips every reason.
         other => ReasonRec::Json(
@@ -962,6 +977,8 @@ fn reason(key: &[u8], r: ReasonRec) -> Result<Reason> {
         },
         ReasonRec::DeadlineExceeded { deadline_ms } => Reason::DeadlineExceeded { deadline_ms },
         ReasonRec::SagaCancelled => Reason::SagaCancelled,
+        ReasonRec::ReplySubjectInvalid { bytes_max } => Reason::ReplySubjectInvalid { bytes_max },
+        ReasonRec::WrongPartition { partition } => Reason::WrongPartition { partition },
         ReasonRec::Json(json) => text(key, "reason JSON", serde_json::from_str(&json))?,
     })
 }
@@ -1296,6 +1313,8 @@ mod tests {
                 deadline_ms: 1_700_000_060_000,
             },
             Reason::SagaCancelled,
+            Reason::ReplySubjectInvalid { bytes_max: 256 },
+            Reason::WrongPartition { partition: 3 },
         ]
     }
 
@@ -1688,6 +1707,26 @@ mod tests {
         for (got, want) in cases {
             assert_eq!(got, want);
         }
+    }
+
+    #[test]
+    fn reasons_added_later_keep_the_older_indices() {
+        // Proves the reasons added after format 2 was fixed were appended (after `Json`), so every reason stored before them still decodes to what it was.
+        let cases: Vec<(Reason, &[u8])> = vec![
+            (Reason::Malformed { detail: "x".into() }, &[0, 1, b'x']),
+            (Reason::SagaCancelled, &[20]),
+            (
+                Reason::ReplySubjectInvalid { bytes_max: 256 },
+                &[22, 0x80, 0x02],
+            ),
+            (Reason::WrongPartition { partition: 3 }, &[23, 3]),
+        ];
+        for (r, want) in cases {
+            let got = postcard::to_allocvec(&reason_rec(&r)).unwrap();
+            assert_eq!(got, want, "{r:?}");
+        }
+        let json = postcard::to_allocvec(&ReasonRec::Json("{}".into())).unwrap();
+        assert_eq!(json, [21, 2, b'{', b'}']);
     }
 
     #[test]

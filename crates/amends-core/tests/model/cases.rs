@@ -2,7 +2,12 @@
 //! outcome it must get. One case per reason code, in precedence order; cases
 //! where two reasons apply and the earlier wins; confirmations; what a
 //! refusal of the op id (outside the window, or not v7) leaves behind
-//! (nothing).
+//! (nothing); what a request on the wrong partition leaves behind (nothing
+//! but its refusal).
+//!
+//! The cases run on the only partition of a one-partition deployment
+//! ([`single`]), which owns every routing key, unless they are about
+//! routing or sagas across partitions (then on a partition of 8).
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, DeadlineMs, Namespace, Owner, Phase, Request, SagaStep,
@@ -11,9 +16,9 @@ use amends_core::command::{
 use amends_core::decision::{Decision, Reason};
 use amends_core::id::OpId;
 use amends_core::partition::{Answer, Effect, Input, Machine};
-use amends_core::route::{self, Partitions};
+use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
-use amends_core::state::{MemState, Read};
+use amends_core::state::{MemState, Read, Write};
 use amends_core::wire;
 use serde_json::{Value, json};
 
@@ -27,6 +32,9 @@ enum Step {
     Req(Request),
     /// Raw message bytes.
     Raw(String),
+    /// A request ([`Step::Req`] or [`Step::Raw`]) published with an
+    /// `Amends-Reply-To` subject.
+    Replied(Box<Step>, String),
 }
 
 /// The op id numbered `n`: a v7 id at `T0_MS`.
@@ -177,12 +185,49 @@ fn home_of(n: u128) -> Machine {
 }
 
 fn remote_account() -> String {
-    let m = home_of(1);
+    elsewhere_than(home_of(1).partition(), "r")
+}
+
+/// The first of `<prefix>0`, `<prefix>1` ... that a partition other than
+/// `partition` (of 8) owns, as an account id or a claim key (namespace
+/// `user`).
+fn elsewhere_than(partition: PartitionId, prefix: &str) -> String {
+    let partitions = Partitions::new(8).expect("8 partitions");
+    let routed = |name: &str| {
+        let account = route::partition_of(name, partitions);
+        let key = route::partition_of(&route::claim_routing_key("user", name), partitions);
+        account != partition && key != partition
+    };
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|name| routed(name))
+        .expect("some name is elsewhere")
+}
+
+/// The partition (of 8) that owns account `name`.
+fn owner_of_account(name: &str) -> u32 {
+    route::partition_of(name, Partitions::new(8).expect("8 partitions")).get()
+}
+
+/// The partition (of 8) that owns claim key `name` of namespace `user`.
+fn owner_of_key(name: &str) -> u32 {
+    let key = route::claim_routing_key("user", name);
+    route::partition_of(&key, Partitions::new(8).expect("8 partitions")).get()
+}
+
+/// `step` published with reply subject `to`.
+fn replied(step: Step, to: &str) -> Step {
+    Step::Replied(Box::new(step), to.to_owned())
+}
+
+/// The first of `<prefix>0`, `<prefix>1` ... that `partition` (of 8) owns
+/// as an account id.
+fn account_on(partition: PartitionId, prefix: &str) -> String {
     let partitions = Partitions::new(8).expect("8 partitions");
     (0..)
-        .map(|i| format!("r{i}"))
-        .find(|a| route::partition_of(a, partitions) != m.partition())
-        .expect("some account is elsewhere")
+        .map(|i| format!("{prefix}{i}"))
+        .find(|name| route::partition_of(name, partitions) == partition)
+        .expect("some account is there")
 }
 
 fn transfer(from: &str, to: &str, v: u64, deadline_ms: Option<u64>) -> Command {
@@ -211,7 +256,7 @@ struct Partition {
 
 impl Partition {
     fn new() -> Partition {
-        Partition::of(machine())
+        Partition::of(single())
     }
 
     fn of(machine: Machine) -> Partition {
@@ -225,6 +270,10 @@ impl Partition {
 
     /// Applies a step; returns its answer and effects (`None` for `At`).
     fn step(&mut self, step: Step) -> Option<(Answer, Vec<Effect>)> {
+        let (step, reply_to) = match step {
+            Step::Replied(inner, to) => (*inner, Some(to)),
+            other => (other, None),
+        };
         let input = match step {
             Step::At(ms) => {
                 self.log_time_ms = T0_MS + ms;
@@ -234,16 +283,18 @@ impl Partition {
             Step::Raw(text) => {
                 wire::decode_request(text.as_bytes()).expect("case has a readable op id")
             }
+            Step::Replied(..) => panic!("a reply subject is given once"),
         };
         self.position += 1;
         let mut effects = Vec::new();
         let answer = self
             .machine
-            .apply(
+            .apply_with_reply(
                 &mut self.state,
                 self.position,
                 self.log_time_ms,
                 &input,
+                reply_to.as_deref(),
                 &mut effects,
             )
             .expect("positions advance");
@@ -257,7 +308,7 @@ impl Partition {
 /// (nothing recorded or pushed), any other decision recorded and pushed.
 #[track_caller]
 fn check(setup: Vec<Step>, op: Step, expected: Value) {
-    check_on(machine(), setup, op, expected);
+    check_on(single(), setup, op, expected);
 }
 
 /// The final decision a message published for a saga (a saga ended by it).
@@ -346,7 +397,22 @@ fn reason_cases() -> Vec<(Machine, Vec<Step>, Step, Value)> {
         0x1234_5678_9abc_4def_8123_4567_89ab_cdef,
     ));
     let remote = remote_account();
-    let plain = vec![
+    let foreign = elsewhere_than(machine().partition(), "f");
+    let routing = vec![
+        (
+            single(),
+            vec![],
+            replied(req(1, open("a")), &"a".repeat(257)),
+            rejected(json!({ "code": "reply_subject_invalid", "bytes_max": 256 })),
+        ),
+        (
+            machine(),
+            vec![],
+            req(1, open(&foreign)),
+            rejected(json!({ "code": "wrong_partition", "partition": owner_of_account(&foreign) })),
+        ),
+    ];
+    let first = vec![
         (
             vec![req(1, open("a"))],
             req(1, open("b")),
@@ -374,6 +440,8 @@ fn reason_cases() -> Vec<(Machine, Vec<Step>, Step, Value)> {
                 "detail": "op_id must be a UUID version 7 (see specs/protocol.md)",
             })),
         ),
+    ];
+    let plain = vec![
         (
             vec![],
             req(1, credit("a", 5)),
@@ -516,7 +584,7 @@ fn reason_cases() -> Vec<(Machine, Vec<Step>, Step, Value)> {
         ),
         // The cancel of step 0 arrived before its try.
         (
-            machine(),
+            single(),
             vec![
                 req(2, open("a")),
                 req(3, credit("a", 10)),
@@ -526,9 +594,16 @@ fn reason_cases() -> Vec<(Machine, Vec<Step>, Step, Value)> {
             rejected(json!({ "code": "saga_cancelled" })),
         ),
     ];
-    plain
+    let on_single = |cases: Vec<(Vec<Step>, Step, Value)>| {
+        cases
+            .into_iter()
+            .map(|(setup, op, want)| (single(), setup, op, want))
+            .collect::<Vec<_>>()
+    };
+    on_single(first)
         .into_iter()
-        .map(|(setup, op, want)| (machine(), setup, op, want))
+        .chain(routing)
+        .chain(on_single(plain))
         .chain(sagas)
         .collect()
 }
@@ -710,6 +785,74 @@ fn earlier_reason_wins() {
         req(2, credit("a", I64_MAX_U + 1)),
         code("overflow"),
     );
+    // The envelope, between the op id and body checks and the command's.
+    let invalid_reply = || rejected(json!({ "code": "reply_subject_invalid", "bytes_max": 256 }));
+    let foreign = elsewhere_than(machine().partition(), "f");
+    let here = account_on(machine().partition(), "h");
+    let wrong = |name: &str| {
+        rejected(json!({ "code": "wrong_partition", "partition": owner_of_account(name) }))
+    };
+    // op_id_conflict and op_id_outside_window before reply_subject_invalid.
+    check(
+        vec![req(1, open("a"))],
+        replied(req(1, open("b")), "a.*"),
+        code("op_id_conflict"),
+    );
+    check(vec![at(10_001)], replied(req(1, open("a")), ""), too_old());
+    // malformed before reply_subject_invalid: a bad body has no trusted
+    // envelope either.
+    let Value::Object(malformed) =
+        check_outcome(single(), vec![], replied(zero_credit(id(1)), ">"))
+    else {
+        panic!("an outcome object")
+    };
+    assert_eq!(malformed["reason"]["code"], "malformed", "{malformed:?}");
+    // reply_subject_invalid before wrong_partition.
+    check_on(
+        machine(),
+        vec![],
+        replied(req(1, open(&foreign)), &"x".repeat(5_000)),
+        invalid_reply(),
+    );
+    // op_id_conflict before wrong_partition: an op id decided here, reused
+    // for a body that belongs elsewhere.
+    check_on(
+        machine(),
+        vec![req(1, open(&here))],
+        req(1, open(&foreign)),
+        code("op_id_conflict"),
+    );
+    // wrong_partition before every command check: the account is not open
+    // here, the amounts overflow, the claim is nobody's here.
+    for command in [
+        credit(&foreign, u64::MAX),
+        debit(&foreign, 1),
+        hold(&foreign, 1, Some(u64::MAX)),
+        post(&foreign, 3, None),
+        void(&foreign, 3),
+    ] {
+        check_on(machine(), vec![], req(1, command), wrong(&foreign));
+    }
+    let key_wrong =
+        rejected(json!({ "code": "wrong_partition", "partition": owner_of_key(&foreign) }));
+    check_on(
+        machine(),
+        vec![],
+        req(1, release(&foreign, "o1")),
+        key_wrong,
+    );
+}
+
+/// The outcome `op` gets on `machine` after `setup`, as JSON (for cases
+/// whose reason has a free-text detail).
+fn check_outcome(machine: Machine, setup: Vec<Step>, op: Step) -> Value {
+    let mut p = Partition::of(machine);
+    for s in setup {
+        p.step(s);
+    }
+    let (answer, _) = p.step(op).expect("the op is a message");
+    let d = answer.decision().expect("the op gets a decision");
+    serde_json::to_value(&d.outcome).expect("outcomes are JSON")
 }
 
 #[test]
@@ -925,7 +1068,7 @@ fn refusals_of_the_op_id_are_for_the_sender_only() {
     assert!(p.state.dedup(id(1)).is_some(), "nothing compacted yet");
     outside(&mut p, req(1, open("a")));
     outside(&mut p, zero_credit(id_at(1_002, 3)));
-    let horizon = machine().config().compaction_horizon_ms(T0_MS + 20_000);
+    let horizon = single().config().compaction_horizon_ms(T0_MS + 20_000);
     p.state.compact(horizon);
     assert_eq!(
         p.state.dedups().count(),
@@ -938,8 +1081,8 @@ fn refusals_of_the_op_id_are_for_the_sender_only() {
 
 #[test]
 fn a_saga_on_another_partition_than_its_op_ids_is_refused() {
-    // Proves a saga published to the wrong partition is refused at once, as malformed naming the right partition, instead of waiting out its deadline for outcomes that would go elsewhere.
-    let mut p = Partition::new();
+    // Proves a saga published to the wrong partition is refused at once, wrong_partition naming the partition of its op id, instead of waiting out its deadline for outcomes that would go elsewhere; the refusal is recorded and published and no step is sent.
+    let mut p = Partition::of(machine());
     let home = route::partition_of(
         &route::saga_routing_key(&id(1).0),
         Partitions::new(8).expect("8"),
@@ -955,12 +1098,132 @@ fn a_saga_on_another_partition_than_its_op_ids_is_refused() {
     let Answer::Decided(d) = answer else {
         panic!("decided, got {answer:?}")
     };
-    let Some(Reason::Malformed { detail }) = d.outcome.reason() else {
-        panic!("malformed, got {d:?}")
-    };
-    assert!(detail.contains(&format!("({home})")), "{detail}");
-    assert!(
-        !effects.iter().any(|e| matches!(e, Effect::Send { .. })),
-        "no step was sent: {effects:?}"
+    assert_eq!(
+        d.outcome.reason(),
+        Some(&Reason::WrongPartition {
+            partition: home.get()
+        })
     );
+    assert_eq!(
+        effects,
+        vec![Effect::Decided(d.clone())],
+        "only its decision"
+    );
+    assert_eq!(p.state.dedup(id(1)).map(|r| r.decision), Some(d));
+    assert!(p.state.saga(id(1)).is_none(), "no saga was started");
+}
+
+#[test]
+fn a_request_on_the_wrong_partition_has_no_effect() {
+    // Proves every command with a routing key, published on a partition that does not own the key, is refused wrong_partition naming the owner, changes nothing but the clock and its own dedup record (with an apology when it names a topic), is a duplicate when resent, and is confirmed on its own partition.
+    let foreign = elsewhere_than(machine().partition(), "f");
+    let partitions = Partitions::new(8).expect("8 partitions");
+    let key_owner = owner_of_key(&foreign);
+    let account_owner = owner_of_account(&foreign);
+    let commands = [
+        (open(&foreign), account_owner),
+        (credit(&foreign, 5), account_owner),
+        (debit(&foreign, 5), account_owner),
+        (hold(&foreign, 5, None), account_owner),
+        (post(&foreign, 1, None), account_owner),
+        (void(&foreign, 1), account_owner),
+        (claim(&foreign, "o1"), key_owner),
+        (release(&foreign, "o1"), key_owner),
+    ];
+    let mut p = Partition::of(machine());
+    let mut n = 10;
+    for (command, owner) in commands {
+        n += 1;
+        for topic in [None, Some(Topic::new("misrouted").expect("valid topic"))] {
+            n += 1;
+            let request = Request {
+                op_id: id(n),
+                command: command.clone(),
+                apology_topic: topic.clone(),
+            };
+            let before = p.state.clone();
+            let (answer, effects) = p.step(Step::Req(request.clone())).expect("a message");
+            let Answer::Decided(d) = &answer else {
+                panic!("decided, got {answer:?}")
+            };
+            assert_eq!(
+                d.outcome.reason(),
+                Some(&Reason::WrongPartition { partition: owner }),
+                "{command:?}"
+            );
+            let mut expected = Vec::new();
+            if let Some(topic) = topic {
+                expected.push(Effect::Apology(amends_core::partition::Apology {
+                    topic,
+                    command: command.clone(),
+                    decision: d.clone(),
+                }));
+            }
+            expected.push(Effect::Decided(d.clone()));
+            assert_eq!(effects, expected);
+            // Nothing changed but the clock and this op id's record.
+            let record = p.state.dedup(id(n)).expect("the refusal is recorded");
+            assert_eq!(&record.decision, d);
+            let mut expected_state = before;
+            expected_state.put_dedup(id(n), record);
+            expected_state.set_clock(p.state.clock());
+            assert_eq!(p.state, expected_state, "{command:?} changed the state");
+            let (again, effects) = p.step(Step::Req(request)).expect("a message");
+            assert_eq!(again, Answer::Duplicate(d.clone()));
+            assert!(effects.is_empty());
+        }
+    }
+    // On the partition that owns them, the same names are served.
+    let owner = partitions.id(account_owner).expect("a partition of 8");
+    let mut right = Partition::of(Machine::new(owner, partitions, config()));
+    let (answer, _) = right.step(req(1, open(&foreign))).expect("a message");
+    assert!(
+        matches!(&answer, Answer::Decided(d) if d.outcome.is_confirmed()),
+        "{answer:?}"
+    );
+    let owner = partitions.id(key_owner).expect("a partition of 8");
+    let mut right = Partition::of(Machine::new(owner, partitions, config()));
+    let (answer, _) = right
+        .step(req(1, claim(&foreign, "o1")))
+        .expect("a message");
+    assert!(
+        matches!(&answer, Answer::Decided(d) if d.outcome.is_confirmed()),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn forged_saga_messages_on_the_wrong_partition_are_refused() {
+    // Proves a step for an account, or a step outcome for a saga, that another partition owns is refused wrong_partition to its sender only: nothing is recorded, nothing sent, no step is tried.
+    let foreign = elsewhere_than(machine().partition(), "f");
+    let home = home_of(7).partition();
+    assert_ne!(
+        home,
+        machine().partition(),
+        "the case needs a saga that lives elsewhere"
+    );
+    let outcome = saga::outcome_request(id(7), 0, amends_core::decision::Outcome::confirmed());
+    for (message, owner) in [
+        (
+            step_msg(7, 0, Phase::Try, credit(&foreign, 5)),
+            owner_of_account(&foreign),
+        ),
+        (
+            step_msg(7, 0, Phase::Cancel, claim(&foreign, "o1")),
+            owner_of_key(&foreign),
+        ),
+        (Step::Req(outcome.clone()), home.get()),
+    ] {
+        let mut p = Partition::of(machine());
+        let (answer, effects) = p.step(message).expect("a message");
+        let Answer::Refused(d) = &answer else {
+            panic!("refused, got {answer:?}")
+        };
+        assert_eq!(
+            d.outcome.reason(),
+            Some(&Reason::WrongPartition { partition: owner })
+        );
+        assert!(effects.is_empty(), "pushed {effects:?}");
+        assert_eq!(p.state.dedups().count(), 0, "recorded {answer:?}");
+    }
 }

@@ -11,7 +11,7 @@ use amends_core::command::{
 };
 use amends_core::id::OpId;
 use amends_core::partition::{Config, Input, Machine};
-use amends_core::route::Partitions;
+use amends_core::route::{self, Partitions};
 use amends_core::wire;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -350,6 +350,14 @@ pub enum Op {
         topic: bool,
         step: Step,
     },
+    /// A new operation whose account or claim key another partition owns
+    /// (a client that routed it wrong).
+    Misrouted {
+        cmd: Cmd,
+        id: IdSpec,
+        topic: bool,
+        step: Step,
+    },
     /// An earlier message again, byte for byte.
     Duplicate { of: Pick, step: Step },
     /// An earlier operation again, same body in another JSON layout, later.
@@ -484,8 +492,13 @@ pub fn op(restarts: u32, compactions: u32) -> impl Strategy<Value = Op> {
         4 => any::<bool>().prop_map(|swap| Change::Tweak { swap }),
     ];
     prop_oneof![
-        30 => (cmd(), id_spec(), prop::bool::weighted(0.2), step())
-            .prop_map(|(cmd, id, topic, step)| Op::Fresh { cmd, id, topic, step }),
+        // One in sixteen new operations is misrouted.
+        32 => (cmd(), id_spec(), prop::bool::weighted(0.2), step(), prop::bool::weighted(1.0 / 16.0))
+            .prop_map(|(cmd, id, topic, step, misrouted)| if misrouted {
+                Op::Misrouted { cmd, id, topic, step }
+            } else {
+                Op::Fresh { cmd, id, topic, step }
+            }),
         3 => (pick(), step()).prop_map(|(of, step)| Op::Duplicate { of, step }),
         3 => (pick(), prop_oneof![1..=3000u64, 8000..=14_000u64])
             .prop_map(|(of, later_ms)| Op::Resubmit { of, later_ms }),
@@ -548,8 +561,30 @@ struct Builder {
     counter: u128,
 }
 
-fn account_id(n: u8) -> AccountId {
-    AccountId::new(format!("a{n}")).expect("valid account")
+/// The `n`-th of `<prefix>0`, `<prefix>1` ... whose routing key (as an
+/// account id, or as a claim key of namespace `user` when `key`) partition
+/// [`PARTITION`] of 8 owns (`here`), or does not own.
+fn routed(prefix: &str, n: u8, key: bool, here: bool) -> String {
+    let partitions = Partitions::new(8).expect("8 partitions");
+    let owner = |name: &str| {
+        let routing_key = if key {
+            route::claim_routing_key("user", name)
+        } else {
+            name.to_owned()
+        };
+        route::partition_of(&routing_key, partitions).get()
+    };
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|name| (owner(name) == PARTITION) == here)
+        .nth(usize::from(n))
+        .expect("names of every partition exist")
+}
+
+/// Account `n` of the universe: on the partition under test, or (`here`
+/// false) on another.
+fn account_id(n: u8, here: bool) -> AccountId {
+    AccountId::new(routed("a", n, false, here)).expect("valid account")
 }
 
 fn amount_of(v: u64) -> Amount {
@@ -612,21 +647,29 @@ impl Builder {
         }
     }
 
-    fn command(&mut self, cmd: Cmd) -> Command {
-        let hold = |b: &mut Builder, account: u8, hold: HoldRef| match hold {
-            HoldRef::Earlier { of, own_account } if !b.holds.is_empty() => {
-                let (id, on) = b.holds[of.index(b.holds.len())].clone();
-                (if own_account { on } else { account_id(account) }, id)
-            }
-            HoldRef::Recent { back } if !b.holds.is_empty() => {
-                let back = usize::from(back).min(b.holds.len().saturating_sub(1));
-                let (id, on) = b.holds.iter().rev().nth(back).expect("a hold").clone();
-                (on, id)
-            }
-            _ => (account_id(account), b.op_id(IdSpec::Offset(0))),
+    /// The command of `cmd`, on names of the partition under test (`here`)
+    /// or of others.
+    fn command(&mut self, cmd: Cmd, here: bool) -> Command {
+        let account_id = |n: u8| account_id(n, here);
+        let hold = |b: &mut Builder, account: u8, hold: HoldRef| {
+            let (on, id) = match hold {
+                HoldRef::Earlier { of, own_account } if !b.holds.is_empty() => {
+                    let (id, on) = b.holds[of.index(b.holds.len())].clone();
+                    (if own_account { on } else { account_id(account) }, id)
+                }
+                HoldRef::Recent { back } if !b.holds.is_empty() => {
+                    let back = usize::from(back).min(b.holds.len().saturating_sub(1));
+                    let (id, on) = b.holds.iter().rev().nth(back).expect("a hold").clone();
+                    (on, id)
+                }
+                _ => (account_id(account), b.op_id(IdSpec::Offset(0))),
+            };
+            // A misrouted post or void names an earlier hold on an account
+            // of another partition.
+            (if here { on } else { account_id(account) }, id)
         };
         let ns = || Namespace::new("user").expect("valid namespace");
-        let key = |k: u8| ClaimKey::new(format!("k{k}")).expect("valid key");
+        let key = |k: u8| ClaimKey::new(routed("k", k, true, here)).expect("valid key");
         let owner = |o: u8| Owner::new(format!("o{o}")).expect("valid owner");
         match cmd {
             Cmd::Open {
@@ -760,10 +803,16 @@ impl Builder {
                 id,
                 topic,
                 step,
+            }
+            | Op::Misrouted {
+                cmd,
+                id,
+                topic,
+                step,
             } => {
                 let t = self.advance(*step);
                 let op_id = self.op_id(*id);
-                let command = self.command(*cmd);
+                let command = self.command(*cmd, matches!(op, Op::Fresh { .. }));
                 let apology_topic =
                     topic.then(|| Topic::new("orders.refund").expect("valid topic"));
                 self.send_request(
@@ -842,7 +891,7 @@ impl Builder {
                                 amount: 1,
                             },
                         };
-                        let command = self.command(cmd);
+                        let command = self.command(cmd, true);
                         self.send_request(
                             t,
                             Request {

@@ -507,7 +507,7 @@ fn matches_reference() {
     run(log::ops(OPS_MAX, 0, 0), |ops| {
         let machine = log::machine();
         let mut state = MemState::new();
-        let mut model = Reference::new(PARTITION, RETENTION_MS, SKEW_MS);
+        let mut model = Reference::new(PARTITION, 8, RETENTION_MS, SKEW_MS);
         let mut books = Books::default();
         for entry in log::messages(&log::build(&ops)) {
             let Entry {
@@ -565,7 +565,8 @@ fn matches_reference() {
     // Conflicts and refusals of the op id are never `Decided`: they are
     // counted under their own answers. The model generates no sagas: their
     // reasons are covered by tests/saga_sim.rs, the reason cases and the
-    // vectors.
+    // vectors. It publishes nothing with a reply subject: the reason cases
+    // and the vectors cover `reply_subject_invalid`.
     let mut expected: Vec<&str> = Reason::CODES
         .iter()
         .filter(|c| {
@@ -573,6 +574,7 @@ fn matches_reference() {
                 **c,
                 "op_id_conflict"
                     | "op_id_outside_window"
+                    | "reply_subject_invalid"
                     | "claim_pending"
                     | "step_refused"
                     | "deadline_exceeded"
@@ -1034,4 +1036,97 @@ fn compaction_timing_never_changes_answers() {
         "compacted a hold",
         "resend of a compacted record: refused",
     ]);
+}
+
+#[test]
+fn a_claim_key_never_has_two_owners_across_partitions() {
+    // Proves uniqueness does not rest on clients routing right: claims and releases of a few keys by a few owners, each published on any of 4 partitions, leave every key claimed on at most one partition, its own; a request on another partition is refused wrong_partition naming that one.
+    use amends_core::command::{ClaimKey, Namespace, Owner};
+    use amends_core::partition::{Config, Machine};
+    use amends_core::route::{self, Partitions};
+
+    let partitions = Partitions::new(4).expect("4 partitions");
+    let key_of = |k: u8| format!("k{k}");
+    let owner_of =
+        |k: u8| route::partition_of(&route::claim_routing_key("user", &key_of(k)), partitions);
+    // Every partition owns some of the keys, so both paths are taken.
+    let homes: BTreeSet<u32> = (0..8u8).map(|k| owner_of(k).get()).collect();
+    assert!(homes.len() > 1, "the keys span partitions: {homes:?}");
+    let op = (0..8u8, 0..3u8, 0..4u32, any::<bool>());
+    run(prop::collection::vec(op, 1..=60), |ops| {
+        let config = Config::default();
+        let machines: Vec<Machine> = partitions
+            .ids()
+            .map(|p| Machine::new(p, partitions, config))
+            .collect();
+        let mut states = vec![MemState::new(); machines.len()];
+        let t0 = 1_700_000_000_000_u64;
+        for (n, (k, o, on, release)) in ops.into_iter().enumerate() {
+            let n = u64::try_from(n).expect("few ops");
+            let namespace = Namespace::new("user").expect("valid namespace");
+            let key = ClaimKey::new(key_of(k)).expect("valid key");
+            let owner = Owner::new(format!("o{o}")).expect("valid owner");
+            let command = if release {
+                Command::Release {
+                    namespace,
+                    key,
+                    owner,
+                }
+            } else {
+                Command::Claim {
+                    namespace,
+                    key,
+                    owner,
+                }
+            };
+            let on = usize::try_from(on).expect("a partition index");
+            let request = Request {
+                op_id: OpId::v7_from_parts(t0 + n, u128::from(n)),
+                command,
+                apology_topic: None,
+            };
+            let mut effects = Vec::new();
+            let answer = machines[on]
+                .apply(
+                    &mut states[on],
+                    n + 1,
+                    t0 + n,
+                    &Input::Request(request),
+                    &mut effects,
+                )
+                .map_err(|f| TestCaseError::fail(f.to_string()))?;
+            let Answer::Decided(d) = &answer else {
+                return Err(TestCaseError::fail(format!("decided, got {answer:?}")));
+            };
+            let home = owner_of(k);
+            if machines[on].partition() != home {
+                prop_assert_eq!(
+                    d.outcome.reason(),
+                    Some(&Reason::WrongPartition {
+                        partition: home.get()
+                    })
+                );
+            } else {
+                prop_assert!(
+                    !matches!(d.outcome.reason(), Some(Reason::WrongPartition { .. })),
+                    "refused on its own partition: {:?}",
+                    d
+                );
+            }
+            // Every claimed key is claimed on its own partition only.
+            for (p, state) in states.iter().enumerate() {
+                for (routing_key, _) in state.claims() {
+                    let right = route::partition_of(routing_key, partitions);
+                    prop_assert_eq!(
+                        right,
+                        machines[p].partition(),
+                        "{:?} claimed on partition {}",
+                        routing_key,
+                        p
+                    );
+                }
+            }
+        }
+        Ok(())
+    });
 }

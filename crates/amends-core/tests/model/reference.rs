@@ -9,8 +9,10 @@
 //! with plain `BTreeMap`s, `i128` arithmetic checked against the `i64`
 //! range, a linear scan for expiries, and bodies compared as values (a parsed `Request`, or the raw bytes of a
 //! malformed message) instead of fingerprints. It shares only the data types
-//! of the core (decisions, reasons, effects), so a test comparing the two
-//! compares two independent readings of the rules.
+//! of the core (decisions, reasons, effects) and the partitioner
+//! (`route::partition_of`, checked on its own against the vectors of an
+//! independent implementation), so a test comparing the two compares two
+//! independent readings of the rules.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +20,7 @@ use amends_core::command::{AccountId, Command, Owner, Request};
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
 use amends_core::partition::{Answer, Apology, Effect, Fault, HoldExpired, Input};
+use amends_core::route::{self, Partitions};
 use amends_core::state::HoldStatus;
 
 /// The detail of the refusal of a message whose op id is not a UUID v7,
@@ -75,6 +78,8 @@ pub struct Seen {
 #[derive(Clone, Debug)]
 pub struct Reference {
     partition: u32,
+    /// The deployment's partition count.
+    partitions: Partitions,
     retention_ms: u64,
     skew_ms: u64,
     /// Last applied position.
@@ -98,9 +103,10 @@ fn to_i64(v: i128) -> Option<i64> {
 
 impl Reference {
     /// An empty partition with these settings.
-    pub fn new(partition: u32, retention_ms: u64, skew_ms: u64) -> Reference {
+    pub fn new(partition: u32, partitions: u32, retention_ms: u64, skew_ms: u64) -> Reference {
         Reference {
             partition,
+            partitions: Partitions::new(partitions).expect("a valid partition count"),
             retention_ms,
             skew_ms,
             position: 0,
@@ -265,6 +271,25 @@ impl Reference {
     /// the window: the command's own checks in precedence order.
     fn decide(&mut self, req: &Request) -> Result<Outcome, Reason> {
         let now = self.now_ms;
+
+        // The partition must own the routing key: the account id, or the
+        // namespace and key joined by U+001F.
+        let routing_key = match &req.command {
+            Command::OpenAccount { account, .. }
+            | Command::Credit { account, .. }
+            | Command::Debit { account, .. }
+            | Command::Hold { account, .. }
+            | Command::Post { account, .. }
+            | Command::Void { account, .. } => account.to_string(),
+            Command::Claim { namespace, key, .. } | Command::Release { namespace, key, .. } => {
+                format!("{namespace}\u{1f}{key}")
+            }
+            _ => panic!("the model generates no sagas"),
+        };
+        let owner = route::partition_of(&routing_key, self.partitions).get();
+        if owner != self.partition {
+            return Err(Reason::WrongPartition { partition: owner });
+        }
 
         match &req.command {
             Command::Transfer { .. }
