@@ -39,8 +39,14 @@ fn route_matches_vectors() {
 
 #[test]
 fn decode_sorts_valid_malformed_and_unreadable() {
-    let valid = r#"{"op_id":"01900000-0000-7000-8000-000000000001","command":{"type":"debit","account":"alice","amount":5}}"#;
-    let (ok, out) = amends(&["decode", "-n", "16", valid]);
+    // A fresh op id: one from another day is refused now (see tests/e2e/opid.rs).
+    let (ok, op_id) = amends(&["op-id"]);
+    assert!(ok);
+    let valid = format!(
+        r#"{{"op_id":"{}","command":{{"type":"debit","account":"alice","amount":5}}}}"#,
+        op_id.trim()
+    );
+    let (ok, out) = amends(&["decode", "-n", "16", &valid]);
     assert!(ok);
     assert!(
         out.contains("valid request") && out.contains("partition"),

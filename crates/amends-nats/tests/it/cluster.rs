@@ -115,7 +115,15 @@ impl Fixture {
         let mut topology = topology("amends", partitions);
         topology.replicas = cluster::NODES;
         topology.duplicate_window = window;
-        topology::ensure(&js, &topology).await.expect("ensure");
+        // Creating R3 streams on a cluster that just elected its leaders
+        // can outlast the short timeout on a loaded machine: try again
+        // (ensure is idempotent) for a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = topology::ensure(&js, &topology).await {
+            assert!(tokio::time::Instant::now() < deadline, "ensure: {e}");
+            eprintln!("ensure on the new cluster failed, trying again: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         Fixture {
             cluster,
             js,
