@@ -164,7 +164,18 @@ impl NatsArgs {
     /// connection with backoff until it succeeds; the client then
     /// reconnects on its own for as long as it lives.
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        let servers = self.servers()?.join(",");
+        // Parsed one by one: async-nats 0.51 takes a `&str` as one URL, so
+        // a comma-separated list given as one string fails with "invalid
+        // port number".
+        let urls = self.servers()?;
+        let addrs = urls
+            .iter()
+            .map(|url| {
+                url.parse::<async_nats::ServerAddr>()
+                    .with_context(|| format!("invalid NATS URL {url:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let servers = urls.join(",");
         let mut attempt: u32 = 0;
         loop {
             attempt = attempt.saturating_add(1);
@@ -188,7 +199,7 @@ impl NatsArgs {
                     .with_context(|| format!("reading the NATS creds file {}", creds.display()))?;
             }
             options = self.tls.apply(options)?;
-            match options.connect(servers.as_str()).await {
+            match options.connect(addrs.clone()).await {
                 Ok(client) => return Ok(client),
                 Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
                     return Err(e).with_context(|| format!("invalid NATS URL in {servers:?}"));

@@ -12,14 +12,14 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use serde_json::Value;
 
-use crate::support::{AMENDS, Serve, Server, client};
+use crate::support::{AMENDS, Nats, Serve, Server, client};
 use crate::{TRIES, TRY_TIMEOUT, request};
 
 const PARTITIONS: u32 = 4;
 
-pub(crate) fn audit(server: &Server) -> Output {
+pub(crate) fn audit(server: &impl Nats) -> Output {
     Command::new(AMENDS)
-        .args(["audit", "--nats-url", &server.url()])
+        .args(["audit", "--nats-url", &server.nats_url()])
         .output()
         .unwrap()
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use amends_client::{Client, Decision, Request};
 use serde_json::Value;
 
-use crate::support::{Serve, Server, assert_exits_saying, client};
+use crate::support::{Nats, Serve, Server, assert_exits_saying, client};
 use crate::{TRIES, TRY_TIMEOUT, decisions_stream, submit_all};
 
 const PARTITIONS: u32 = 4;
@@ -37,7 +37,7 @@ async fn publish_paced(client: &Client, requests: &[Request]) -> Vec<u64> {
 }
 
 /// Every message of the decisions stream, grouped by op id.
-async fn decisions_by_op(server: &Server) -> BTreeMap<String, Vec<Value>> {
+async fn decisions_by_op(server: &impl Nats) -> BTreeMap<String, Vec<Value>> {
     let mut seen: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for m in decisions_stream(server).await {
         let id = m["op_id"].as_str().unwrap_or_default().to_owned();
@@ -50,7 +50,7 @@ async fn decisions_by_op(server: &Server) -> BTreeMap<String, Vec<Value>> {
 /// op, equal to the one its client got, and that `amends audit` exits 0;
 /// returns the stream's decisions by op id.
 async fn assert_decided_once_and_audited(
-    server: &Server,
+    server: &impl Nats,
     answers: &[(Request, Decision)],
 ) -> BTreeMap<String, Vec<Value>> {
     let seen = decisions_by_op(server).await;
@@ -304,4 +304,66 @@ async fn a_full_disk_stops_serve_with_the_error_and_a_restart_recovers_losing_no
     }
     assert_decided_once_and_audited(&server, &answers).await;
     serve.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_serve_survives_a_killed_stream_leader_losing_and_doubling_nothing() {
+    // Proves the whole service on a 3-node JetStream cluster with 3 replicas: `amends serve --replicas 3` decides a mixed load from 32 resubmitting clients while the node leading the decisions stream is SIGKILLed and, once the load has gone on without it, restarted; every op is decided exactly once (the decision its client got), the decisions stream stays in position order per partition, and `amends audit` re-derives every decision.
+    let started = Instant::now();
+    let mut cluster = amends_nats::test_support::cluster::Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start_with(
+        &cluster,
+        &dir.path().join("data"),
+        PARTITIONS,
+        &["--replicas", "3"],
+    );
+    let client = client(&cluster, PARTITIONS).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut answers = submit_all(&client, &crate::open_accounts(), &done).await;
+
+    const OPS: usize = 1_200;
+    let work = crate::workload(OPS);
+    let load = {
+        let (client, work, done) = (client.clone(), work.clone(), Arc::clone(&done));
+        tokio::spawn(async move { submit_all(&client, &work, &done).await })
+    };
+    let base = done.load(std::sync::atomic::Ordering::Relaxed);
+    serve
+        .wait_for(&done, base + OPS / 4, Duration::from_secs(60))
+        .await;
+    let js = async_nats::jetstream::new(cluster.connect().await);
+    let leader = cluster.stream_leader(&js, "AMENDS_DEC").await;
+    eprintln!("killing node {leader}, the decisions stream's leader");
+    cluster.kill9(leader);
+    serve
+        .wait_for(&done, base + OPS / 2, Duration::from_secs(60))
+        .await;
+    cluster.restart(leader);
+    let worked = tokio::time::timeout(Duration::from_secs(90), load)
+        .await
+        .unwrap_or_else(|_| panic!("workload stuck; serve log:\n{}", serve.log()))
+        .unwrap();
+    answers.extend(worked);
+    assert_eq!(answers.len(), crate::ACCOUNTS + OPS);
+    cluster.wait_stream_current(&js, "AMENDS_DEC").await;
+
+    // Per partition, the decisions are on the stream in position order.
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for d in decisions_stream(&cluster).await {
+        let (p, pos) = (
+            d["partition"].as_u64().unwrap(),
+            d["position"].as_u64().unwrap(),
+        );
+        let before = last.insert(p, pos).unwrap_or(0);
+        assert!(pos > before, "partition {p}: position {pos} after {before}");
+    }
+    assert_decided_once_and_audited(&cluster, &answers).await;
+    let mut serve = serve;
+    serve.assert_running();
+    eprintln!(
+        "{} ops on R3, leader killed: {:?}",
+        answers.len(),
+        started.elapsed()
+    );
 }

@@ -27,7 +27,7 @@ use amends_core::decision::Outcome;
 use async_nats::jetstream;
 use serde_json::Value;
 
-use support::{AMENDS, Serve, Server, client};
+use support::{AMENDS, Nats, Serve, Server, client};
 
 const PARTITIONS: u32 = 4;
 const ACCOUNTS: usize = 40;
@@ -132,8 +132,8 @@ async fn submit_all(
 }
 
 /// Every message of the decisions stream, as JSON, in stream order.
-async fn decisions_stream(server: &Server) -> Vec<Value> {
-    let nats = amends_nats::test_support::connect(server).await;
+async fn decisions_stream(server: &impl Nats) -> Vec<Value> {
+    let nats = server.connect().await;
     let js = jetstream::new(nats);
     let stream = js.get_stream("AMENDS_DEC").await.unwrap();
     let last = stream.get_info().await.unwrap().state.last_sequence;

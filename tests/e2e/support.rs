@@ -10,6 +10,33 @@ use amends_client::{Client, Options};
 use amends_core::route::Partitions;
 
 pub use amends_nats::test_support::Server;
+use amends_nats::test_support::cluster::{self, Cluster};
+
+/// Where a test's deployment lives: one nats-server, or a 3-node cluster.
+pub trait Nats {
+    /// The URLs to give `--nats-url` (comma-separated for a cluster).
+    fn nats_url(&self) -> String;
+    /// A raw NATS client that reconnects quickly.
+    fn connect(&self) -> impl std::future::Future<Output = async_nats::Client>;
+}
+
+impl Nats for Server {
+    fn nats_url(&self) -> String {
+        self.url()
+    }
+    async fn connect(&self) -> async_nats::Client {
+        amends_nats::test_support::connect(self).await
+    }
+}
+
+impl Nats for Cluster {
+    fn nats_url(&self) -> String {
+        self.urls().join(",")
+    }
+    async fn connect(&self) -> async_nats::Client {
+        cluster::connect(self).await
+    }
+}
 
 /// The built binary.
 pub const AMENDS: &str = env!("CARGO_BIN_EXE_amends");
@@ -28,16 +55,21 @@ impl Serve {
     /// `partitions` partitions and a 1 s duplicate window (so that a
     /// resubmission after a crash that lost a reply reaches the log and is
     /// answered from the dedup records).
-    pub fn start(server: &Server, data_dir: &Path, partitions: u32) -> Serve {
+    pub fn start(server: &impl Nats, data_dir: &Path, partitions: u32) -> Serve {
         Serve::start_with(server, data_dir, partitions, &[])
     }
 
     /// [`Serve::start`] with more flags.
-    pub fn start_with(server: &Server, data_dir: &Path, partitions: u32, more: &[&str]) -> Serve {
+    pub fn start_with(
+        server: &impl Nats,
+        data_dir: &Path,
+        partitions: u32,
+        more: &[&str],
+    ) -> Serve {
         let mut args = vec![
             "serve".to_owned(),
             "--nats-url".to_owned(),
-            server.url(),
+            server.nats_url(),
             "--data-dir".to_owned(),
             data_dir.display().to_string(),
             "--partitions".to_owned(),
@@ -159,10 +191,11 @@ impl Drop for Serve {
 
 /// A client of the deployment, once `amends serve` has created it (the
 /// client reads the partition count from the meta bucket).
-pub async fn client(server: &Server, partitions: u32) -> Client {
+pub async fn client(server: &impl Nats, partitions: u32) -> Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut options = Options::new(server.url());
+        let mut options = Options::new(String::new());
+        options.servers = server.nats_url().split(',').map(str::to_owned).collect();
         options.name = Some("e2e".to_owned());
         match Client::connect(options).await {
             Ok(client) => {
