@@ -12,7 +12,7 @@ use amends_client::{Client, Decision, Request};
 use serde_json::Value;
 
 use crate::support::{Serve, Server, client};
-use crate::{TRIES, TRY_TIMEOUT, decisions_stream, submit_all};
+use crate::{TRIES, TRY_TIMEOUT, submit_all};
 
 const PARTITIONS: u32 = 4;
 /// The paced load: this many operations, one every `PACE`.
@@ -38,12 +38,8 @@ async fn publish_paced(client: &Client, requests: &[Request]) -> Vec<u64> {
 
 /// Every message of the decisions stream, grouped by op id.
 async fn decisions_by_op(server: &Server) -> BTreeMap<String, Vec<Value>> {
-    let mut seen: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for m in decisions_stream(server).await {
-        let id = m["op_id"].as_str().unwrap_or_default().to_owned();
-        seen.entry(id).or_default().push(m);
-    }
-    seen
+    let js = async_nats::jetstream::new(amends_nats::test_support::connect(server).await);
+    amends_nats::test_support::decisions::decisions_by_op(&js, &Default::default()).await
 }
 
 /// Waits up to `within` for `serve` to exit on its own; fails unless it
