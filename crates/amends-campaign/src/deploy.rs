@@ -46,6 +46,8 @@ pub struct Audit {
     pub passed: bool,
     /// Its last line (the verdict), or the first failure.
     pub summary: String,
+    /// Its first warning, if any.
+    pub warning: Option<String>,
 }
 
 impl Deployment {
@@ -110,9 +112,14 @@ impl Deployment {
             .or_else(|| stdout.lines().rev().find(|l| !l.trim().is_empty()))
             .map(str::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        let warning = stdout
+            .lines()
+            .find(|l| l.starts_with("warning:"))
+            .map(str::to_owned);
         Ok(Audit {
             passed: out.status.success(),
             summary,
+            warning,
         })
     }
 

@@ -226,6 +226,9 @@ fn print_report(r: &Report) {
         if r.audit.passed { "passed" } else { "FAILED" },
         r.audit.summary
     );
+    if let Some(w) = &r.audit.warning {
+        println!("audit's first {w}");
+    }
     println!(
         "took {:.0} s: {}",
         r.elapsed.as_secs_f64(),
