@@ -38,12 +38,8 @@ async fn publish_paced(client: &Client, requests: &[Request]) -> Vec<u64> {
 
 /// Every message of the decisions stream, grouped by op id.
 async fn decisions_by_op(server: &impl Nats) -> BTreeMap<String, Vec<Value>> {
-    let mut seen: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for m in decisions_stream(server).await {
-        let id = m["op_id"].as_str().unwrap_or_default().to_owned();
-        seen.entry(id).or_default().push(m);
-    }
-    seen
+    let js = async_nats::jetstream::new(server.connect().await);
+    amends_nats::test_support::decisions::decisions_by_op(&js, &Default::default()).await
 }
 
 /// Checks that the decisions stream holds exactly one decision per answered

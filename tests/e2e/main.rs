@@ -133,19 +133,8 @@ async fn submit_all(
 
 /// Every message of the decisions stream, as JSON, in stream order.
 async fn decisions_stream(server: &impl Nats) -> Vec<Value> {
-    let nats = server.connect().await;
-    let js = jetstream::new(nats);
-    let stream = js.get_stream("AMENDS_DEC").await.unwrap();
-    let last = stream.get_info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(m) = stream.get_raw_message(seq).await
-            && amends_nats::test_support::is_decision_subject(&Default::default(), &m.subject)
-        {
-            out.push(serde_json::from_slice(&m.payload).unwrap());
-        }
-    }
-    out
+    let js = jetstream::new(server.connect().await);
+    amends_nats::test_support::decisions::decisions(&js, &Default::default()).await
 }
 
 /// Replays the decisions of one partition's accounts and claims in log

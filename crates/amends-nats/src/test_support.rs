@@ -17,6 +17,9 @@
 //! A server is a child of the test process and in its process group, so a
 //! test runner that kills a timed-out test's group kills the server too.
 
+pub mod decisions;
+pub mod serve;
+
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -288,10 +291,15 @@ enum Exit {
 /// `<repo>/.tools/bin/nats-server`. Panics with [`NOT_FOUND`] if neither
 /// exists.
 pub fn binary() -> PathBuf {
-    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server");
-    locate(std::env::var_os(SERVER_ENV), fallback).unwrap_or_else(|tried| {
+    try_binary().unwrap_or_else(|tried| {
         panic!("{NOT_FOUND} (looked at: {tried})");
     })
+}
+
+/// [`binary`] without the panic: the binary, or the places looked at.
+pub fn try_binary() -> Result<PathBuf, String> {
+    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server");
+    locate(std::env::var_os(SERVER_ENV), fallback)
 }
 
 /// The first of `env` and `fallback` that is a file, or the list of the
