@@ -228,7 +228,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         partitions.ids().map(|id| (prefix.dec(id), id)).collect();
     let owner_subjects: std::collections::HashSet<String> =
         partitions.ids().map(|id| prefix.owner(id)).collect();
-    let mut published: HashMap<OpId, Vec<(u64, Decision)>> = HashMap::new();
+    // Decisions by partition and op id: dedup is per partition, so an op id
+    // a client published on two partitions is decided on each.
+    let mut published: HashMap<(u32, OpId), Vec<(u64, Decision)>> = HashMap::new();
     let mut published_expiries: HashMap<OpId, Vec<(u64, HoldExpired)>> = HashMap::new();
     read_stream(
         &dec_stream,
@@ -248,9 +250,10 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
                 return;
             }
             match decode_published(&message.payload) {
-                Some(Published::Decision(d)) => {
-                    published.entry(d.op_id).or_default().push((seq, d))
-                }
+                Some(Published::Decision(d)) => published
+                    .entry((d.partition, d.op_id))
+                    .or_default()
+                    .push((seq, d)),
                 Some(Published::HoldExpired(e)) => published_expiries
                     .entry(e.event_id)
                     .or_default()
@@ -374,19 +377,21 @@ fn decode_published(bytes: &[u8]) -> Option<Published> {
 /// Compares what the log re-derives with what the decisions stream holds.
 fn compare(
     replays: &mut [Replay],
-    published: &HashMap<OpId, Vec<(u64, Decision)>>,
+    published: &HashMap<(u32, OpId), Vec<(u64, Decision)>>,
     published_expiries: &HashMap<OpId, Vec<(u64, HoldExpired)>>,
     findings: &mut Findings,
 ) {
-    let mut derived: HashMap<OpId, u32> = HashMap::new();
+    let mut derived: HashMap<(u32, OpId), u64> = HashMap::new();
+    let mut decided_on: BTreeMap<OpId, Vec<u32>> = BTreeMap::new();
     let mut derived_events: HashMap<OpId, u32> = HashMap::new();
     for r in replays.iter_mut() {
         let p = r.machine.partition();
         for (pos, d) in &r.decisions {
-            if derived.insert(d.op_id, p.get()).is_some() {
+            if derived.insert((p.get(), d.op_id), *pos).is_some() {
                 findings.fail(format!("op {}: re-derived twice (partition {p})", d.op_id));
             }
-            match published.get(&d.op_id) {
+            decided_on.entry(d.op_id).or_default().push(p.get());
+            match published.get(&(p.get(), d.op_id)) {
                 None if *pos <= r.ack_floor => findings.fail(format!(
                     "op {}: decided at partition {p} position {pos} (acknowledged by the worker) but not on the decisions stream",
                     d.op_id
@@ -457,6 +462,15 @@ fn compare(
             }
         }
     }
+    // One op id decided on several partitions: its client published it on
+    // each (every decision above matched its own partition's log). The
+    // service cannot see that (dedup is per partition), so it is the
+    // client's to fix; it is reported, and does not fail the audit.
+    for (op_id, on) in decided_on.iter().filter(|(_, on)| on.len() > 1) {
+        findings.warn(format!(
+            "op {op_id}: decided on partitions {on:?}, one decision each: a client published this op id on more than one partition (op ids are deduplicated per partition; after wrong_partition, submit again under a new op id)"
+        ));
+    }
     // Published but never derived: forged, or from a log that lost messages.
     // Decisions of messages past what was read are the service running on.
     let applied_by: HashMap<u32, u64> = replays
@@ -465,8 +479,8 @@ fn compare(
         .collect();
     let read_up_to = |partition: u32| applied_by.get(&partition).copied().unwrap_or(0);
     let mut extra: BTreeMap<String, String> = BTreeMap::new();
-    for (op_id, copies) in published {
-        if derived.contains_key(op_id) {
+    for ((partition, op_id), copies) in published {
+        if derived.contains_key(&(*partition, *op_id)) {
             continue;
         }
         for (seq, d) in copies {

@@ -360,3 +360,68 @@ async fn audit_fails_a_decision_that_is_on_the_decisions_stream_twice() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_warns_of_an_op_id_a_client_used_on_two_partitions_and_fails_a_forged_copy() {
+    // Proves the audit compares decisions partition by partition: one op id that a client published on two partitions (an account of each; past the 1 s duplicate window so both reach the log) is decided on each, which the audit reports as a warning naming the op id and both partitions, passing, where it failed before; a copy of one of them forged onto the other partition's subject still fails it.
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _serve = Serve::start(&server, &dir.path().join("data"), PARTITIONS);
+    let client = client(&server, PARTITIONS).await;
+    let (a, b) = accounts_on_two_partitions();
+    let op_id = Client::new_op_id();
+    let open = |account: &AccountId| Request {
+        op_id,
+        command: Cmd::OpenAccount {
+            account: account.clone(),
+            floor: 0,
+            ceiling: None,
+        },
+        apology_topic: None,
+    };
+    let first = decide(&client, &open(&a)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let second = decide(&client, &open(&b)).await;
+    assert_ne!(first["partition"], second["partition"]);
+    assert_eq!(first["outcome"], "confirmed", "{first}");
+    assert_eq!(second["outcome"], "confirmed", "{second}");
+
+    let out = audit(&server);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{out:?}");
+    let warned: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(&op_id.to_string()))
+        .collect();
+    assert_eq!(warned.len(), 1, "{stdout}");
+    assert!(
+        warned[0].contains("decided on partitions")
+            && warned[0].contains("more than one partition"),
+        "{stdout}"
+    );
+
+    // The first partition's decision, forged onto the second's subject.
+    let js = jetstream::new(amends_nats::test_support::connect(&server).await);
+    let mut forged = first.clone();
+    forged["partition"] = second["partition"].clone();
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "forged-on-the-other-partition");
+    js.publish_with_headers(
+        format!("amends.dec.{}", second["partition"]),
+        headers,
+        serde_json::to_vec(&forged).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let out = audit(&server);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAILED") && l.contains(&op_id.to_string())),
+        "{stdout}"
+    );
+}
