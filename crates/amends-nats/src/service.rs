@@ -365,6 +365,7 @@ pub fn is_fatal(error: &worker::Error) -> bool {
         error,
         worker::Error::LogBehind { .. }
             | worker::Error::LogChanged { .. }
+            | worker::Error::LogHole { .. }
             | worker::Error::Fenced { .. }
             | worker::Error::Misconfigured(_)
             | worker::Error::Topology(_)

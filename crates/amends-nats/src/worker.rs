@@ -169,6 +169,23 @@ pub enum Error {
         /// What the stream holds there now.
         found: String,
     },
+    /// Messages are missing from the requests stream (deleted, or purged
+    /// from its head) at sequences above what this partition had applied
+    /// when it last looked (see [`check_holes`]): a request of this
+    /// partition may be among them, and deciding on would skip it
+    /// silently. The partition stops until an operator looks (README,
+    /// "When a partition stops").
+    #[error(
+        "partition {partition}: the log has a hole: {missing} above position {from} (a request of this partition may be among them)"
+    )]
+    LogHole {
+        /// The partition.
+        partition: u32,
+        /// The position up to which the log was checked before.
+        from: u64,
+        /// Which sequences are missing, for a human.
+        missing: String,
+    },
     /// A decision write was refused by the fence: a newer owner published
     /// its ownership record for this partition (error 10071 on the fenced
     /// publish). This worker is not the partition's writer any more; it
@@ -330,6 +347,7 @@ pub async fn run_partition(
         epoch: 0,
         fence_pipelined: false,
         catch_up: None,
+        holes_checked: 0,
     };
 
     let applied = worker.store()?.clock().position;
@@ -354,6 +372,20 @@ pub async fn run_partition(
     }
     let subject = topology.prefix.req(id);
     check_tail(&stream, &subject, p, worker.store()?.clock()).await?;
+    // Holes in the log: a store that starts empty takes the log as it is
+    // (an operator chose to replay it), else what it applied was checked.
+    if applied == 0 {
+        let store = worker.store()?;
+        store
+            .accept_log_up_to(last)
+            .map_err(|e| worker.store_error(e))?;
+    }
+    let accepted = worker
+        .store()?
+        .log_accepted()
+        .map_err(|e| worker.store_error(e))?;
+    worker.holes_checked = applied.max(accepted);
+    check_holes(&stream, p, worker.holes_checked).await?;
     // From here on this worker is the partition's writer: an older one's
     // decision writes are refused by the server.
     worker.epoch = claim_ownership(js, &topology.prefix, id).await?;
@@ -496,6 +528,8 @@ async fn pump(
                 // Idle is when the tail is looked at again: a trim or a
                 // rollback of the log while the partition runs.
                 check_tail(stream, subject, p, worker.store()?.clock()).await?;
+                check_holes(stream, p, worker.holes_checked).await?;
+                worker.holes_checked = worker.holes_checked.max(worker.store()?.clock().position);
                 if suspect.is_some_and(|seen| seen > delivered) {
                     tracing::warn!(
                         partition = p,
@@ -611,6 +645,54 @@ async fn check_tail(
         ));
     }
     Ok(())
+}
+
+/// Looks for messages missing from the requests stream above `from`: the
+/// sequences JetStream lists as deleted, and those before its first
+/// sequence (a purge of its head). The requests stream never loses a
+/// message on its own (limits retention, no age or size limit), so a
+/// missing one was deleted or purged by hand, or lost with the server's
+/// disk, and one of this partition's requests may be among them: a
+/// consumer skips such a hole without a word. Interior messages of other
+/// partitions cannot be told apart (a deleted message has no subject any
+/// more), so any hole above `from` stops the partition.
+async fn check_holes(stream: &jetstream::stream::Stream, p: u32, from: u64) -> Result<(), Error> {
+    let info = stream
+        .info_builder()
+        .with_deleted(true)
+        .fetch()
+        .await
+        .map_err(|e| nats_error(p, "stream info")(Box::new(e)))?
+        .info;
+    let state = &info.state;
+    let mut missing: Vec<String> = Vec::new();
+    let head_end = state.first_sequence.saturating_sub(1);
+    if head_end > from && state.messages > 0 {
+        missing.push(format!("{}..={head_end}", from.saturating_add(1)));
+    }
+    let mut deleted: Vec<u64> = state
+        .deleted
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|&s| s > from)
+        .collect();
+    deleted.sort_unstable();
+    let count = deleted.len();
+    missing.extend(deleted.iter().take(10).map(u64::to_string));
+    if count > 10 {
+        missing.push(format!("and {} more", count - 10));
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let missing = format!("sequences {} missing", missing.join(", "));
+    tracing::error!(partition = p, from, %missing, "messages are missing from the requests stream; stopping the partition");
+    Err(Error::LogHole {
+        partition: p,
+        from,
+        missing,
+    })
 }
 
 /// A JetStream timestamp (nanoseconds since the Unix epoch) as log time:
@@ -816,6 +898,10 @@ struct Worker {
     /// pipelined writes would land out of position order; there each is
     /// written alone, after the one before it is acknowledged.
     fence_pipelined: bool,
+    /// The requests-stream sequence up to which no missing message is a
+    /// fault (see [`check_holes`]): what this partition had applied when
+    /// it last looked, or what its store accepted when it started empty.
+    holes_checked: u64,
     /// Set while the store is behind what the decisions stream holds.
     catch_up: Option<Arc<CatchUp>>,
 }

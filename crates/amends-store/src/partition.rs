@@ -133,6 +133,8 @@ pub enum Record {
     /// The decisions-stream sequence published through at the last
     /// confirmation.
     DecisionsPublished(u64),
+    /// See [`Partition::log_accepted`].
+    LogAccepted(u64),
     /// An account.
     Account(AccountId, Account),
     /// A claim, by claim routing key (`namespace` U+001F `key`).
@@ -446,6 +448,35 @@ impl Partition {
         }
     }
 
+    /// The requests-stream sequence up to which messages missing from the
+    /// stream (deleted or purged) were accepted, 0 if none: a store that
+    /// started empty accepts the log as it found it (its operator chose to
+    /// replay that log), so a driver that looks for holes in the log only
+    /// counts those above both this and the applied position.
+    pub fn log_accepted(&self) -> Result<u64> {
+        match self
+            .tree
+            .get(codec::KEY_LOG_ACCEPTED)
+            .map_err(|e| Error::storage("read", e))?
+        {
+            None => Ok(0),
+            Some(v) => codec::decode_u64(codec::KEY_LOG_ACCEPTED, &v),
+        }
+    }
+
+    /// Records [`Self::log_accepted`] (kept if `sequence` is lower). Made
+    /// durable by the next commit's flush; lost in a crash before one, the
+    /// store is still empty and the driver records it again.
+    pub fn accept_log_up_to(&self, sequence: u64) -> Result<()> {
+        if sequence <= self.log_accepted()? {
+            return Ok(());
+        }
+        self.tree
+            .insert(codec::KEY_LOG_ACCEPTED, codec::encode_u64(sequence))
+            .map_err(|e| Error::storage("accept the log", e))?;
+        Ok(())
+    }
+
     /// [`Self::outbox_confirm`], recording in the same write the highest
     /// decisions-stream sequence the confirmed entries were stored at
     /// (kept if lower than the one recorded).
@@ -599,8 +630,10 @@ impl Partition {
                 Record::Expiry(k) => mem.put_expiry(k, true),
                 Record::Hold(op, h) => mem.put_hold(op, h),
                 Record::Saga(op, s) => mem.put_saga(op, s),
-                Record::OutboxConfirmed(_) | Record::DecisionsPublished(_) | Record::Outbox(..) => {
-                }
+                Record::OutboxConfirmed(_)
+                | Record::DecisionsPublished(_)
+                | Record::LogAccepted(_)
+                | Record::Outbox(..) => {}
             }
         }
         Ok(mem)
@@ -771,6 +804,9 @@ impl Records {
         }
         if k == codec::KEY_PUBLISHED {
             return Ok(Record::DecisionsPublished(codec::decode_u64(k, v)?));
+        }
+        if k == codec::KEY_LOG_ACCEPTED {
+            return Ok(Record::LogAccepted(codec::decode_u64(k, v)?));
         }
         match k.first().copied() {
             Some(codec::PREFIX_ACCOUNT) => {

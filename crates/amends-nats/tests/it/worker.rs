@@ -793,6 +793,79 @@ async fn a_partition_whose_log_tail_is_deleted_stops_running_and_at_start() {
     .await;
 }
 
+#[tokio::test]
+async fn a_request_deleted_from_the_log_before_it_was_applied_stops_the_partition() {
+    // Proves a hole in the middle of a partition's log is not skipped silently: with the worker stopped after two decisions, three credits are published and the middle one is deleted from the stream; the worker restarted on its store stops at once with LogHole naming the deleted sequence, deciding none of the three; a running, idle worker stops the same way when a message above its applied position is deleted; and a store that starts empty (the operator's recovery: replay the log as it is) accepts the hole, decides the other credits and serves on, also after a restart.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let (store, task) = fx.spawn_worker(Options::default());
+        open_accounts(&fx, &["a", "b"]).await;
+        task.abort();
+        let _ = task.await;
+        drop(store);
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let id = op_id();
+            let body = request(&id, json!({"type": "credit", "account": "a", "amount": 5}));
+            seqs.push(fx.publish(&id, None, body).await);
+        }
+        let requests = fx.topology.prefix.stream_name(Stream::Requests);
+        let stream = fx.js.get_stream(&requests).await.expect("stream");
+        stream
+            .delete_message(seqs[1])
+            .await
+            .expect("delete a request");
+
+        let store = open_store(fx.dir.path());
+        match run_until_stopped(&fx, &store).await {
+            worker::Error::LogHole {
+                partition: 0,
+                from: 2,
+                missing,
+            } => assert_eq!(missing, format!("sequences {} missing", seqs[1])),
+            other => panic!("expected LogHole, got {other:?}"),
+        }
+        assert_eq!(fx.decisions(2).await.len(), 2, "nothing more was decided");
+        drop(store);
+
+        // A store that starts empty replays the log as it is now.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let store = open_store(fresh.path());
+        let task = spawn_on(&fx, &store);
+        let decided = fx.decisions(4).await;
+        assert_eq!(decided.len(), 4, "{decided:?}");
+        assert!(!task.is_finished(), "the fresh store serves on");
+        task.abort();
+        let _ = task.await;
+        let task = spawn_on(&fx, &store);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!task.is_finished(), "and again after a restart");
+
+        // Running and idle: a message above what it applied is deleted (a
+        // message of a subject no partition of this topology reads).
+        let other = fx
+            .js
+            .publish("amends.req.9", "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("puback")
+            .sequence;
+        stream.delete_message(other).await.expect("delete");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the running worker noticed the hole")
+            .expect("the task ran");
+        match stopped {
+            worker::Error::LogHole { missing, .. } => {
+                assert_eq!(missing, format!("sequences {other} missing"));
+            }
+            other => panic!("expected LogHole, got {other:?}"),
+        }
+    })
+    .await;
+}
+
 /// Spawns partition 0's worker on `store`; the task returns why it stopped.
 fn spawn_on(fx: &Fixture, store: &Store) -> JoinHandle<worker::Error> {
     let (js, topology) = (fx.js.clone(), fx.topology.clone());
