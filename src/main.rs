@@ -33,8 +33,21 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "amends", version, about)]
 struct Cli {
+    /// How log lines are written to stderr: `text` (colour only on a
+    /// terminal) or `json` (one object a line, for log collectors).
+    #[arg(long, global = true, env = "AMENDS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +132,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let init_logging = |default: &str| init_logging(default, cli.log_format);
     match cli.command {
         Cmd::Dev(args) => {
             init_logging("warn");
@@ -246,14 +260,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (else `default`).
-fn init_logging(default: &str) {
+/// Logs to stderr, filtered by `RUST_LOG` (else `default`), as `format`
+/// says; colour codes only when stderr is a terminal (not in log files).
+fn init_logging(default: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -7,6 +7,9 @@ use amends_nats::metrics;
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
+/// 1, labelled `version`: which binary exports these metrics.
+pub const BUILD_INFO: &str = "amends_build_info";
+
 /// Histogram buckets of the durations, in seconds: from 100 µs (a deferred
 /// commit) to 10 s (a publish stuck behind a reconnect).
 const SECONDS_BUCKETS: &[f64] = &[
@@ -36,5 +39,10 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         .install()
         .with_context(|| format!("serving metrics on {addr}"))?;
     metrics::describe();
+    ::metrics::describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the version of this amends binary."
+    );
+    ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
 }

@@ -65,3 +65,52 @@ fn decode_sorts_valid_malformed_and_unreadable() {
     assert!(!ok);
     assert!(out.contains("dead letter"), "{out}");
 }
+
+#[test]
+fn log_format_json_writes_one_object_a_line_without_colour() {
+    // Proves --log-format json: serve, pointed at a port where nothing listens, logs its retries as JSON objects (level, fields, message), one a line, with no colour codes; the default text format into a file has no colour codes either.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    for json in [true, false] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_amends"));
+        if json {
+            command.args(["--log-format", "json"]);
+        }
+        let log = dir.path().join(format!("serve-{json}.log"));
+        let mut child = command
+            .args(["serve", "--nats-url", &format!("nats://127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--partitions", "1"])
+            .env_remove("AMENDS_LOG_FORMAT")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("cannot connect to NATS yet")
+        {
+            assert!(std::time::Instant::now() < deadline, "no retry logged");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains('\u{1b}'), "colour codes in a file:\n{text}");
+        if json {
+            for line in text.lines() {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert_eq!(v["level"], "WARN", "{line}");
+                assert!(v["fields"]["message"].is_string(), "{line}");
+            }
+        }
+    }
+}

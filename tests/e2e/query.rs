@@ -125,6 +125,62 @@ async fn queries_cli_exit_codes_and_metrics_after_a_workload() {
     let serve = ServeWithMetrics::start(&server, dir.path(), &metrics_addr);
     let client = client(&server, PARTITIONS).await;
 
+    // Before any traffic: every partition's counters are there at zero,
+    // with the build info, so a rate over them misses no first event.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let zero = |text: &str, name: &str, p: u32| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("{name}{{partition=\"{p}\"")) && l.ends_with(" 0"))
+    };
+    let before = loop {
+        match scrape(&metrics_addr) {
+            Some(text) if zero(&text, "amends_duplicates_total", PARTITIONS - 1) => break text,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("no zero counters: {other:?}\n{}", serve.log()),
+        }
+    };
+    for p in 0..PARTITIONS {
+        for name in [
+            "amends_duplicates_total",
+            "amends_conflicts_total",
+            "amends_dead_letters_total",
+            "amends_apologies_total",
+            "amends_optimistic_total",
+            "amends_partition_restarts_total",
+            "amends_fence_busy_total",
+        ] {
+            assert!(
+                zero(&before, name, p),
+                "{name} of partition {p} at 0:\n{before}"
+            );
+        }
+    }
+    assert_eq!(
+        sample_sum(
+            &before,
+            "amends_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0,
+        "{before}"
+    );
+    // The micro service's metadata names the deployment and the instance.
+    let nats = amends_nats::test_support::connect(&server).await;
+    let info = nats.request("$SRV.INFO.amends", "".into()).await.unwrap();
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["metadata"]["prefix"], "amends", "{info}");
+    assert_eq!(
+        info["metadata"]["partitions"],
+        PARTITIONS.to_string(),
+        "{info}"
+    );
+    assert!(
+        info["metadata"]["instance"]
+            .as_str()
+            .is_some_and(|i| i.ends_with(&format!(":{}", serve.child.id()))),
+        "{info}"
+    );
+
     let alice_partition = partition_of("alice", client.partitions());
     // An unreadable message: a dead letter, first in alice's partition (the
     // applied position moves past it like past any message).
@@ -324,6 +380,9 @@ async fn queries_cli_exit_codes_and_metrics_after_a_workload() {
         ]
         .map(|(s, q)| (s.to_owned(), q.to_owned()))
     );
+
+    // A log file gets no colour codes.
+    assert!(!serve.log().contains('\u{1b}'), "{}", serve.log());
 
     // /metrics: the exact counts of the workload.
     let deadline = Instant::now() + Duration::from_secs(10);

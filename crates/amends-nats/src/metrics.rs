@@ -4,6 +4,8 @@
 //! without one costs next to nothing.
 //!
 //! Every metric is labelled `partition` (the partition number in decimal).
+//! The counters without an outcome or reason label are registered at 0 for
+//! every partition when the service starts (`register_partition`).
 //! Counters count what happened in this process since it started; the
 //! apology rate is `rate(amends_apologies_total)` over
 //! `rate(amends_optimistic_total)`.
@@ -234,6 +236,27 @@ pub(crate) fn partition_state(partition: PartitionId, state: &str, restarted: bo
     if restarted {
         metrics::counter!(PARTITION_RESTARTS, "partition" => p).increment(1);
     }
+}
+
+/// Registers the counters of `partition` at zero, so that each is
+/// exported from the start (a rate over a series that appears only at
+/// its first event misses that event, and an absent series looks like a
+/// broken exporter). Labelled counters (by outcome or reason) appear with
+/// their first label value.
+pub(crate) fn register_partition(partition: PartitionId) {
+    let p = label(partition);
+    for name in [
+        DUPLICATES,
+        CONFLICTS,
+        OPTIMISTIC,
+        APOLOGIES,
+        DEAD_LETTERS,
+        PARTITION_RESTARTS,
+        FENCE_BUSY,
+    ] {
+        metrics::counter!(name, "partition" => p.clone()).increment(0);
+    }
+    metrics::counter!(DECISIONS, "partition" => p, "outcome" => "confirmed").increment(0);
 }
 
 /// Records a fenced decision write refused as busy, to be sent again.

@@ -313,6 +313,7 @@ impl Service {
             status.clone(),
         ));
         for id in topology.partitions.ids() {
+            crate::metrics::register_partition(id);
             crate::metrics::partition_state(id, "running", false);
         }
         background.spawn(gauges(
@@ -682,10 +683,22 @@ async fn serve_endpoints(
         status,
     });
     loop {
+        let metadata = std::collections::HashMap::from([
+            ("prefix".to_owned(), answers.topology.prefix.to_string()),
+            (
+                "partitions".to_owned(),
+                answers.topology.partitions.get().to_string(),
+            ),
+            (
+                "instance".to_owned(),
+                format!("{}:{}", worker::hostname(), std::process::id()),
+            ),
+        ]);
         let started = js
             .client()
             .service_builder()
             .description("amends: status of an op id, balance and claim queries, partition stats")
+            .metadata(metadata)
             .queue_group(QUERY_QUEUE_GROUP)
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await;
