@@ -73,8 +73,9 @@ pub struct DevArgs {
     pub no_wait: bool,
 }
 
-/// Runs the dev deployment and its demo.
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+/// Runs the dev deployment and its demo; the signal that stopped it, if
+/// one did (the caller exits as a shell expects after it: 130, 143).
+pub async fn run(args: DevArgs) -> anyhow::Result<Option<&'static str>> {
     let binary = locate_server()?;
     fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
@@ -90,8 +91,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("NATS URL: {}", server.url());
     let url = server.url();
     let result = tokio::select! {
-        r = run_with(&args, &url) => r,
-        signal = crate::serve::shutdown_signal() => signal.map(|name| println!("{name}: stopping")),
+        r = run_with(&args, &url) => r.map(|()| None),
+        signal = crate::serve::shutdown_signal() => signal.map(|name| {
+            println!("{name}: stopping");
+            Some(name)
+        }),
     };
     server.stop();
     println!(
@@ -121,8 +125,8 @@ async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
         metrics_addr: None,
         lease_ttl_ms: None,
     };
-    // `amends serve` itself, in this process; it also stops on Ctrl-C.
-    let mut service = tokio::spawn(serve::run(serve_args));
+    // `amends serve` itself, in this process; Ctrl-C is `run`'s to handle.
+    let mut service = tokio::spawn(serve::run_in_process(serve_args));
     let result = tokio::select! {
         joined = &mut service => match joined {
             Ok(Ok(())) => Ok(()),

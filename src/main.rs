@@ -136,9 +136,15 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Dev(args) => {
             init_logging("warn");
-            if let Err(e) = runtime()?.block_on(dev::run(args)) {
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
+            match runtime()?.block_on(dev::run(args)) {
+                Ok(None) => {}
+                // As a shell reports a process ended by the signal.
+                Ok(Some("SIGINT" | "Ctrl-C")) => std::process::exit(130),
+                Ok(Some(_)) => std::process::exit(143),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(1);
+                }
             }
         }
         Cmd::Bench(args) => {

@@ -303,6 +303,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Runs the service until it fails, without listening for signals: for a
+/// caller that handles them itself (`amends dev`).
+pub async fn run_in_process(args: ServeArgs) -> anyhow::Result<()> {
+    serve(&args.resolve()?).await
+}
+
 async fn serve(args: &Settings) -> anyhow::Result<()> {
     let prefix = Prefix::new(args.prefix.clone())
         .with_context(|| format!("invalid --prefix {:?}", args.prefix))?;

@@ -68,3 +68,51 @@ fn dev_no_wait_runs_the_demo_and_stops_its_nats_server() {
         "port {port} still accepts connections after `amends dev` exited\n{context}"
     );
 }
+
+#[test]
+fn ctrl_c_on_dev_stops_it_with_exit_130_and_its_nats_server_with_it() {
+    // Proves a Ctrl-C (SIGINT) on a serving `amends dev` stops it the way a shell expects: exit code 130, not 0, after stopping its nats-server (the port no longer accepts connections).
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(AMENDS);
+    command
+        .args(["dev", "--data-dir"])
+        .arg(dir.path().join("dev"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    if let Some(server) = std::env::var_os("AMENDS_NATS_SERVER") {
+        command.env("AMENDS_NATS_SERVER", server);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut port = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(url) = line.strip_prefix("NATS URL: nats://127.0.0.1:") {
+            port = url.trim().parse::<u16>().ok();
+        }
+        if line.contains("Press Ctrl-C to stop.") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no prompt in time");
+    }
+    let port = port.expect("the NATS URL was printed");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("SIGINT: stopping")),
+        "{rest:?}"
+    );
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
+        "port {port} still accepts connections after `amends dev` exited"
+    );
+}

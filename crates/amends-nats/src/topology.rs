@@ -459,7 +459,7 @@ impl Topology {
     fn stream_config(&self, stream: Stream) -> stream::Config {
         stream::Config {
             name: self.prefix.stream_name(stream),
-            description: Some(format!("amends {}: {}", self.prefix, stream.what())),
+            description: Some(format!("{}: {}", self.prefix, stream.what())),
             subjects: self.prefix.stream_subjects(stream),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
@@ -802,7 +802,7 @@ async fn record_partitions(
     } else {
         js.create_key_value(kv::Config {
             bucket: bucket.to_owned(),
-            description: format!("amends {}: deployment settings", topology.prefix),
+            description: format!("{}: deployment settings", topology.prefix),
             history: 1,
             storage: stream::StorageType::File,
             num_replicas: topology.replicas,

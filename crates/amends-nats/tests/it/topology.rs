@@ -36,6 +36,12 @@ async fn ensure_creates_the_four_streams_and_records_the_partition_count() {
                 assert_eq!(config.max_age, Duration::ZERO, "nothing expires");
                 assert_eq!(config.max_messages, -1, "no count limit");
                 assert_eq!(config.max_bytes, -1, "no size limit");
+                let description = config.description.expect("a description");
+                assert!(
+                    description.starts_with(&format!("{}: ", topology.prefix)),
+                    "{description}"
+                );
+                assert!(!description.contains("amends amends"), "{description}");
             }
             let meta = js
                 .get_key_value(topology.prefix.meta_bucket())
