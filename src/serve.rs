@@ -313,8 +313,9 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
     let prefix = Prefix::new(args.prefix.clone())
         .with_context(|| format!("invalid --prefix {:?}", args.prefix))?;
     anyhow::ensure!(args.batch_max > 0, "--batch-max must be at least 1");
+    let mut health = None;
     if let Some(addr) = args.metrics_addr {
-        crate::metrics::install(addr)?;
+        health = Some(crate::metrics::install(addr).await?);
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
     let client = args.nats.connect("amends serve").await?;
@@ -349,6 +350,12 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
         tracing::info!(stream = %s.name, action = ?s.action, "stream");
     }
 
+    let phase = |why| {
+        if let Some(h) = &health {
+            h.starting(why);
+        }
+    };
+    phase("waiting for the deployment lease (standby while another instance serves)");
     // One process serves the deployment; this one waits while another does.
     let holder = serde_json::json!({
         "host": worker::hostname(),
@@ -390,6 +397,9 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
     let service = Service::new(&js, &topo, &store, Config::default(), options)
         .context("starting the service")?
         .with_guard(lease.guard());
+    if let Some(h) = &health {
+        h.serving(service.status());
+    }
     tracing::info!(
         partitions = count,
         prefix = topo.prefix.as_str(),

@@ -65,17 +65,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `GET /metrics` over a plain TCP connection (HTTP/1.0: no chunking).
+/// `GET /metrics`: the body, if it answered 200.
 fn scrape(addr: &str) -> Option<String> {
+    get(addr, "/metrics").and_then(|(status, body)| (status == 200).then_some(body))
+}
+
+/// `GET path` over a plain TCP connection (HTTP/1.0: no chunking): the
+/// status code and the body.
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(TIMEOUT)).ok()?;
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.to_owned())
+    let status = head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// The sum of every sample of `name` whose labels include all of `labels`.
@@ -164,6 +171,48 @@ async fn queries_cli_exit_codes_and_metrics_after_a_workload() {
         1.0,
         "{before}"
     );
+    // Health beside the metrics: alive, ready once every partition runs,
+    // and nothing else on other paths.
+    assert_eq!(
+        get(&metrics_addr, "/healthz"),
+        Some((200, "ok\n".to_owned()))
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&metrics_addr, "/readyz").unwrap();
+        if status == 200 {
+            assert!(body.starts_with("ready\n"), "{body}");
+            assert_eq!(
+                body.matches(": running").count(),
+                PARTITIONS as usize,
+                "{body}"
+            );
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "not ready in time: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&metrics_addr, "/nope").map(|(s, _)| s), Some(404));
+    // A second serve stands by: alive, and not ready, saying why.
+    let standby_dir = tempfile::tempdir().unwrap();
+    let standby_addr = format!("127.0.0.1:{}", free_port());
+    let standby = ServeWithMetrics::start(&server, standby_dir.path(), &standby_addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        match get(&standby_addr, "/readyz") {
+            Some((503, body)) if body.contains("deployment lease") => break body,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("standby /readyz: {other:?}\n{}", standby.log()),
+        }
+    };
+    assert!(
+        waiting.starts_with("not ready: waiting for the deployment lease"),
+        "{waiting}"
+    );
+    assert_eq!(get(&standby_addr, "/healthz").map(|(s, _)| s), Some(200));
+    drop(standby);
+
     // The micro service's metadata names the deployment and the instance.
     let nats = amends_nats::test_support::connect(&server).await;
     let info = nats.request("$SRV.INFO.amends", "".into()).await.unwrap();
