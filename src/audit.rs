@@ -159,7 +159,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let prefix = Prefix::new(deployment.prefix.clone())
         .with_context(|| format!("invalid --prefix {:?}", deployment.prefix))?;
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
-    let client = tokio::time::timeout(connect_timeout, deployment.nats.connect("amends-audit"))
+    let client = tokio::time::timeout(connect_timeout, deployment.nats().connect("amends-audit"))
         .await
         .map_err(|_| anyhow::anyhow!("no NATS connection within {connect_timeout:?}"))??;
     let js = jetstream::new(client);

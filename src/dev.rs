@@ -63,7 +63,10 @@ const TRIES: u32 = 5;
 pub struct DevArgs {
     /// The directory of the dev deployment: the nats-server's JetStream
     /// store, the service's store and the server's log. Kept between runs.
-    #[arg(long, default_value = ".amends-dev")]
+    /// While it runs, its NATS URL is in `<data-dir>/nats-url`; with the
+    /// default data dir, the client commands run in this directory use it
+    /// when no --nats-url is given.
+    #[arg(long, default_value = crate::nats::DEV_DATA_DIR)]
     pub data_dir: PathBuf,
     /// The partition count (recorded on the first run; must match later).
     #[arg(long, short = 'n', default_value_t = 4)]
@@ -90,6 +93,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<Option<&'static str>> {
     );
     println!("NATS URL: {}", server.url());
     let url = server.url();
+    // Where the client commands run in this directory find it (while dev
+    // runs) without --nats-url.
+    let url_file = args.data_dir.join(crate::nats::DEV_URL_FILE);
+    fs::write(&url_file, format!("{url}\n"))
+        .with_context(|| format!("writing {}", url_file.display()))?;
     let result = tokio::select! {
         r = run_with(&args, &url) => r.map(|()| None),
         signal = crate::serve::shutdown_signal() => signal.map(|name| {
@@ -97,6 +105,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<Option<&'static str>> {
             Some(name)
         }),
     };
+    let _ = fs::remove_file(&url_file);
     server.stop();
     println!(
         "stopped: nats-server (pid {}) killed and reaped",

@@ -142,7 +142,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(Some("SIGINT" | "Ctrl-C")) => std::process::exit(130),
                 Ok(Some(_)) => std::process::exit(143),
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", report(&e));
                     std::process::exit(1);
                 }
             }
@@ -150,20 +150,23 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(args) => {
             init_logging("warn");
             if let Err(e) = runtime()?.block_on(bench::run(args)) {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", report(&e));
                 std::process::exit(1);
             }
         }
         Cmd::Serve(args) => {
             init_logging("info");
-            runtime()?.block_on(serve::run(args))?;
+            if let Err(e) = runtime()?.block_on(serve::run(args)) {
+                eprintln!("error: {}", report(&e));
+                std::process::exit(1);
+            }
         }
         Cmd::Submit(args) => {
             init_logging("warn");
             match runtime()?.block_on(submit::run(args)) {
                 Ok(code) => std::process::exit(i32::from(code)),
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", report(&e));
                     std::process::exit(2);
                 }
             }
@@ -198,7 +201,7 @@ fn main() -> anyhow::Result<()> {
             match runtime()?.block_on(audit::run(args)) {
                 Ok(code) => std::process::exit(i32::from(code)),
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", report(&e));
                     std::process::exit(2);
                 }
             }
@@ -264,6 +267,21 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// An error for a user: each cause once (a cause whose text an earlier one
+/// already carries, as many library errors repeat their source's, is left
+/// out), joined by ": ", and no backtrace, whatever `RUST_BACKTRACE` says:
+/// the message is the report.
+pub fn report(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (else `default`), as `format`

@@ -14,9 +14,11 @@ pub const NATS_URL_DEFAULT: &str = "nats://127.0.0.1:4222";
 /// How to reach NATS. Every flag has an environment fallback.
 #[derive(Args, Debug, Clone, Default)]
 pub struct NatsArgs {
-    /// NATS server URLs; repeat the flag or give a comma-separated list
-    /// [default: nats://127.0.0.1:4222]. (No clap default: `serve` tells
-    /// a URL given from none, to take one from its config file.)
+    /// NATS server URLs (nats://, tls://, ws://, wss://); repeat the flag
+    /// or give a comma-separated list [default: nats://127.0.0.1:4222, or
+    /// the URL `amends dev` left in ./.amends-dev].
+    // No clap default: `serve` tells a URL given from none, to take one
+    // from its config file.
     #[arg(long = "nats-url", env = "AMENDS_NATS_URL", value_delimiter = ',')]
     pub urls: Vec<String>,
     /// The NATS user (with --nats-password).
@@ -139,6 +141,9 @@ impl NatsArgs {
             !urls.is_empty(),
             "no NATS URL given (--nats-url or AMENDS_NATS_URL)"
         );
+        for url in &urls {
+            check_url(url)?;
+        }
         Ok(urls)
     }
 
@@ -258,11 +263,43 @@ pub struct DeploymentArgs {
 }
 
 impl DeploymentArgs {
+    /// The NATS flags, with the URL `amends dev` left here (see
+    /// [`DEV_URL_FILE`]) when none is given.
+    pub fn nats(&self) -> NatsArgs {
+        let mut nats = self.nats.clone();
+        if nats.urls.is_empty()
+            && let Some(url) = dev_url()
+        {
+            nats.urls = vec![url];
+        }
+        nats
+    }
+
+    /// Connects the client library to the deployment, with an error that
+    /// names the URLs and the prefix and says what to check.
+    pub async fn connect(&self, name: &str) -> anyhow::Result<amends_client::Client> {
+        let options = self.client_options(name)?;
+        let urls = options.servers.join(",");
+        amends_client::Client::connect(options).await.map_err(|e| {
+            let hint = match &e {
+                amends_client::Error::Connect(_) => format!(
+                    "cannot connect to NATS at {urls}: is a nats-server running there? (--nats-url or AMENDS_NATS_URL; `amends dev` prints its URL)"
+                ),
+                amends_client::Error::Meta { bucket, .. } => format!(
+                    "no amends deployment with prefix {:?} at {urls} (its bucket {bucket} is missing): start `amends serve` against this NATS, or give the --nats-url and --prefix of a running one",
+                    self.prefix
+                ),
+                _ => format!("connecting to the deployment at {urls} (prefix {:?})", self.prefix),
+            };
+            anyhow::Error::new(e).context(hint)
+        })
+    }
+
     /// The client options these flags give, with `name` as the connection
     /// name.
     pub fn client_options(&self, name: &str) -> anyhow::Result<amends_client::Options> {
         let mut options = amends_client::Options::new(String::new());
-        options.servers = self.nats.servers()?;
+        options.servers = self.nats().servers()?;
         options.auth = self.nats.client_auth();
         options.tls = self.nats.tls.client_tls();
         options.prefix = self.client_prefix()?;
@@ -284,6 +321,66 @@ impl DeploymentArgs {
             .transpose()
             .context("invalid --partitions")
     }
+}
+
+/// Refuses a URL that is not `[scheme://]host[:port]` with a known scheme,
+/// before it reaches the client (which would report `nats//host`, say, as
+/// a DNS error for a host of that name).
+fn check_url(url: &str) -> anyhow::Result<()> {
+    let bad = |why: &str| {
+        anyhow::anyhow!(
+            "invalid NATS URL {url:?}: {why}; expected nats://host:port (or tls://, ws://, wss://)"
+        )
+    };
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !["nats", "tls", "ws", "wss"].contains(&scheme.to_ascii_lowercase().as_str()) {
+                return Err(bad(&format!("unknown scheme {scheme:?}")));
+            }
+            rest
+        }
+        None => url,
+    };
+    // Credentials may precede the host; a path may follow for websockets.
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host_port = host_port.split_once('/').map_or(host_port, |(h, _)| h);
+    if host_port.is_empty() || rest.starts_with('/') {
+        return Err(bad("no host"));
+    }
+    if url.split_once("://").is_none() && (url.contains('/') || url.contains(' ')) {
+        return Err(bad("not a URL"));
+    }
+    if let Some((host, port)) = host_port.rsplit_once(':')
+        && !host.ends_with(']')
+        && !host.contains(':')
+    {
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        if port.parse::<u16>().is_err() {
+            return Err(bad(&format!("port {port:?} is not a number below 65536")));
+        }
+    }
+    Ok(())
+}
+
+/// The file where `amends dev` leaves its NATS URL, relative to its data
+/// directory; the client commands read `./.amends-dev/nats-url` when no
+/// URL is given.
+pub const DEV_URL_FILE: &str = "nats-url";
+
+/// The default data directory of `amends dev`.
+pub const DEV_DATA_DIR: &str = ".amends-dev";
+
+/// The URL `amends dev` (with its default data directory, here) left, if
+/// it runs: the file is removed when it stops.
+fn dev_url() -> Option<String> {
+    let path = std::path::Path::new(DEV_DATA_DIR).join(DEV_URL_FILE);
+    let url = std::fs::read_to_string(&path).ok()?.trim().to_owned();
+    (!url.is_empty()).then(|| {
+        tracing::info!(%url, file = %path.display(), "no --nats-url: using the URL amends dev left");
+        url
+    })
 }
 
 /// The TLS error under a connection failure, if the handshake failed.

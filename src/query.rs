@@ -33,9 +33,7 @@ pub struct QueryArgs {
 
 impl QueryArgs {
     async fn connect(&self, name: &str) -> anyhow::Result<Client> {
-        Client::connect(self.deployment.client_options(name)?)
-            .await
-            .context("connecting to the deployment")
+        self.deployment.connect(name).await
     }
 
     fn timeout(&self) -> Duration {
@@ -92,7 +90,7 @@ pub fn exit(result: anyhow::Result<u8>) -> ! {
     match result {
         Ok(code) => std::process::exit(i32::from(code)),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::report(&e));
             std::process::exit(2);
         }
     }

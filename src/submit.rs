@@ -51,10 +51,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<u8> {
         return Ok(opid::EXIT_OP_ID_REFUSED);
     }
 
-    let options = args.deployment.client_options("amends submit")?;
-    let client = Client::connect(options)
-        .await
-        .context("connecting to the deployment")?;
+    let client = args.deployment.connect("amends submit").await?;
     let per_try = Duration::from_millis(args.timeout_ms);
     // The first try is published here, so that its place in the log is
     // known if no decision comes; the others resubmit (the same op id: one

@@ -114,3 +114,63 @@ fn log_format_json_writes_one_object_a_line_without_colour() {
         }
     }
 }
+
+#[test]
+fn a_user_mistake_gets_one_clear_line_without_a_backtrace() {
+    // Proves the errors a new user meets are clear: a malformed URL is named as one (not a DNS error), a refused connection names the URL and what to check with each cause once, neither prints a backtrace even with RUST_BACKTRACE=1, and --help carries no notes to developers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_amends"))
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("AMENDS_NATS_URL")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+    let body = r#"{"command":{"type":"open_account","account":"a"}}"#;
+    let (code, err) = run(&["submit", "--nats-url", "nats//127.0.0.1", body]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("invalid NATS URL \"nats//127.0.0.1\""),
+        "{err}"
+    );
+    assert!(!err.contains("DNS"), "{err}");
+    let url = format!("nats://127.0.0.1:{port}");
+    let (code, err) = run(&["submit", "--nats-url", &url, body]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot connect to NATS at {url}")),
+        "{err}"
+    );
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let (code, err) = run(&[
+        "serve",
+        "--nats-url",
+        "nats://127.0.0.1:abc",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "-n",
+        "1",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("port \"abc\" is not a number"), "{err}");
+    assert!(
+        !err.contains("backtrace") && !err.contains("Caused by"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let help = Command::new(env!("CARGO_BIN_EXE_amends"))
+        .args(["submit", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("--nats-url"), "{help}");
+    assert!(!help.contains("No clap default"), "{help}");
+}

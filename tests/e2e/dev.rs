@@ -70,14 +70,16 @@ fn dev_no_wait_runs_the_demo_and_stops_its_nats_server() {
 }
 
 #[test]
-fn ctrl_c_on_dev_stops_it_with_exit_130_and_its_nats_server_with_it() {
-    // Proves a Ctrl-C (SIGINT) on a serving `amends dev` stops it the way a shell expects: exit code 130, not 0, after stopping its nats-server (the port no longer accepts connections).
+fn ctrl_c_on_dev_stops_it_with_exit_130_and_clients_here_find_its_url_while_it_runs() {
+    // Proves a Ctrl-C (SIGINT) on a serving `amends dev` stops it the way a shell expects: exit code 130, not 0, after stopping its nats-server (the port no longer accepts connections); and that while it runs, `amends submit` in the same directory without --nats-url reaches it through the URL dev left in .amends-dev/nats-url, which is gone once dev stops.
     use std::io::{BufRead as _, BufReader};
+    // In a directory of its own, with the default data dir (./.amends-dev).
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(AMENDS);
     command
-        .args(["dev", "--data-dir"])
-        .arg(dir.path().join("dev"))
+        .arg("dev")
+        .current_dir(dir.path())
+        .env_remove("AMENDS_NATS_URL")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     if let Some(server) = std::env::var_os("AMENDS_NATS_SERVER") {
@@ -98,6 +100,22 @@ fn ctrl_c_on_dev_stops_it_with_exit_130_and_its_nats_server_with_it() {
         assert!(std::time::Instant::now() < deadline, "no prompt in time");
     }
     let port = port.expect("the NATS URL was printed");
+    // Client commands run here find dev's URL without --nats-url.
+    let url_file = dir.path().join(".amends-dev/nats-url");
+    assert_eq!(
+        std::fs::read_to_string(&url_file).unwrap().trim(),
+        format!("nats://127.0.0.1:{port}")
+    );
+    let out = Command::new(AMENDS)
+        .args([
+            "submit",
+            r#"{"command":{"type":"open_account","account":"carol"}}"#,
+        ])
+        .current_dir(dir.path())
+        .env_remove("AMENDS_NATS_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -110,6 +128,7 @@ fn ctrl_c_on_dev_stops_it_with_exit_130_and_its_nats_server_with_it() {
         rest.iter().any(|l| l.contains("SIGINT: stopping")),
         "{rest:?}"
     );
+    assert!(!url_file.exists(), "the URL file outlived dev");
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     assert!(
         TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
