@@ -82,6 +82,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<Option<&'static str>> {
     let binary = locate_server()?;
     fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    // One dev per data dir, checked before anything starts (a second one
+    // used to start a nats-server on the same store first). Held until
+    // this process exits.
+    let _lock = lock_data_dir(&args.data_dir)?;
     // Killed and reaped when dropped: on every return below, and on a panic.
     let mut server = NatsServer::start(binary, &args.data_dir)?;
     println!(
@@ -112,6 +116,40 @@ pub async fn run(args: DevArgs) -> anyhow::Result<Option<&'static str>> {
         server.pid()
     );
     result
+}
+
+/// Takes the exclusive lock of `<data_dir>/dev.lock`, which holds the
+/// holder's pid; an error naming that pid if another process has it.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = data_dir.join("dev.lock");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "another amends dev (pid {}) runs with --data-dir {}; stop it, or give this one another --data-dir",
+                holder.trim(),
+                data_dir.display()
+            );
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(file)
 }
 
 /// The service, the demo, and then serving until Ctrl-C (or not).

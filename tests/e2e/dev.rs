@@ -71,7 +71,7 @@ fn dev_no_wait_runs_the_demo_and_stops_its_nats_server() {
 
 #[test]
 fn ctrl_c_on_dev_stops_it_with_exit_130_and_clients_here_find_its_url_while_it_runs() {
-    // Proves a Ctrl-C (SIGINT) on a serving `amends dev` stops it the way a shell expects: exit code 130, not 0, after stopping its nats-server (the port no longer accepts connections); and that while it runs, `amends submit` in the same directory without --nats-url reaches it through the URL dev left in .amends-dev/nats-url, which is gone once dev stops.
+    // Proves a Ctrl-C (SIGINT) on a serving `amends dev` stops it the way a shell expects: exit code 130, not 0, after stopping its nats-server (the port no longer accepts connections); and that while it runs, `amends submit` in the same directory without --nats-url reaches it through the URL dev left in .amends-dev/nats-url, which is gone once dev stops; and a second dev on the same data dir refuses at once, naming the first's pid, without starting a nats-server.
     use std::io::{BufRead as _, BufReader};
     // In a directory of its own, with the default data dir (./.amends-dev).
     let dir = tempfile::tempdir().unwrap();
@@ -116,6 +116,24 @@ fn ctrl_c_on_dev_stops_it_with_exit_130_and_clients_here_find_its_url_while_it_r
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A second dev on the same data dir refuses at once, naming the first,
+    // and starts no nats-server of its own.
+    let mut second = Command::new(AMENDS);
+    second.args(["dev", "--no-wait"]).current_dir(dir.path());
+    if let Some(server) = std::env::var_os("AMENDS_NATS_SERVER") {
+        second.env("AMENDS_NATS_SERVER", server);
+    }
+    let out = second.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("another amends dev (pid {}) runs", child.id())),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("nats-server"),
+        "{out:?}"
+    );
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
