@@ -513,10 +513,10 @@ pub struct SagaStep {
 #[serde(deny_unknown_fields)]
 struct StepWire {
     /// The operation.
-    #[serde(deserialize_with = "crate::wire::object_only")]
+    #[serde(deserialize_with = "crate::json::object_only")]
     command: Box<Command>,
     /// What undoes it, for a step that takes effect at once.
-    #[serde(default, deserialize_with = "crate::wire::object_only_opt")]
+    #[serde(default, deserialize_with = "crate::json::object_only_opt")]
     compensation: Option<Box<Command>>,
 }
 
@@ -700,7 +700,7 @@ pub struct Request {
     /// What to do, as a JSON object.
     // Derived deserializers would also take an array of the fields in
     // order; the protocol allows objects only.
-    #[serde(deserialize_with = "crate::wire::object_only")]
+    #[serde(deserialize_with = "crate::json::object_only")]
     pub command: Command,
     /// If set, the client went ahead without waiting: a refusal is also
     /// published on `<prefix>.apology.<apology_topic>` for a workflow.

@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! - [`id`]: operation ids ([`OpId`]) and the ids derived from them.
+//! - `json` (private): the serde helpers that keep the wire JSON to objects.
 //! - [`command`]: validated commands and requests; only parsing builds them.
 //! - [`decision`]: decisions, outcomes and the closed set of refusal reasons.
 //! - [`state`]: the records a partition keeps, the narrow [`state::Read`] /
@@ -33,6 +34,7 @@
 pub mod command;
 pub mod decision;
 pub mod id;
+mod json;
 pub mod partition;
 pub mod route;
 pub mod saga;
