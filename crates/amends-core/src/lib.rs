@@ -33,6 +33,7 @@
 
 pub mod command;
 pub mod decision;
+mod field;
 pub mod id;
 mod json;
 pub mod partition;
