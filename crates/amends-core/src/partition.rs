@@ -90,22 +90,7 @@ impl Config {
     }
 }
 
-/// One decoded message of a partition's request log.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub enum Input {
-    /// A well-formed request.
-    Request(Request),
-    /// A message whose op id could be read but whose body could not be
-    /// parsed or validated. It is refused with `malformed`.
-    Malformed {
-        /// The op id read from the message.
-        op_id: OpId,
-        /// The fingerprint of the raw bytes.
-        fingerprint: Fingerprint,
-        /// What was wrong.
-        detail: String,
-    },
-}
+pub use crate::wire::Input;
 
 /// What the sender of a message gets back.
 #[derive(Clone, PartialEq, Eq, Debug)]

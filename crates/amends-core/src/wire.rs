@@ -3,15 +3,16 @@
 //!
 //! The serde types are the ones in [`crate::command`], [`crate::decision`]
 //! and [`crate::partition`]; this module decides what a raw log message
-//! becomes ([`decode_request`]) and how outbound messages are encoded.
+//! becomes ([`decode_request`]: an [`Input`], which the partition machine
+//! takes and re-exports as `partition::Input`, or a dead letter) and how
+//! outbound messages are encoded.
 //! `specs/schemas/` holds the JSON Schemas generated from these types.
 
 use serde::Deserialize;
 
-use crate::command::{Request, raw_fingerprint};
+use crate::command::{Fingerprint, Request, raw_fingerprint};
 use crate::id::OpId;
 use crate::json::object_only;
-use crate::partition::Input;
 
 /// Largest request body amends accepts, in bytes. Larger messages are
 /// refused as `malformed` (or dead-lettered when no op id can be read); the
@@ -41,6 +42,23 @@ pub fn reply_subject_is_valid(subject: &str) -> bool {
         && subject
             .split('.')
             .all(|token| !token.is_empty() && token != "*" && token != ">")
+}
+
+/// One decoded message of a partition's request log.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Input {
+    /// A well-formed request.
+    Request(Request),
+    /// A message whose op id could be read but whose body could not be
+    /// parsed or validated. It is refused with `malformed`.
+    Malformed {
+        /// The op id read from the message.
+        op_id: OpId,
+        /// The fingerprint of the raw bytes.
+        fingerprint: Fingerprint,
+        /// What was wrong.
+        detail: String,
+    },
 }
 
 /// A message that has no readable op id: it cannot be answered, so the
