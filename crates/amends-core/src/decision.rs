@@ -8,7 +8,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::command::Owner;
+use crate::field::Owner;
 use crate::id::OpId;
 
 /// The one answer to one operation.

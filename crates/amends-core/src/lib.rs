@@ -9,15 +9,21 @@
 //! # Layout
 //!
 //! - [`id`]: operation ids ([`OpId`]) and the ids derived from them.
+//! - `json` (private): the serde helpers that keep the wire JSON to objects.
 //! - [`command`]: validated commands and requests; only parsing builds them.
+//!   Their validated fields (ids, names, amounts, with their limits) are
+//!   defined in the private `field` module, below `command` and
+//!   [`decision`], and re-exported by `command`.
 //! - [`decision`]: decisions, outcomes and the closed set of refusal reasons.
 //! - [`state`]: the records a partition keeps, the narrow [`state::Read`] /
 //!   [`state::Write`] traits a store implements, a change set with a read
 //!   overlay, and an in-memory state.
-//! - [`partition`]: the partition state machine and the effects it emits.
+//! - [`partition`]: the partition state machine and the effects it emits,
+//!   one file per concern (dedup, balances and holds, claims, sagas).
 //! - [`route`]: the partitioner (FNV-1a 64 then jump consistent hash).
-//! - [`saga`]: sagas across partitions (try, confirm, cancel) and the ids of
-//!   their step messages.
+//! - [`saga`]: sagas across partitions (try, confirm, cancel), the ids of
+//!   their step messages and the machine's saga side (`partition::saga`,
+//!   re-exported here).
 //! - [`schema`]: the JSON Schemas of the wire messages (`specs/schemas/`).
 //! - [`wire`]: decoding log messages and encoding outbound ones (JSON), with
 //!   the size limits of the protocol.
@@ -32,10 +38,11 @@
 
 pub mod command;
 pub mod decision;
+mod field;
 pub mod id;
+mod json;
 pub mod partition;
 pub mod route;
-pub mod saga;
 pub mod schema;
 pub mod state;
 pub mod wire;
@@ -43,3 +50,4 @@ pub mod wire;
 pub use command::{Command, Request};
 pub use decision::{Decision, Outcome, Reason};
 pub use id::OpId;
+pub use partition::saga;

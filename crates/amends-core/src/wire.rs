@@ -3,14 +3,16 @@
 //!
 //! The serde types are the ones in [`crate::command`], [`crate::decision`]
 //! and [`crate::partition`]; this module decides what a raw log message
-//! becomes ([`decode_request`]) and how outbound messages are encoded.
+//! becomes ([`decode_request`]: an [`Input`], which the partition machine
+//! takes and re-exports as `partition::Input`, or a dead letter) and how
+//! outbound messages are encoded.
 //! `specs/schemas/` holds the JSON Schemas generated from these types.
 
 use serde::Deserialize;
 
-use crate::command::{Request, raw_fingerprint};
+use crate::command::{Fingerprint, Request, raw_fingerprint};
 use crate::id::OpId;
-use crate::partition::Input;
+use crate::json::object_only;
 
 /// Largest request body amends accepts, in bytes. Larger messages are
 /// refused as `malformed` (or dead-lettered when no op id can be read); the
@@ -42,6 +44,23 @@ pub fn reply_subject_is_valid(subject: &str) -> bool {
             .all(|token| !token.is_empty() && token != "*" && token != ">")
 }
 
+/// One decoded message of a partition's request log.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Input {
+    /// A well-formed request.
+    Request(Request),
+    /// A message whose op id could be read but whose body could not be
+    /// parsed or validated. It is refused with `malformed`.
+    Malformed {
+        /// The op id read from the message.
+        op_id: OpId,
+        /// The fingerprint of the raw bytes.
+        fingerprint: Fingerprint,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
 /// A message that has no readable op id: it cannot be answered, so the
 /// driver puts it on the dead-letter subject with this detail.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
@@ -54,65 +73,6 @@ pub struct Unreadable {
 #[derive(Deserialize)]
 struct IdOnly {
     op_id: OpId,
-}
-
-/// Deserializes `T` from a JSON object only.
-///
-/// Derived struct and enum deserializers also accept a JSON array of the
-/// fields in order; the protocol allows objects only, so every body and the
-/// `command` inside it go through this.
-pub(crate) fn object_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
-
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
-        type Value = T;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-        }
-    }
-
-    deserializer.deserialize_map(ObjectVisitor(std::marker::PhantomData))
-}
-
-/// Deserializes an optional `T` that, when present and not null, must be a
-/// JSON object (see [`object_only`]).
-pub(crate) fn object_only_opt<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct OptVisitor<T>(std::marker::PhantomData<T>);
-
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OptVisitor<T> {
-        type Value = Option<T>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object or null")
-        }
-
-        fn visit_none<E: serde::de::Error>(self) -> Result<Option<T>, E> {
-            Ok(None)
-        }
-
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<T>, E> {
-            Ok(None)
-        }
-
-        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Option<T>, D2::Error> {
-            object_only(d).map(Some)
-        }
-    }
-
-    deserializer.deserialize_option(OptVisitor(std::marker::PhantomData))
 }
 
 fn from_object<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, serde_json::Error> {

@@ -77,6 +77,7 @@
 #![warn(missing_docs)]
 
 mod codec;
+mod durability;
 mod error;
 mod packed;
 mod partition;
@@ -84,9 +85,10 @@ mod staged;
 mod store;
 
 pub use codec::{FORMAT_VERSION, Head, OUTBOX_CHUNK_LEN};
+pub use durability::Durability;
 pub use error::{Error, KeyText, Result, Source};
 pub use packed::{BUCKET_LEN_TARGET, boundary_hash};
 pub use partition::{
     COMPACT_CHUNK_LEN, Committed, Compacted, OutboxRange, OutboxSeq, Partition, Record, Records,
 };
-pub use store::{CACHE_BYTES_DEFAULT, Durability, OPEN_LOCK_WAIT_MS, Options, Store};
+pub use store::{CACHE_BYTES_DEFAULT, OPEN_LOCK_WAIT_MS, Options, Store};

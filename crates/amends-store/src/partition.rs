@@ -15,10 +15,10 @@ use amends_core::state::{
 };
 
 use crate::codec::{self, Head, OUTBOX_CHUNK_LEN};
+use crate::durability::Durability;
 use crate::error::{Error, Result};
 use crate::packed::{self, Editor};
 use crate::staged::Staged;
-use crate::store::Durability;
 
 /// How many records one chunk of [`Partition::compact`] removes at most
 /// while holding the partition's write lock: enough to amortize the batch,

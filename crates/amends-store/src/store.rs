@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use amends_core::route::{PartitionId, Partitions};
 
 use crate::codec::FORMAT_VERSION;
+use crate::durability::Durability;
 use crate::error::{Error, Result};
 use crate::partition::Partition;
 
@@ -34,28 +35,6 @@ const META_FORMAT_VERSION: &[u8] = b"format_version";
 const META_PARTITIONS: &[u8] = b"partitions";
 /// Name of sled's default tree, which every database has.
 const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
-
-/// When a commit is durable.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-pub enum Durability {
-    /// Every commit is flushed (fsync) before [`Partition::commit`]
-    /// returns: what the driver publishes or acknowledges after it survives
-    /// a crash of the process or the machine. The default.
-    #[default]
-    Fsync,
-    /// Commits are flushed in the background every `flush_every_ms`.
-    /// Faster (no fsync per batch), but a crash loses the commits of the
-    /// last interval, whose effects may already be published. Batches stay
-    /// atomic and decisions are a deterministic function of the log, so
-    /// replaying the lost tail decides the same again, *provided the log
-    /// still holds it*: use it only with a log that is itself synced
-    /// (JetStream `sync_interval: always`, or replicas). Call
-    /// [`Store::flush`] before a clean shutdown.
-    Deferred {
-        /// The background flush interval.
-        flush_every_ms: u64,
-    },
-}
 
 /// How to open a [`Store`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -1,7 +1,7 @@
 //! A deliberately naive reference model of one partition.
 //!
 //! It is written from the documented rules (`specs/protocol.md` and the docs
-//! of `Command`, `Reason`, `Answer` and `Config`), not from `partition.rs`.
+//! of `Command`, `Reason`, `Answer` and `Config`), not from `partition/`.
 //! It checks in the documented order (dedup, where a record past the
 //! compaction horizon counts as gone; then the op id, which must be a v7
 //! inside the window, and whose refusals are neither remembered nor
