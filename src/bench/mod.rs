@@ -33,12 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amends_core::route::Partitions;
+use amends_local_nats::{NatsServer, locate_server};
 use anyhow::Context as _;
 use clap::Args;
 
 use self::report::Row;
 use self::workload::{Keys, Kind, Load, Mix, Spec};
-use crate::dev::{NatsServer, locate_server};
 
 /// The flags of `amends bench`.
 #[derive(Args, Debug)]
