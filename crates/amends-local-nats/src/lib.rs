@@ -1,5 +1,5 @@
 //! The pinned `nats-server` as a child process, for the tools that run a
-//! deployment of their own: `amends dev` and `amends bench`.
+//! deployment of their own: `amends dev` and `amends-bench`.
 //!
 //! [`locate_server`] finds the binary (`$AMENDS_NATS_SERVER`, else the one
 //! `scripts/setup` installs in `.tools/bin`); [`NatsServer::start`] runs it
@@ -38,7 +38,7 @@ const PORT_DEFAULT_NATS: u16 = 4222;
 /// The `nats-server` binary: `$AMENDS_NATS_SERVER` if it names a file, else
 /// `.tools/bin/nats-server` in the current directory or one above it, else
 /// in a directory above this executable (`target/debug/amends` or
-/// `target/release/amends` of the repo).
+/// `target/release/amends-bench` of the repo).
 pub fn locate_server() -> anyhow::Result<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(path) = std::env::var_os(SERVER_ENV).filter(|v: &OsString| !v.is_empty()) {
