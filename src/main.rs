@@ -5,14 +5,14 @@
 //! needs to follow `specs/protocol.md`: where a routing key goes (`route`)
 //! and how amends reads a request body (`decode`). Configuration is flags
 //! with environment fallbacks (and `serve --config`, a TOML file). `dev`
-//! runs a whole deployment (its own nats-server) with a demo; `bench`
-//! compares it with the transport ceiling and PostgreSQL. `status`,
+//! runs a whole deployment (its own nats-server) with a demo. `status`,
 //! `balance`, `claim-owner` and `stats` ask the service's endpoints
 //! (`query.rs`). `audit` replays the log and checks the invariants
-//! (`audit.rs`). `rebuild` is not built yet.
+//! (`audit.rs`). `rebuild` is not built yet. The benchmark against the
+//! transport ceiling and PostgreSQL is a binary of its own, `amends-bench`
+//! (`crates/amends-bench`), so that this one links no PostgreSQL client.
 
 mod audit;
-mod bench;
 mod dev;
 mod metrics;
 mod nats;
@@ -57,10 +57,6 @@ enum Cmd {
     /// process, shows a demo, then serves until Ctrl-C (or exits with
     /// --no-wait), stopping the server with it.
     Dev(dev::DevArgs),
-    /// Drives the transport ceiling (JetStream alone), PostgreSQL and
-    /// amends with one seeded workload on this machine, and prints their
-    /// throughput, latency and ratios side by side.
-    Bench(bench::BenchArgs),
     /// Runs every partition of a deployment until Ctrl-C or SIGTERM:
     /// creates or checks the JetStream streams, opens the store in
     /// --data-dir and serves. Configured by flags and environment variables
@@ -145,13 +141,6 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("error: {}", report(&e));
                     std::process::exit(1);
                 }
-            }
-        }
-        Cmd::Bench(args) => {
-            init_logging("warn");
-            if let Err(e) = runtime()?.block_on(bench::run(args)) {
-                eprintln!("error: {}", report(&e));
-                std::process::exit(1);
             }
         }
         Cmd::Serve(args) => {

@@ -1,16 +1,19 @@
-//! `amends bench`: amends side by side with the transport ceiling and
+//! `amends-bench`: amends side by side with the transport ceiling and
 //! PostgreSQL, in one run, on one machine and one NATS server.
 //!
-//! The bench starts its own nats-server (the pinned one, as `amends dev`
-//! does) and drives, one after the other, with the same seeded workload and
-//! the same concurrency:
+//! A binary of its own, so that the production binary (`amends`) links no
+//! PostgreSQL client and its tests need no PostgreSQL. The bench starts its
+//! own nats-server (the pinned one, as `amends dev` does, through
+//! `amends-local-nats`) and drives, one after the other, with the same
+//! seeded workload and the same concurrency:
 //!
 //! 1. the transport ceiling ([`ceiling`]): the wire work of amends with no
 //!    checking and no store;
 //! 2. PostgreSQL ([`postgres`]): the same constraints in transactions,
 //!    through a pool, against `--postgres-url` or a private server;
 //! 3. amends ([`amends`]): `amends serve` as a child process with fsync
-//!    commits, through amends-client, its resident memory sampled.
+//!    commits (the `amends` binary beside this one, or `--amends PATH`),
+//!    through amends-client, its resident memory sampled.
 //!
 //! Then it prints one table ([`report`]) and, with `--json`, writes it.
 //!
@@ -33,15 +36,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amends_core::route::Partitions;
+use amends_local_nats::{NatsServer, locate_server};
 use anyhow::Context as _;
-use clap::Args;
+use clap::Parser;
 
 use self::report::Row;
 use self::workload::{Keys, Kind, Load, Mix, Spec};
-use crate::dev::{NatsServer, locate_server};
 
-/// The flags of `amends bench`.
-#[derive(Args, Debug)]
+/// Drives the transport ceiling (JetStream alone), PostgreSQL and amends
+/// with one seeded workload on this machine, and prints their throughput,
+/// latency and ratios side by side.
+#[derive(Parser, Debug)]
+#[command(name = "amends-bench", version)]
 pub struct BenchArgs {
     /// The longest each system is driven (e.g. 30s, 500ms, 2m).
     #[arg(long, default_value = "10s", value_parser = workload::parse_duration)]
@@ -102,6 +108,11 @@ pub struct BenchArgs {
     /// directory instead of a temporary one.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// The `amends` binary whose `serve` is measured; default: the one
+    /// beside this executable (`target/release/amends` after `cargo build
+    /// --release`).
+    #[arg(long, value_name = "PATH")]
+    pub amends: Option<PathBuf>,
 }
 
 /// One system of the comparison.
@@ -115,8 +126,27 @@ pub enum System {
     Amends,
 }
 
+fn main() -> anyhow::Result<()> {
+    let args = BenchArgs::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 /// Runs the bench and prints its table.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let spec = Spec {
         mix: Mix::parse(&args.mix)?,
         keys: Keys::parse(&args.keys)?,
@@ -135,10 +165,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let concurrency = load.clients * load.in_flight;
     let partitions = Partitions::new(args.partitions)
         .with_context(|| format!("invalid --partitions {}", args.partitions))?;
-    // Fail before anything starts when PostgreSQL is needed and missing.
+    // Fail before anything starts when PostgreSQL or amends is needed and
+    // missing.
     if args.systems.contains(&System::Postgres) && args.postgres_url.is_none() {
         postgres::locate_bin()?;
     }
+    let amends_bin = if args.systems.contains(&System::Amends) {
+        Some(amends::locate_binary(args.amends.as_deref())?)
+    } else {
+        None
+    };
 
     let temp = tempfile::Builder::new()
         .prefix("amends-bench-")
@@ -166,6 +202,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         load.duration,
         args.seed
     );
+    if let Some(bin) = &amends_bin {
+        eprintln!("bench: amends serve from {}", bin.display());
+    }
 
     let mut rows = Vec::new();
     let mut memory = None;
@@ -204,9 +243,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     });
                     continue;
                 }
+                let bin = amends_bin.as_deref().context("no amends binary located")?;
                 let amends_dir = dir.join("amends");
                 std::fs::create_dir_all(&amends_dir)?;
-                let mut service = amends::Service::start(&url, &amends_dir, partitions)?;
+                let mut service = amends::Service::start(bin, &url, &amends_dir, partitions)?;
                 let target =
                     Arc::new(amends::Amends::connect(&url, load.clients, &mut service).await?);
                 target

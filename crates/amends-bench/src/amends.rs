@@ -1,8 +1,9 @@
-//! amends under the workload: `amends serve` as a child process (this
-//! executable) with durable commits, driven through amends-client.
+//! amends under the workload: `amends serve` as a child process (the
+//! `amends` binary, [`locate_binary`]) with durable commits, driven through
+//! amends-client.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +79,24 @@ pub fn request(op: Op) -> anyhow::Result<Request> {
     serde_json::from_str(&body).with_context(|| format!("this amends cannot express {body}"))
 }
 
+/// The `amends` binary to run: `given` (`--amends`), else `amends` beside
+/// this executable (both built into `target/<profile>/`).
+pub fn locate_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(path) => path.to_owned(),
+        None => {
+            let exe = std::env::current_exe().context("locating this executable")?;
+            exe.with_file_name(format!("amends{}", std::env::consts::EXE_SUFFIX))
+        }
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "no amends binary at {}: build it beside this one (`cargo build --release -p amends`, or `-p amends` for a debug bench) or give --amends PATH",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// `amends serve`, a child process of the bench.
 pub struct Service {
     child: Option<Child>,
@@ -85,11 +104,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts this executable's `serve` against `url` with its store in
-    /// `dir/store` and its log in `dir/serve.log`, with durable (fsync)
-    /// commits.
-    pub fn start(url: &str, dir: &Path, partitions: Partitions) -> anyhow::Result<Service> {
-        let exe = std::env::current_exe().context("locating this executable")?;
+    /// Starts `amends serve` (the binary `exe`) against `url` with its
+    /// store in `dir/store` and its log in `dir/serve.log`, with durable
+    /// (fsync) commits.
+    pub fn start(
+        exe: &Path,
+        url: &str,
+        dir: &Path,
+        partitions: Partitions,
+    ) -> anyhow::Result<Service> {
         let log_path = dir.join("serve.log");
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
