@@ -245,7 +245,10 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 Ok(Input::Malformed { op_id, detail, .. }) => {
-                    println!("refused as malformed (op id {op_id}): {detail}");
+                    println!(
+                        "refused as malformed (op id {op_id}): {}",
+                        submit::for_a_client(&detail)
+                    );
                     std::process::exit(1);
                 }
                 Err(e) => {

@@ -115,12 +115,63 @@ fn parse_request(body: &str) -> anyhow::Result<Request> {
             serde_json::Value::String(Client::new_op_id().to_string()),
         );
     }
-    serde_json::from_value(value).context("the request is not valid (see specs/protocol.md)")
+    serde_json::from_value(value)
+        .map_err(|e| anyhow::anyhow!("{}", for_a_client(&e.to_string())))
+        .context("the request is not valid (see specs/protocol.md)")
+}
+
+/// The command types amends writes itself: a client cannot send them, so
+/// a list of what a client may send leaves them out.
+const INTERNAL_TYPES: [&str; 3] = ["tick", "step", "step_outcome"];
+
+/// A parse error as a client should read it: serde's "unknown variant
+/// `x`, expected one of ..." lists every command type, the internal ones
+/// too; this names the unknown type and lists only the client's. (The
+/// `malformed` detail the service records keeps serde's words: a decision
+/// re-derived from the log must not change with the binary.)
+pub fn for_a_client(detail: &str) -> String {
+    let Some(rest) = detail.strip_prefix("unknown variant `") else {
+        return detail.to_owned();
+    };
+    let Some((given, rest)) = rest.split_once("`, expected one of ") else {
+        return detail.to_owned();
+    };
+    let types: Vec<&str> = rest
+        .split(", ")
+        .map(|t| t.trim_matches('`'))
+        .filter(|t| !INTERNAL_TYPES.contains(t))
+        .collect();
+    format!(
+        "unknown command type `{given}`; a client sends one of: {}",
+        types.join(", ")
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_command_type_lists_only_what_a_client_may_send() {
+        // Proves the submit/decode message for an unknown type names it and lists the client commands without tick, step and step_outcome, and leaves other errors as they are.
+        let e = parse_request(r#"{"command":{"type":"nope"}}"#).expect_err("refused");
+        let text = format!("{e:#}");
+        assert!(text.contains("unknown command type `nope`"), "{text}");
+        assert!(
+            text.contains("open_account") && text.contains("saga"),
+            "{text}"
+        );
+        for internal in INTERNAL_TYPES {
+            assert!(
+                !text.contains(&format!(" {internal},")) && !text.ends_with(internal),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            for_a_client("missing field `amount`"),
+            "missing field `amount`"
+        );
+    }
 
     #[test]
     fn a_missing_op_id_is_filled_with_a_v7_id_and_a_given_one_is_kept() {
