@@ -8,8 +8,9 @@
 //! runs a whole deployment (its own nats-server) with a demo; `bench`
 //! compares it with the transport ceiling and PostgreSQL. `status`,
 //! `balance`, `claim-owner` and `stats` ask the service's endpoints
-//! (`query.rs`). `audit` replays the log and checks the invariants
-//! (`audit.rs`). `rebuild` is not built yet.
+//! (`query.rs`). `tail` prints decisions, apologies and dead letters as
+//! they are published (`tail.rs`). `audit` replays the log and checks the
+//! invariants (`audit.rs`). `rebuild` is not built yet.
 
 mod audit;
 mod bench;

@@ -1,6 +1,6 @@
 //! The NATS connection flags shared by the commands that connect, and the
 //! deployment flags (prefix, partition count) of the client-side commands
-//! (`submit`, the queries, `audit`).
+//! (`submit`, the queries, `audit`, `tail`).
 
 use std::path::PathBuf;
 use std::time::Duration;
