@@ -293,9 +293,29 @@ async fn tail_shows_each_decision_apology_and_dead_letter_once_and_filters_them(
     );
 }
 
+/// Waits until a spawned `amends tail` says on stderr that it watches.
+fn wait_watching(child: &mut std::process::Child) {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    tokio::task::block_in_place(|| stderr.read_line(&mut said)).unwrap();
+    assert!(said.contains("watching"), "{said:?}");
+}
+
+/// The exit code of `child` once it exits, within `within`.
+async fn exit_code(child: &mut std::process::Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "tail did not exit in {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_since_new_shows_only_what_comes_after_it_starts() {
-    // Proves `amends tail --since new --count 2` prints the two decisions submitted after it said it was watching, and none of the ones before, then exits 0; and that an error (a partition the deployment lacks) exits 2.
+    // Proves `amends tail --since new --count 2` prints the two decisions submitted after it said it was watching, and none of the ones before, then exits 0; that SIGINT stops it with exit 0; and that an error (a partition the deployment lacks) exits 2.
     let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let _serve = Serve::start(&server, dir.path(), PARTITIONS);
@@ -310,10 +330,7 @@ async fn tail_since_new_shows_only_what_comes_after_it_starts() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
-    tokio::task::block_in_place(|| stderr.read_line(&mut said)).unwrap();
-    assert!(said.contains("watching"), "{said:?}");
+    wait_watching(&mut child);
 
     let after = [
         request(json!({"command": {"type": "open_account", "account": "late"}})),
@@ -322,15 +339,10 @@ async fn tail_since_new_shows_only_what_comes_after_it_starts() {
     for r in &after {
         decide(&client, r).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "tail did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        exit_code(&mut child, Duration::from_secs(20)).await,
+        Some(0)
+    );
     let mut out = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
     let ops: Vec<String> = out
@@ -340,6 +352,24 @@ async fn tail_since_new_shows_only_what_comes_after_it_starts() {
         .collect();
     let expected: Vec<String> = after.iter().map(|r| r.op_id.to_string()).collect();
     assert_eq!(ops, expected, "{out}");
+
+    // Ctrl-C: a clean stop, exit 0.
+    let mut child = Command::new(AMENDS)
+        .args(["tail", "--nats-url", &server.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_watching(&mut child);
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(
+        exit_code(&mut child, Duration::from_secs(10)).await,
+        Some(0)
+    );
 
     let bad = Command::new(AMENDS)
         .args(["tail", "--partition", "9", "--nats-url", &server.url()])
