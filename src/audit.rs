@@ -23,7 +23,7 @@ use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
 use amends_core::state::{HoldStatus, MemState, Read as _, SagaState};
 use amends_core::{Decision, OpId, wire};
-use amends_nats::topology::{self, Prefix, Stream};
+use amends_nats::topology::{self, Stream};
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::Args;
@@ -66,7 +66,7 @@ impl Findings {
 }
 
 /// One message of the decisions stream.
-enum Published {
+pub(crate) enum Published {
     Decision(Decision),
     HoldExpired(HoldExpired),
 }
@@ -156,19 +156,13 @@ impl Replay {
 /// is an error (exit code 2).
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let deployment = &args.deployment;
-    let prefix = Prefix::new(deployment.prefix.clone())
-        .with_context(|| format!("invalid --prefix {:?}", deployment.prefix))?;
-    let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
-    let client = tokio::time::timeout(connect_timeout, deployment.nats().connect("amends-audit"))
-        .await
-        .map_err(|_| anyhow::anyhow!("no NATS connection within {connect_timeout:?}"))??;
-    let js = jetstream::new(client);
-    let partitions = match deployment.partition_count()? {
-        Some(n) => n,
-        None => amends_client::read_partitions(&js, &deployment.client_prefix()?)
-            .await
-            .context("reading the partition count (is this a deployment?)")?,
-    };
+    let prefix = deployment.topology_prefix()?;
+    let (js, partitions) = deployment
+        .jetstream(
+            "amends-audit",
+            Duration::from_millis(args.connect_timeout_ms),
+        )
+        .await?;
 
     let req_name = prefix.stream_name(Stream::Requests);
     let dec_name = prefix.stream_name(Stream::Decisions);
@@ -363,7 +357,7 @@ async fn read_stream(
 
 /// A decisions-stream body: a hold expiry (it has an `event_id`) or a
 /// decision; `None` if it is neither.
-fn decode_published(bytes: &[u8]) -> Option<Published> {
+pub(crate) fn decode_published(bytes: &[u8]) -> Option<Published> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     if value.get("event_id").is_some() {
         serde_json::from_value(value)

@@ -7,10 +7,12 @@
 //! with environment fallbacks (and `serve --config`, a TOML file). `dev`
 //! runs a whole deployment (its own nats-server) with a demo. `status`,
 //! `balance`, `claim-owner` and `stats` ask the service's endpoints
-//! (`query.rs`). `audit` replays the log and checks the invariants
-//! (`audit.rs`). `rebuild` is not built yet. The benchmark against the
-//! transport ceiling and PostgreSQL is a binary of its own, `amends-bench`
-//! (`crates/amends-bench`), so that this one links no PostgreSQL client.
+//! (`query.rs`). `tail` prints decisions, apologies and dead letters as
+//! they are published (`tail.rs`). `audit` replays the log and checks the
+//! invariants (`audit.rs`). `rebuild` is not built yet. The benchmark
+//! against the transport ceiling and PostgreSQL is a binary of its own,
+//! `amends-bench` (`crates/amends-bench`), so that this one links no
+//! PostgreSQL client.
 
 mod audit;
 mod dev;
@@ -20,6 +22,7 @@ mod opid;
 mod query;
 mod serve;
 mod submit;
+mod tail;
 
 use std::io::Read as _;
 
@@ -94,6 +97,12 @@ enum Cmd {
     /// Prints every partition's state, applied position, last sequence and
     /// lag as a table. Exit code 0: every partition answered; 2: error.
     Stats(query::StatsArgs),
+    /// Prints decisions, hold expiries, apologies and dead letters as they
+    /// are published, one line each (or one JSON object a line with
+    /// --json), filtered by partition, outcome, reason, topic or op id.
+    /// Reads with ephemeral consumers: nothing is left on the server. Exit
+    /// code 0: Ctrl-C, --count reached or --idle-exit-ms passed; 2: error.
+    Tail(tail::TailArgs),
     /// Replays the log of every partition, re-derives every decision and the
     /// state, compares them with the decisions stream and checks the
     /// invariants (money, claims, sagas, holds); prints a table per
@@ -193,6 +202,13 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("error: {}", report(&e));
                     std::process::exit(2);
                 }
+            }
+        }
+        Cmd::Tail(args) => {
+            init_logging("warn");
+            if let Err(e) = runtime()?.block_on(tail::run(args)) {
+                eprintln!("error: {}", report(&e));
+                std::process::exit(2);
             }
         }
         Cmd::Route {

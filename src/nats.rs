@@ -1,6 +1,6 @@
 //! The NATS connection flags shared by the commands that connect, and the
 //! deployment flags (prefix, partition count) of the client-side commands
-//! (`submit`, the queries, `audit`).
+//! (`submit`, the queries, `audit`, `tail`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -306,6 +306,42 @@ impl DeploymentArgs {
         options.partitions = self.partition_count()?;
         options.name = Some(name.to_owned());
         Ok(options)
+    }
+
+    /// Connects a raw JetStream context within `timeout` (for the commands
+    /// that read the streams themselves: `audit`, `tail`), with the
+    /// partition count: `--partitions`, else the deployment's.
+    pub async fn jetstream(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(
+        async_nats::jetstream::Context,
+        amends_core::route::Partitions,
+    )> {
+        let client = tokio::time::timeout(timeout, self.nats().connect(name))
+            .await
+            .map_err(|_| anyhow::anyhow!("no NATS connection within {timeout:?}"))??;
+        let js = async_nats::jetstream::new(client);
+        let partitions = match self.partition_count()? {
+            Some(n) => n,
+            None => amends_client::read_partitions(&js, &self.client_prefix()?)
+                .await
+                .with_context(|| {
+                    format!(
+                        "reading the partition count: is there an amends deployment with prefix {:?}?",
+                        self.prefix
+                    )
+                })?,
+        };
+        Ok((js, partitions))
+    }
+
+    /// `--prefix`, validated, as amends-nats builds subject and stream
+    /// names from it.
+    pub fn topology_prefix(&self) -> anyhow::Result<amends_nats::topology::Prefix> {
+        amends_nats::topology::Prefix::new(self.prefix.clone())
+            .with_context(|| format!("invalid --prefix {:?}", self.prefix))
     }
 
     /// `--prefix`, validated.

@@ -13,6 +13,7 @@ mod python;
 mod query;
 mod sagas;
 mod support;
+mod tail;
 mod tls;
 
 use std::collections::{BTreeMap, HashMap};
