@@ -38,6 +38,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 
+use crate::Error;
 use crate::lease::Guard;
 use crate::topology::{Stream, Topology, header};
 use crate::worker;
@@ -98,32 +99,6 @@ impl Default for Options {
             gauge_interval: GAUGE_INTERVAL_DEFAULT,
         }
     }
-}
-
-/// Why the service could not start, or why it returned.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The topology is invalid, or the store has another partition count.
-    #[error("service misconfigured: {0}")]
-    Misconfigured(String),
-    /// The store could not hand out a partition.
-    #[error("store: {0}")]
-    Store(#[from] amends_store::Error),
-    /// The store failed in a way that only reopening it can mend (an I/O
-    /// error such as a full disk: sled's handle keeps failing after one):
-    /// the service stops, so that the process exits and a process
-    /// supervisor starts it again, reopening the store.
-    #[error("partition {partition}: {detail}; the store must be reopened: stopping the service")]
-    StoreFailed {
-        /// The partition whose commit or read failed.
-        partition: u32,
-        /// The error.
-        detail: String,
-    },
-    /// Every partition stopped on an integrity error; see [`Status`].
-    #[error("every partition stopped: {0}")]
-    AllStopped(String),
 }
 
 /// What a partition's supervisor is doing.
@@ -238,9 +213,9 @@ impl Service {
     ) -> Result<Service, Error> {
         topology
             .validate()
-            .map_err(|e| Error::Misconfigured(e.to_string()))?;
+            .map_err(|e| Error::ServiceMisconfigured(e.to_string()))?;
         if store.partitions() != topology.partitions {
-            return Err(Error::Misconfigured(format!(
+            return Err(Error::ServiceMisconfigured(format!(
                 "the store has {} partitions, the topology {}",
                 store.partitions().get(),
                 topology.partitions.get()
@@ -250,7 +225,8 @@ impl Service {
             .partitions
             .ids()
             .map(|id| store.partition(id))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(Error::StoreHandle)?;
         let status = Status {
             states: Arc::new(Mutex::new(vec![(PartitionState::Running, 0); stores.len()])),
             stores: stores.into(),
@@ -359,18 +335,42 @@ const LEASE_WAIT: Duration = Duration::from_millis(50);
 
 /// Whether a worker error must stop its partition for good: the log went
 /// backwards or changed, a newer owner fenced this one out, or the worker
-/// is misconfigured. Every other error (NATS, the
-/// store, a panicked commit) is retried on a fresh store handle.
-pub fn is_fatal(error: &worker::Error) -> bool {
-    matches!(
-        error,
-        worker::Error::LogBehind { .. }
-            | worker::Error::LogChanged { .. }
-            | worker::Error::LogHole { .. }
-            | worker::Error::Fenced { .. }
-            | worker::Error::Misconfigured(_)
-            | worker::Error::Topology(_)
-    )
+/// (or its topology) is misconfigured. Every other error (NATS, the
+/// store, a panicked commit) is retried on a fresh store handle. The
+/// service's and the lease's own errors never come from a worker; they
+/// are classified by what they would mean there (a misconfiguration or a
+/// lost lease stops, a failed request is retried).
+pub fn is_fatal(error: &Error) -> bool {
+    match error {
+        Error::LogBehind { .. }
+        | Error::LogChanged { .. }
+        | Error::LogHole { .. }
+        | Error::Fenced { .. }
+        | Error::Misconfigured(_)
+        // The topology's errors (a worker's used to be wrapped in one
+        // variant, `Topology`, and were fatal).
+        | Error::InvalidPrefix { .. }
+        | Error::InvalidTopology { .. }
+        | Error::Stream { .. }
+        | Error::IncompatibleStream { .. }
+        | Error::Meta { .. }
+        | Error::CorruptMeta { .. }
+        | Error::PartitionCountMismatch { .. }
+        // The service's and the lease's.
+        | Error::ServiceMisconfigured(_)
+        | Error::StoreFailed { .. }
+        | Error::AllStopped(_)
+        | Error::LeaseLost { .. }
+        | Error::LeaseTtlTooShort(_) => true,
+        Error::Store { .. }
+        | Error::Nats { .. }
+        | Error::Panicked { .. }
+        | Error::ConsumerReset { .. }
+        | Error::ConsumerGap { .. }
+        | Error::ConsumerStalled { .. }
+        | Error::StoreHandle(_)
+        | Error::LeaseBucket { .. } => false,
+    }
 }
 
 /// Whether a store error leaves the store's handle unusable (sled keeps
@@ -432,12 +432,12 @@ async fn supervise(
                 }
                 error
             }
-            Err(e) => worker::Error::Store {
+            Err(e) => Error::Store {
                 partition: p,
                 source: e,
             },
         };
-        if let worker::Error::Store { source, .. } = &error
+        if let Error::Store { source, .. } = &error
             && needs_reopen(source)
         {
             tracing::error!(partition = p, %error, "the store failed; stopping the service so that a restart reopens it");
