@@ -18,6 +18,8 @@ pub(super) struct Answers {
     pub(super) topology: Topology,
     pub(super) config: Config,
     pub(super) status: Status,
+    /// The partitions answered for, with their index in `status`.
+    pub(super) served: Vec<(usize, Partition)>,
 }
 
 /// `{"status":"error","detail":...}`: the answer to a bad request.
@@ -26,20 +28,18 @@ fn error_answer(detail: impl Into<String>) -> serde_json::Value {
 }
 
 impl Answers {
-    /// The reply to one request on `endpoint`.
+    /// The reply to one request on `endpoint` of the served partition at
+    /// `index` in the [`Status`], whose store is `store`.
     pub(super) async fn answer(
         &self,
         endpoint: Endpoint,
+        index: usize,
+        store: Partition,
         msg: &async_nats::Message,
     ) -> serde_json::Value {
-        let found = self.partition(msg).and_then(|(index, store)| {
-            let text = std::str::from_utf8(&msg.payload)
-                .map_err(|_| error_answer("the body is not UTF-8"))?;
-            Ok((index, store, text))
-        });
-        let (index, store, text) = match found {
-            Ok(found) => found,
-            Err(answer) => return answer,
+        let text = match std::str::from_utf8(&msg.payload) {
+            Ok(text) => text,
+            Err(_) => return error_answer("the body is not UTF-8"),
         };
         let answer = match endpoint {
             Endpoint::Status => self.op_status(store, text).await,
@@ -50,27 +50,33 @@ impl Answers {
         answer.unwrap_or_else(|answer| answer)
     }
 
-    /// The partition a request's subject names (its last token), and its
-    /// store.
-    fn partition(
+    /// The reply to a request on `endpoint`'s wildcard subject, read from
+    /// its last token: an error when it names no partition of the
+    /// deployment; none when it is a partition's own subject (that
+    /// partition's endpoint answers it, here or in the process serving
+    /// it). A partition's number written otherwise (`03`, `+3`) is
+    /// answered as that partition if it is served here, as it was before
+    /// the endpoints subscribed per partition.
+    pub(super) async fn unrouted(
         &self,
+        endpoint: Endpoint,
         msg: &async_nats::Message,
-    ) -> Result<(usize, Partition), serde_json::Value> {
-        let p = msg
+    ) -> Option<serde_json::Value> {
+        let Some(p) = msg
             .subject
             .as_str()
             .rsplit('.')
             .next()
             .and_then(|t| t.parse::<u32>().ok())
             .and_then(|p| self.topology.partitions.id(p))
-            .ok_or_else(|| error_answer(format!("{} names no partition", msg.subject)))?;
-        self.status
-            .stores
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.id() == p)
-            .map(|(index, store)| (index, store.clone()))
-            .ok_or_else(|| error_answer(format!("partition {p} is not served here")))
+        else {
+            return Some(error_answer(format!("{} names no partition", msg.subject)));
+        };
+        if msg.subject.as_str() == endpoint.subject(&self.topology, p) {
+            return None;
+        }
+        let (index, store) = self.served.iter().find(|(_, s)| s.id() == p)?;
+        Some(self.answer(endpoint, *index, store.clone(), msg).await)
     }
 
     /// Refuses a routing key that another partition owns: the client asked

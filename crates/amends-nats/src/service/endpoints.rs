@@ -1,15 +1,25 @@
-//! The request-reply endpoints: the NATS micro service `amends`, one
-//! endpoint per query kind and served partition; what they answer is
+//! The request-reply endpoints: the NATS micro service `amends`, with one
+//! endpoint per query kind and served partition (`status-<p>` on
+//! `<prefix>.status.<p>`, ...), so that a process answers for the
+//! partitions it serves and no others; what they answer is
 //! [`super::answers`]'s.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use amends_core::partition::Config;
+use amends_core::route::PartitionId;
+use amends_store::Partition;
 use async_nats::jetstream;
+use async_nats::service::ServiceExt as _;
+use futures_util::StreamExt as _;
+use futures_util::future::ready;
+use futures_util::stream::{self, BoxStream};
 use tokio::task::JoinSet;
 
 use super::answers::Answers;
 use super::{RESTART_BACKOFF_MAX, Status};
+use crate::Source;
 use crate::topology::Topology;
 use crate::worker;
 
@@ -26,11 +36,19 @@ pub const STATUS_QUEUE_GROUP: &str = "amends-status";
 /// endpoint.
 pub const QUERY_QUEUE_GROUP: &str = "amends-query";
 
-/// The most requests one endpoint answers at once. Each answer is a few
+/// The most requests of one kind (status, balance, claim, stats; over
+/// every served partition) answered at once. Each answer is a few
 /// store reads on a blocking thread (a stream lookup for stats), so a
 /// burst of queries is served in parallel but cannot pile up unbounded
 /// work.
 pub const ENDPOINT_CONCURRENCY_MAX: usize = 64;
+
+/// The queue group of the subscriptions that answer requests naming no
+/// partition (one per query kind, on its wildcard subject). Not an
+/// endpoint's group: the server makes one group of same-named queue
+/// subscriptions that match a message, and would hand a partition's
+/// request to this subscription instead of the partition's endpoint.
+pub const UNROUTED_QUEUE_GROUP: &str = "amends-unrouted";
 
 /// One request-reply endpoint of the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +80,18 @@ impl Endpoint {
         }
     }
 
-    fn subject(self, topology: &Topology) -> String {
+    /// The subject of this endpoint for partition `p`.
+    pub(super) fn subject(self, topology: &Topology, p: PartitionId) -> String {
+        match self {
+            Endpoint::Status => topology.prefix.status(p),
+            Endpoint::Balance => topology.prefix.query_balance(p),
+            Endpoint::Claim => topology.prefix.query_claim(p),
+            Endpoint::Stats => topology.prefix.stats(p),
+        }
+    }
+
+    /// The subject of this endpoint for every partition, `<...>.*`.
+    fn wildcard(self, topology: &Topology) -> String {
         match self {
             Endpoint::Status => topology.prefix.status_wildcard(),
             Endpoint::Balance => topology.prefix.query_balance_wildcard(),
@@ -95,29 +124,46 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// The request-reply endpoints, as the NATS micro service [`SERVICE_NAME`]:
-/// each endpoint keeps its protocol subject (`<prefix>.status.*`,
-/// `<prefix>.query.balance.*`, `<prefix>.query.claim.*`,
-/// `<prefix>.stats.*`) and its queue group ([`STATUS_QUEUE_GROUP`],
-/// [`QUERY_QUEUE_GROUP`]). Every reply is JSON; a bad request gets
-/// `{"status":"error","detail":...}`. If the service cannot start or an
-/// endpoint ends, it is started again after a backoff.
-pub(super) async fn serve_endpoints(
+/// The request-reply endpoints of the partitions in `served`, as the NATS
+/// micro service [`SERVICE_NAME`]: for each served partition `p` (of
+/// those `status` holds a store for), the endpoints `status-<p>`,
+/// `balance-<p>`, `claim-<p>` and `stats-<p>` on its protocol subjects
+/// (`<prefix>.status.<p>`, `<prefix>.query.balance.<p>`,
+/// `<prefix>.query.claim.<p>`, `<prefix>.stats.<p>`) and queue groups
+/// ([`STATUS_QUEUE_GROUP`], [`QUERY_QUEUE_GROUP`]), each with the metadata
+/// `partition`. A partition not served here gets no answer from this
+/// process. Every reply is JSON; a bad request gets
+/// `{"status":"error","detail":...}`, and so does a request on a subject
+/// that names no partition of the deployment: a plain subscription per
+/// kind, on its wildcard and in the queue group [`UNROUTED_QUEUE_GROUP`],
+/// answers those (and leaves every partition's own subject to its
+/// endpoint). If the service
+/// cannot start or a subscription ends, it is started again after a
+/// backoff. [`super::Service::run`] serves every partition; this runs
+/// until dropped.
+pub async fn serve_endpoints(
     js: jetstream::Context,
     topology: Topology,
     config: Config,
     status: Status,
+    served: Vec<PartitionId>,
 ) {
-    use async_nats::service::ServiceExt as _;
-    use futures_util::StreamExt as _;
+    let served: Vec<(usize, Partition)> = status
+        .stores
+        .iter()
+        .enumerate()
+        .filter(|(_, store)| served.contains(&store.id()))
+        .map(|(index, store)| (index, store.clone()))
+        .collect();
     let answers = Arc::new(Answers {
         js: js.clone(),
         topology,
         config,
         status,
+        served,
     });
     loop {
-        let metadata = std::collections::HashMap::from([
+        let metadata = HashMap::from([
             ("prefix".to_owned(), answers.topology.prefix.to_string()),
             (
                 "partitions".to_owned(),
@@ -139,42 +185,13 @@ pub(super) async fn serve_endpoints(
         match started {
             Ok(service) => {
                 let mut tasks = JoinSet::new();
-                let mut failed = None;
-                for endpoint in Endpoint::ALL {
-                    let added = service
-                        .endpoint_builder()
-                        .name(endpoint.name())
-                        .queue_group(endpoint.queue_group())
-                        .add(endpoint.subject(&answers.topology))
-                        .await;
-                    let requests = match added {
-                        Ok(requests) => requests,
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    };
-                    let answers = Arc::clone(&answers);
-                    tasks.spawn(requests.for_each_concurrent(
-                        ENDPOINT_CONCURRENCY_MAX,
-                        move |request| {
-                            let answers = Arc::clone(&answers);
-                            async move {
-                                let answer = answers.answer(endpoint, &request.message).await;
-                                let body = serde_json::to_vec(&answer).unwrap_or_default();
-                                if let Err(e) = request.respond(Ok(body.into())).await {
-                                    tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
-                                }
-                            }
-                        },
-                    ));
-                }
+                let added = add_endpoints(&service, &answers, &mut tasks).await;
                 let _stop = StopOnDrop(Some(service));
-                match failed {
-                    Some(e) => {
+                match added {
+                    Err(e) => {
                         tracing::warn!(error = %e, "an endpoint could not subscribe; retrying")
                     }
-                    None => {
+                    Ok(()) => {
                         tasks.join_next().await;
                         tracing::warn!(
                             "an endpoint subscription ended; starting the endpoints again"
@@ -186,4 +203,88 @@ pub(super) async fn serve_endpoints(
         }
         tokio::time::sleep(RESTART_BACKOFF_MAX).await;
     }
+}
+
+/// A request to one served partition's endpoint, with the partition's
+/// index in the [`Status`] and its store; `None` once that endpoint's
+/// subscription ended.
+type Routed = Option<(usize, Partition, async_nats::service::Request)>;
+
+/// Adds every endpoint of every served partition to `service`, and spawns
+/// onto `tasks`, per kind, one task answering its partitions' requests (at
+/// most [`ENDPOINT_CONCURRENCY_MAX`] at once) and one answering its
+/// wildcard's requests that name no partition. A task ends when any of
+/// its subscriptions ends.
+async fn add_endpoints(
+    service: &async_nats::service::Service,
+    answers: &Arc<Answers>,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), Source> {
+    for endpoint in Endpoint::ALL {
+        let mut routed: Vec<BoxStream<'static, Routed>> = Vec::new();
+        for (index, store) in &answers.served {
+            let p = store.id();
+            let requests = service
+                .endpoint_builder()
+                .name(format!("{}-{p}", endpoint.name()))
+                .metadata(HashMap::from([("partition".to_owned(), p.to_string())]))
+                .queue_group(endpoint.queue_group())
+                .add(endpoint.subject(&answers.topology, p))
+                .await?;
+            let (index, store) = (*index, store.clone());
+            routed.push(
+                requests
+                    .map(move |request| Some((index, store.clone(), request)))
+                    .chain(stream::once(ready(None)))
+                    .boxed(),
+            );
+        }
+        if !routed.is_empty() {
+            let requests = stream::select_all(routed)
+                .take_while(|request| ready(request.is_some()))
+                .filter_map(ready);
+            let answers = Arc::clone(answers);
+            tasks.spawn(requests.for_each_concurrent(
+                ENDPOINT_CONCURRENCY_MAX,
+                move |(index, store, request)| {
+                    let answers = Arc::clone(&answers);
+                    async move {
+                        let answer = answers
+                            .answer(endpoint, index, store, &request.message)
+                            .await;
+                        let body = serde_json::to_vec(&answer).unwrap_or_default();
+                        if let Err(e) = request.respond(Ok(body.into())).await {
+                            tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
+                        }
+                    }
+                },
+            ));
+        }
+        let client = answers.js.client();
+        let unrouted = client
+            .queue_subscribe(
+                endpoint.wildcard(&answers.topology),
+                UNROUTED_QUEUE_GROUP.to_owned(),
+            )
+            .await?;
+        let answers = Arc::clone(answers);
+        tasks.spawn(
+            unrouted.for_each_concurrent(ENDPOINT_CONCURRENCY_MAX, move |message| {
+                let answers = Arc::clone(&answers);
+                let client = client.clone();
+                async move {
+                    let Some(reply) = message.reply.clone() else {
+                        return;
+                    };
+                    if let Some(answer) = answers.unrouted(endpoint, &message).await {
+                        let body = serde_json::to_vec(&answer).unwrap_or_default();
+                        if let Err(e) = client.publish(reply, body.into()).await {
+                            tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
+                        }
+                    }
+                }
+            }),
+        );
+    }
+    Ok(())
 }

@@ -6,11 +6,13 @@
 //!                                       -- integrity error -> Stopped (loud), never restarted
 //! ticks:         every tick_interval, a tick to each running partition with a hold due
 //! compaction:    every compact_interval, Partition::compact on a blocking thread
-//! endpoints:     the NATS micro service `amends`, answering from the store:
-//!                <prefix>.status.*        (queue group amends-status): what a partition knows of an op id
-//!                <prefix>.query.balance.* (queue group amends-query): an account's balance, holds, limits
-//!                <prefix>.query.claim.*   (queue group amends-query): the owner of a claim
-//!                <prefix>.stats.*         (queue group amends-query): applied position, lag, state
+//! endpoints:     the NATS micro service `amends`, answering from the store, per served partition <p>:
+//!                <prefix>.status.<p>        (queue group amends-status): what a partition knows of an op id
+//!                <prefix>.query.balance.<p> (queue group amends-query): an account's balance, holds, limits
+//!                <prefix>.query.claim.<p>   (queue group amends-query): the owner of a claim
+//!                <prefix>.stats.<p>         (queue group amends-query): applied position, lag, state
+//!                and, on each kind's wildcard (queue group amends-unrouted), an error for a partition
+//!                the deployment does not have
 //! gauges:        every gauge_interval, each partition's applied position and lag (crate::metrics)
 //! ```
 //!
@@ -54,13 +56,13 @@ use crate::topology::Topology;
 use crate::worker;
 
 use compact::compact;
-use endpoints::serve_endpoints;
 use gauges::gauges;
 use supervise::supervise;
 use tick::tick;
 
 pub use endpoints::{
     ENDPOINT_CONCURRENCY_MAX, QUERY_QUEUE_GROUP, SERVICE_NAME, STATUS_QUEUE_GROUP,
+    UNROUTED_QUEUE_GROUP, serve_endpoints,
 };
 pub use status::{PartitionState, PartitionStatus, ServiceStatus, Status};
 pub use supervise::{backoff, is_fatal, needs_reopen};
@@ -222,6 +224,7 @@ impl Service {
             topology.clone(),
             config,
             status.clone(),
+            topology.partitions.ids().collect(),
         ));
         for id in topology.partitions.ids() {
             crate::metrics::register_partition(id);
