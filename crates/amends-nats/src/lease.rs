@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 
+use crate::Error;
 use crate::topology::{Prefix, Topology};
 
 /// The default time to live of the lease: how long a standby waits after
@@ -35,35 +36,6 @@ pub const TTL_MIN: Duration = Duration::from_millis(600);
 
 /// The key of the lease in its bucket.
 const KEY: &str = "serve";
-
-/// Why the lease could not be taken or kept.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A JetStream request about the lease bucket failed.
-    #[error("lease bucket {bucket}: {action} failed: {source}")]
-    Bucket {
-        /// The bucket.
-        bucket: String,
-        /// What was being done.
-        action: &'static str,
-        /// The async-nats error.
-        #[source]
-        source: crate::Source,
-    },
-    /// The lease could not be renewed in time, or another instance holds
-    /// it now: this process must stop serving.
-    #[error("lost the deployment lease ({detail}); now held by {holder}")]
-    Lost {
-        /// What happened.
-        detail: String,
-        /// The holder now, as recorded in the bucket (or "nobody").
-        holder: String,
-    },
-    /// The TTL is below [`TTL_MIN`].
-    #[error("lease TTL {0:?} is below the minimum {TTL_MIN:?}")]
-    TtlTooShort(Duration),
-}
 
 /// Says whether this process holds a valid lease now; cheap to clone and
 /// to ask.
@@ -132,7 +104,7 @@ impl Lease {
         mut waiting: impl FnMut(&str),
     ) -> Result<Lease, Error> {
         if ttl < TTL_MIN {
-            return Err(Error::TtlTooShort(ttl));
+            return Err(Error::LeaseTtlTooShort(ttl));
         }
         let bucket = bucket_name(&topology.prefix);
         let kv = open_bucket(js, topology, &bucket, ttl).await?;
@@ -201,7 +173,7 @@ impl Lease {
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     self.guard.expire();
-                    return Error::Lost {
+                    return Error::LeaseLost {
                         detail: "another instance took it".to_owned(),
                         holder: current_holder(&self.kv).await,
                     };
@@ -209,7 +181,7 @@ impl Lease {
                 Err(e) => {
                     tracing::warn!(bucket = %self.bucket, error = %e, "lease renewal failed; trying again");
                     if !self.guard.is_valid() {
-                        return Error::Lost {
+                        return Error::LeaseLost {
                             detail: format!("no renewal succeeded in time: {e}"),
                             holder: current_holder(&self.kv).await,
                         };
@@ -229,7 +201,7 @@ async fn open_bucket(
     ttl: Duration,
 ) -> Result<kv::Store, Error> {
     let fail = |action: &'static str| {
-        move |e: crate::Source| Error::Bucket {
+        move |e: crate::Source| Error::LeaseBucket {
             bucket: bucket.to_owned(),
             action,
             source: e,

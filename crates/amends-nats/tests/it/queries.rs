@@ -51,6 +51,34 @@ async fn ask(nats: &async_nats::Client, subject: String, body: &str) -> Value {
     }
 }
 
+/// A service over every partition of `store`, with the defaults.
+fn new_service(js: &jetstream::Context, topology: &topology::Topology, store: &Store) -> Service {
+    Service::new(
+        js,
+        topology,
+        store,
+        Config::default(),
+        service::Options::default(),
+    )
+    .expect("service")
+}
+
+/// An account that partition `p` owns.
+fn account_of(p: PartitionId, partitions: Partitions) -> String {
+    (0..)
+        .map(|i| format!("acct-{i}"))
+        .find(|a| partition_of(a, partitions) == p)
+        .expect("an account of the partition")
+}
+
+/// A claim key in namespace `ns` that partition `p` owns.
+fn claim_key_of(p: PartitionId, partitions: Partitions) -> String {
+    (0..)
+        .map(|i| format!("key-{i}"))
+        .find(|k| partition_of(&amends_core::route::claim_routing_key("ns", k), partitions) == p)
+        .expect("a claim of the partition")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_answer_from_the_store_and_stats_tell_a_stopped_partition() {
     // Proves the query endpoints under prefix `acme.amends`: a balance after a credit and a hold (held, available), a claim owner, a query sent to the wrong partition is an error, and stats show the running partition caught up (applied = last sequence, lag 0) and the partition whose log went backwards (store forged to position 1,000,000) as stopped with its reason.
@@ -79,26 +107,11 @@ async fn queries_answer_from_the_store_and_stats_tell_a_stopped_partition() {
         }
         forged.commit(&changes, &effects).expect("commit");
 
-        let service = Service::new(
-            &js,
-            &topology,
-            &store,
-            Config::default(),
-            service::Options::default(),
-        )
-        .expect("service");
+        let service = new_service(&js, &topology, &store);
         let task = tokio::spawn(service.run());
 
-        let account = (0..)
-            .map(|i| format!("acct-{i}"))
-            .find(|a| partition_of(a, partitions) == p1)
-            .expect("an account of partition 1");
-        let key = (0..)
-            .map(|i| format!("key-{i}"))
-            .find(|k| {
-                partition_of(&amends_core::route::claim_routing_key("ns", k), partitions) == p1
-            })
-            .expect("a claim of partition 1");
+        let account = account_of(p1, partitions);
+        let key = claim_key_of(p1, partitions);
         let req = |p: PartitionId| topology.prefix.req(p);
         publish(
             &js,
@@ -199,6 +212,120 @@ async fn queries_answer_from_the_store_and_stats_tell_a_stopped_partition() {
         assert_eq!(unknown["position"], last_p1, "{unknown}");
         assert!(!task.is_finished(), "the service goes on");
         task.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_of_a_subset_answer_for_those_partitions_only() {
+    // Proves the endpoints subscribe per served partition: serving partition 1 of 3 alone, every query kind answers on partition 1's subjects, partitions 0 and 2 get no answer from this process, a partition the deployment does not have (7) and a subject that names none still get the error answer, and the micro service lists exactly partition 1's four endpoints, each with its partition in its metadata.
+    within(async {
+        let server = Server::start();
+        let nats = connect(&server).await;
+        let js = jetstream::new(nats.clone());
+        let topology = topology("amends", 3);
+        topology::ensure(&js, &topology).await.expect("ensure");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partitions = Partitions::new(3).expect("count");
+        let store = Store::open(dir.path(), amends_store::Options::new(partitions)).expect("store");
+        let service = new_service(&js, &topology, &store);
+        let p1 = partitions.id(1).expect("p1");
+        let endpoints = tokio::spawn(service::serve_endpoints(
+            js.clone(),
+            topology.clone(),
+            Config::default(),
+            service.status(),
+            vec![p1],
+        ));
+        let prefix = &topology.prefix;
+
+        let stats = ask(&nats, prefix.stats(p1), "").await;
+        assert_eq!(stats["status"], "ok", "{stats}");
+        assert_eq!(stats["partition"], 1, "{stats}");
+        let status = ask(&nats, prefix.status(p1), &op_id()).await;
+        assert_eq!(status, json!({"status": "unknown"}));
+        // Every request is answered at once, none handed to the wildcard
+        // subscription that answers partitions the deployment lacks.
+        for _ in 0..20 {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(2),
+                nats.request(prefix.status(p1), op_id().into()),
+            )
+            .await;
+            assert!(matches!(asked, Ok(Ok(_))), "{asked:?}");
+        }
+        let account = account_of(p1, partitions);
+        let balance = ask(&nats, prefix.query_balance(p1), &account).await;
+        assert_eq!(balance["status"], "unknown", "{balance}");
+        let key = claim_key_of(p1, partitions);
+        let body = json!({"namespace": "ns", "key": key}).to_string();
+        let claim = ask(&nats, prefix.query_claim(p1), &body).await;
+        assert_eq!(claim["status"], "free", "{claim}");
+
+        for p in [0, 2] {
+            let p = partitions.id(p).expect("a partition");
+            for subject in [
+                prefix.stats(p),
+                prefix.status(p),
+                prefix.query_balance(p),
+                prefix.query_claim(p),
+            ] {
+                let asked = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    nats.request(subject.clone(), "".into()),
+                )
+                .await;
+                assert!(
+                    !matches!(asked, Ok(Ok(_))),
+                    "{subject} answered by a process that does not serve it: {asked:?}"
+                );
+            }
+        }
+
+        for subject in ["amends.stats.7", "amends.status.x"] {
+            let answer = ask(&nats, subject.to_owned(), "").await;
+            assert_eq!(
+                answer,
+                json!({"status": "error", "detail": format!("{subject} names no partition")})
+            );
+        }
+
+        let info = nats
+            .request("$SRV.INFO.amends", "".into())
+            .await
+            .expect("info");
+        let info: Value = serde_json::from_slice(&info.payload).expect("json");
+        let mut listed: Vec<(String, String, String, String)> = info["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .map(|e| {
+                let text = |v: &Value| v.as_str().expect("text").to_owned();
+                (
+                    text(&e["name"]),
+                    text(&e["subject"]),
+                    text(&e["queue_group"]),
+                    text(&e["metadata"]["partition"]),
+                )
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                ("balance-1", "amends.query.balance.1", "amends-query"),
+                ("claim-1", "amends.query.claim.1", "amends-query"),
+                ("stats-1", "amends.stats.1", "amends-query"),
+                ("status-1", "amends.status.1", "amends-status"),
+            ]
+            .map(|(n, s, q)| (
+                n.to_owned(),
+                s.to_owned(),
+                q.to_owned(),
+                "1".to_owned()
+            ))
+        );
+        endpoints.abort();
     })
     .await;
 }

@@ -68,7 +68,7 @@ impl Fixture {
                         ..Options::default()
                     };
                     match worker::run_partition(&js, &topology, machine, partition, options).await {
-                        Err(worker::Error::ConsumerStalled { .. }) => {
+                        Err(amends_nats::Error::ConsumerStalled { .. }) => {
                             stalls.fetch_add(1, Ordering::SeqCst);
                         }
                         Err(e) => panic!("worker stopped: {e}"),

@@ -621,7 +621,7 @@ async fn a_log_that_went_backwards_stops_the_partition() {
             worker::run_partition(&fx.js, &fx.topology, machine, partition, Options::default())
                 .await;
         match stopped {
-            Err(worker::Error::LogBehind { partition: 0, .. }) => {}
+            Err(amends_nats::Error::LogBehind { partition: 0, .. }) => {}
             other => panic!("expected LogBehind, got {other:?}"),
         }
     })
@@ -644,7 +644,7 @@ async fn open_accounts(fx: &Fixture, names: &[&str]) {
 }
 
 /// Runs partition 0's worker on `store` until it stops; returns why.
-async fn run_until_stopped(fx: &Fixture, store: &Store) -> worker::Error {
+async fn run_until_stopped(fx: &Fixture, store: &Store) -> amends_nats::Error {
     let partition = store.partition(fx.p0()).expect("partition");
     let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
     match worker::run_partition(&fx.js, &fx.topology, machine, partition, Options::default()).await
@@ -724,7 +724,7 @@ async fn a_rolled_back_log_refilled_by_new_requests_stops_the_partition() {
             fx.publish(&id, None, body).await;
         }
         match run_until_stopped(&fx, &store).await {
-            worker::Error::LogChanged {
+            amends_nats::Error::LogChanged {
                 partition: 0,
                 position: 5,
                 found,
@@ -782,7 +782,7 @@ async fn a_partition_whose_log_tail_is_deleted_stops_running_and_at_start() {
         );
 
         match run_until_stopped(&fx, &store).await {
-            worker::Error::LogChanged {
+            amends_nats::Error::LogChanged {
                 partition: 0,
                 position: 3,
                 found,
@@ -818,7 +818,7 @@ async fn a_request_deleted_from_the_log_before_it_was_applied_stops_the_partitio
 
         let store = open_store(fx.dir.path());
         match run_until_stopped(&fx, &store).await {
-            worker::Error::LogHole {
+            amends_nats::Error::LogHole {
                 partition: 0,
                 from: 2,
                 missing,
@@ -857,7 +857,7 @@ async fn a_request_deleted_from_the_log_before_it_was_applied_stops_the_partitio
             .expect("the running worker noticed the hole")
             .expect("the task ran");
         match stopped {
-            worker::Error::LogHole { missing, .. } => {
+            amends_nats::Error::LogHole { missing, .. } => {
                 assert_eq!(missing, format!("sequences {other} missing"));
             }
             other => panic!("expected LogHole, got {other:?}"),
@@ -867,7 +867,7 @@ async fn a_request_deleted_from_the_log_before_it_was_applied_stops_the_partitio
 }
 
 /// Spawns partition 0's worker on `store`; the task returns why it stopped.
-fn spawn_on(fx: &Fixture, store: &Store) -> JoinHandle<worker::Error> {
+fn spawn_on(fx: &Fixture, store: &Store) -> JoinHandle<amends_nats::Error> {
     let (js, topology) = (fx.js.clone(), fx.topology.clone());
     let (partition, p0) = (store.partition(fx.p0()).expect("partition"), fx.p0());
     tokio::spawn(async move {
@@ -938,7 +938,7 @@ async fn an_older_owner_is_fenced(fx: Fixture) {
         .expect("the worker stops")
         .expect("the worker");
     let epoch = match &stopped {
-        worker::Error::Fenced {
+        amends_nats::Error::Fenced {
             partition: 0,
             owner,
             epoch,

@@ -1,0 +1,55 @@
+//! Gauges: each partition's applied position and lag, refreshed on an
+//! interval ([`crate::metrics`]).
+
+use std::time::Duration;
+
+use amends_core::route::PartitionId;
+use async_nats::jetstream;
+
+use super::{Options, Status};
+use crate::topology::{Stream, Topology};
+
+/// The requests stream's last sequence on partition `p`'s subject (0 if it
+/// holds none).
+pub(super) async fn last_sequence(
+    js: &jetstream::Context,
+    topology: &Topology,
+    p: PartitionId,
+) -> Result<u64, String> {
+    let stream = js
+        .get_stream_no_info(topology.prefix.stream_name(Stream::Requests))
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream
+        .get_last_raw_message_by_subject(&topology.prefix.req(p))
+        .await
+    {
+        Ok(message) => Ok(message.sequence),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Gauges: every interval, each partition's applied position and lag
+/// ([`crate::metrics`]), from its store and the requests stream.
+pub(super) async fn gauges(
+    js: jetstream::Context,
+    topology: Topology,
+    options: Options,
+    status: Status,
+) {
+    let period = options.gauge_interval.max(Duration::from_millis(1));
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        for store in status.stores.iter() {
+            let p = store.id();
+            let applied = store.head().map(|h| h.clock.position).unwrap_or(0);
+            match last_sequence(&js, &topology, p).await {
+                Ok(last) => crate::metrics::position(p, applied, last.saturating_sub(applied)),
+                Err(e) => tracing::debug!(partition = p.get(), error = %e, "lag not measured"),
+            }
+        }
+    }
+}

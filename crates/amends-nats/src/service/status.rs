@@ -1,0 +1,110 @@
+//! What the service reports: each partition's [`PartitionState`], read
+//! through the shared [`Status`] handle, with its applied position read
+//! live from the store.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use amends_store::Partition;
+
+/// What a partition's supervisor is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionState {
+    /// The worker runs (or is starting).
+    Running,
+    /// The worker stopped on a transient error and is restarted after a
+    /// backoff; `attempt` counts the failures since it last made progress.
+    Restarting {
+        /// Failures in a row.
+        attempt: u32,
+        /// The last error, as text.
+        error: String,
+    },
+    /// The worker stopped on an integrity error (the log went backwards, a
+    /// misconfiguration) and is not restarted: an operator must look.
+    Stopped {
+        /// The error, as text.
+        reason: String,
+    },
+}
+
+/// One partition's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// The partition.
+    pub partition: u32,
+    /// What its supervisor is doing.
+    pub state: PartitionState,
+    /// The store's applied position (0 if it could not be read).
+    pub applied_position: u64,
+    /// How many times the worker was restarted since the service started.
+    pub restarts: u64,
+}
+
+/// A snapshot of every partition's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStatus {
+    /// One entry per partition, in partition order.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// A shared handle on the service's status; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub(super) states: Arc<Mutex<Vec<(PartitionState, u64)>>>,
+    pub(super) stores: Arc<[Partition]>,
+}
+
+impl Status {
+    /// Every partition of `stores` running, none restarted yet.
+    pub(super) fn new(stores: Vec<Partition>) -> Status {
+        Status {
+            states: Arc::new(Mutex::new(vec![(PartitionState::Running, 0); stores.len()])),
+            stores: stores.into(),
+        }
+    }
+
+    /// The current status of every partition.
+    pub fn snapshot(&self) -> ServiceStatus {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        ServiceStatus {
+            partitions: states
+                .iter()
+                .zip(self.stores.iter())
+                .map(|((state, restarts), store)| PartitionStatus {
+                    partition: store.id().get(),
+                    state: state.clone(),
+                    applied_position: store.head().map(|h| h.clock.position).unwrap_or(0),
+                    restarts: *restarts,
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn set(&self, index: usize, state: PartitionState, restarted: bool) {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = states.get_mut(index) {
+            if let Some(store) = self.stores.get(index) {
+                crate::metrics::partition_state(store.id(), state_name(&state).0, restarted);
+            }
+            slot.0 = state;
+            if restarted {
+                slot.1 = slot.1.saturating_add(1);
+            }
+        }
+    }
+
+    pub(super) fn is_stopped(&self, index: usize) -> bool {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        matches!(states.get(index), Some((PartitionState::Stopped { .. }, _)))
+    }
+}
+
+/// A partition state's name (one of [`crate::metrics::STATES`]) and its
+/// error text, if it has one.
+pub(super) fn state_name(state: &PartitionState) -> (&'static str, Option<String>) {
+    match state {
+        PartitionState::Running => ("running", None),
+        PartitionState::Restarting { error, .. } => ("restarting", Some(error.clone())),
+        PartitionState::Stopped { reason } => ("stopped", Some(reason.clone())),
+    }
+}
