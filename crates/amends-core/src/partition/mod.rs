@@ -666,3 +666,101 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Account, Claim, Dedup, ExpiryKey, Hold, MemState, Saga};
+
+    /// A read that fails, as a store's would.
+    #[derive(Debug, thiserror::Error)]
+    #[error("the disk is gone")]
+    struct Gone;
+
+    /// A state in memory whose account reads fail.
+    struct AccountsUnreadable(MemState);
+
+    impl Read for AccountsUnreadable {
+        type Error = Gone;
+        fn account(&self, _: &str) -> Result<Option<Account>, Gone> {
+            Err(Gone)
+        }
+        fn hold(&self, id: OpId) -> Result<Option<Hold>, Gone> {
+            Ok(self.0.hold(id))
+        }
+        fn claim(&self, key: &str) -> Result<Option<Claim>, Gone> {
+            Ok(self.0.claim(key))
+        }
+        fn dedup(&self, op: OpId) -> Result<Option<Dedup>, Gone> {
+            Ok(self.0.dedup(op))
+        }
+        fn saga(&self, id: OpId) -> Result<Option<Saga>, Gone> {
+            Ok(self.0.saga(id))
+        }
+        fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>, Gone> {
+            Ok(self.0.expiry_after(after))
+        }
+        fn clock(&self) -> Result<Clock, Gone> {
+            Ok(self.0.clock())
+        }
+    }
+
+    impl Write for AccountsUnreadable {
+        fn put_account(&mut self, id: &AccountId, account: Account) {
+            self.0.put_account(id, account);
+        }
+        fn put_hold(&mut self, id: OpId, hold: Hold) {
+            self.0.put_hold(id, hold);
+        }
+        fn put_claim(&mut self, key: &str, claim: Option<Claim>) {
+            self.0.put_claim(key, claim);
+        }
+        fn put_dedup(&mut self, op: OpId, dedup: Dedup) {
+            self.0.put_dedup(op, dedup);
+        }
+        fn put_saga(&mut self, id: OpId, saga: Saga) {
+            self.0.put_saga(id, saga);
+        }
+        fn put_expiry(&mut self, key: ExpiryKey, present: bool) {
+            self.0.put_expiry(key, present);
+        }
+        fn set_clock(&mut self, clock: Clock) {
+            self.0.set_clock(clock);
+        }
+    }
+
+    #[test]
+    fn a_failed_read_stops_the_apply_with_the_error_and_no_decision() {
+        // Proves a read that fails is not taken as "not found": opening an account whose read fails returns Fault::Read with the state's error, pushes no effect and records no decision, while a message that reads no account is applied as usual.
+        let partitions = Partitions::new(1).expect("a count");
+        let machine = Machine::new(
+            partitions.id(0).expect("an id"),
+            partitions,
+            Config::default(),
+        );
+        let now = 1_700_000_000_000;
+        let open = Input::Request(Request {
+            op_id: OpId::v7_from_parts(now, 1),
+            command: Command::OpenAccount {
+                account: AccountId::new("a").expect("an account id"),
+                floor: 0,
+                ceiling: None,
+            },
+            apology_topic: None,
+        });
+        let mut state = AccountsUnreadable(MemState::new());
+        let mut out = Vec::new();
+        let got = machine.apply(&mut state, 1, now, &open, &mut out);
+        assert!(matches!(got, Err(Fault::Read(Gone))), "{got:?}");
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(state.0.dedups().count(), 0, "nothing was decided");
+
+        let tick = Input::Request(Request {
+            op_id: OpId::v7_from_parts(now, 2),
+            command: Command::Tick {},
+            apology_topic: None,
+        });
+        let got = machine.apply(&mut state, 2, now, &tick, &mut out);
+        assert!(matches!(got, Ok(Answer::Ticked)), "{got:?}");
+    }
+}
