@@ -21,7 +21,7 @@ use amends_core::command::{Command, Phase};
 use amends_core::partition::{Answer, Config, Effect, HoldExpired, Input, Machine};
 use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
-use amends_core::state::{HoldStatus, MemState, Read as _, SagaState};
+use amends_core::state::{HoldStatus, MemState, SagaState};
 use amends_core::{Decision, OpId, wire};
 use amends_nats::topology::{self, Stream};
 use anyhow::Context as _;

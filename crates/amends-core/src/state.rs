@@ -6,9 +6,14 @@
 //! writes first), and the store commits the change set atomically with the
 //! batch's applied position. [`MemState`] keeps everything in memory and
 //! implements both traits directly: the reference for tests and benchmarks.
+//!
+//! A read returns the store's error when it fails ([`Read::Error`]); the
+//! state machine stops on it (`Fault::Read`), so a decision is never made
+//! over state that could not be read, and no driver has to check for that.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 
@@ -236,23 +241,31 @@ pub struct Clock {
     pub log_time_ms: u64,
 }
 
-/// Reads a partition's state. Implemented by stores and by [`Overlay`].
+/// Reads a partition's state. Implemented by stores, by [`Overlay`] and
+/// [`Stacked`] (with their base's error), and by [`MemState`].
+///
+/// Every read can fail with [`Read::Error`] (a store's I/O error or corrupt
+/// record): the state machine stops at the first failed read with
+/// `Fault::Read` (see [`crate::partition::Fault`]), so nothing is decided
+/// over state that could not be read.
 pub trait Read {
+    /// Why a read failed. [`std::convert::Infallible`] for state in memory.
+    type Error: std::error::Error;
     /// The account with this id.
-    fn account(&self, id: &str) -> Option<Account>;
+    fn account(&self, id: &str) -> Result<Option<Account>, Self::Error>;
     /// The hold with this id.
-    fn hold(&self, id: OpId) -> Option<Hold>;
+    fn hold(&self, id: OpId) -> Result<Option<Hold>, Self::Error>;
     /// The claim on this claim routing key (`namespace` U+001F `key`).
-    fn claim(&self, key: &str) -> Option<Claim>;
+    fn claim(&self, key: &str) -> Result<Option<Claim>, Self::Error>;
     /// The dedup record of this op id.
-    fn dedup(&self, op: OpId) -> Option<Dedup>;
+    fn dedup(&self, op: OpId) -> Result<Option<Dedup>, Self::Error>;
     /// The saga with this op id (kept by the saga's own partition).
-    fn saga(&self, id: OpId) -> Option<Saga>;
+    fn saga(&self, id: OpId) -> Result<Option<Saga>, Self::Error>;
     /// The first entry of the expiry index strictly after `after` (from the
     /// start when `None`).
-    fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey>;
+    fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>, Self::Error>;
     /// The applied position and log time.
-    fn clock(&self) -> Clock;
+    fn clock(&self) -> Result<Clock, Self::Error>;
 }
 
 /// Writes a partition's state. Implemented by [`Overlay`] (into a change
@@ -347,31 +360,33 @@ impl<'a, B: Read + ?Sized> Overlay<'a, B> {
 }
 
 impl<B: Read + ?Sized> Read for Overlay<'_, B> {
-    fn account(&self, id: &str) -> Option<Account> {
+    type Error = B::Error;
+
+    fn account(&self, id: &str) -> Result<Option<Account>, B::Error> {
         self.view().account(id)
     }
 
-    fn hold(&self, id: OpId) -> Option<Hold> {
+    fn hold(&self, id: OpId) -> Result<Option<Hold>, B::Error> {
         self.view().hold(id)
     }
 
-    fn claim(&self, key: &str) -> Option<Claim> {
+    fn claim(&self, key: &str) -> Result<Option<Claim>, B::Error> {
         self.view().claim(key)
     }
 
-    fn dedup(&self, op: OpId) -> Option<Dedup> {
+    fn dedup(&self, op: OpId) -> Result<Option<Dedup>, B::Error> {
         self.view().dedup(op)
     }
 
-    fn saga(&self, id: OpId) -> Option<Saga> {
+    fn saga(&self, id: OpId) -> Result<Option<Saga>, B::Error> {
         self.view().saga(id)
     }
 
-    fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
+    fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>, B::Error> {
         self.view().expiry_after(after)
     }
 
-    fn clock(&self) -> Clock {
+    fn clock(&self) -> Result<Clock, B::Error> {
         self.view().clock()
     }
 }
@@ -389,46 +404,48 @@ pub struct Stacked<'a, B: Read + ?Sized> {
 }
 
 impl<B: Read + ?Sized> Read for Stacked<'_, B> {
-    fn account(&self, id: &str) -> Option<Account> {
+    type Error = B::Error;
+
+    fn account(&self, id: &str) -> Result<Option<Account>, B::Error> {
         match self.top.accounts.get(id) {
-            Some(a) => Some(*a),
+            Some(a) => Ok(Some(*a)),
             None => self.base.account(id),
         }
     }
 
-    fn hold(&self, id: OpId) -> Option<Hold> {
+    fn hold(&self, id: OpId) -> Result<Option<Hold>, B::Error> {
         match self.top.holds.get(&id) {
-            Some(h) => Some(h.clone()),
+            Some(h) => Ok(Some(h.clone())),
             None => self.base.hold(id),
         }
     }
 
-    fn claim(&self, key: &str) -> Option<Claim> {
+    fn claim(&self, key: &str) -> Result<Option<Claim>, B::Error> {
         match self.top.claims.get(key) {
-            Some(c) => c.clone(),
+            Some(c) => Ok(c.clone()),
             None => self.base.claim(key),
         }
     }
 
-    fn dedup(&self, op: OpId) -> Option<Dedup> {
+    fn dedup(&self, op: OpId) -> Result<Option<Dedup>, B::Error> {
         match self.top.dedup.get(&op) {
-            Some(d) => Some(d.clone()),
+            Some(d) => Ok(Some(d.clone())),
             None => self.base.dedup(op),
         }
     }
 
-    fn saga(&self, id: OpId) -> Option<Saga> {
+    fn saga(&self, id: OpId) -> Result<Option<Saga>, B::Error> {
         match self.top.sagas.get(&id) {
-            Some(s) => Some(s.clone()),
+            Some(s) => Ok(Some(s.clone())),
             None => self.base.saga(id),
         }
     }
 
-    fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
+    fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>, B::Error> {
         // The first base entry not removed by the change set.
         let mut cursor = after;
         let from_base = loop {
-            match self.base.expiry_after(cursor) {
+            match self.base.expiry_after(cursor)? {
                 Some(k) if self.top.expiries.get(&k) == Some(&false) => cursor = Some(k),
                 other => break other,
             }
@@ -441,14 +458,17 @@ impl<B: Read + ?Sized> Read for Stacked<'_, B> {
                 .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
         };
         let from_changes = added.find(|(_, present)| **present).map(|(k, _)| *k);
-        match (from_base, from_changes) {
+        Ok(match (from_base, from_changes) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        })
     }
 
-    fn clock(&self) -> Clock {
-        self.top.clock.unwrap_or_else(|| self.base.clock())
+    fn clock(&self) -> Result<Clock, B::Error> {
+        match self.top.clock {
+            Some(c) => Ok(c),
+            None => self.base.clock(),
+        }
     }
 }
 
@@ -737,28 +757,37 @@ impl MemState {
     }
 }
 
-impl Read for MemState {
-    fn account(&self, id: &str) -> Option<Account> {
+/// The reads of a [`MemState`], which cannot fail: the same answers as its
+/// [`Read`] implementation, without the `Result`.
+impl MemState {
+    /// The account with this id ([`Read::account`], which cannot fail here).
+    pub fn account(&self, id: &str) -> Option<Account> {
         self.accounts.get(Probe::new(id).view()).copied()
     }
 
-    fn hold(&self, id: OpId) -> Option<Hold> {
+    /// The hold with this id ([`Read::hold`]).
+    pub fn hold(&self, id: OpId) -> Option<Hold> {
         self.holds.get(&id).cloned()
     }
 
-    fn claim(&self, key: &str) -> Option<Claim> {
+    /// The claim on this claim routing key ([`Read::claim`]).
+    pub fn claim(&self, key: &str) -> Option<Claim> {
         self.claims.get(Probe::new(key).view()).cloned()
     }
 
-    fn dedup(&self, op: OpId) -> Option<Dedup> {
+    /// The dedup record of this op id ([`Read::dedup`]).
+    pub fn dedup(&self, op: OpId) -> Option<Dedup> {
         self.dedup.get(&op).cloned()
     }
 
-    fn saga(&self, id: OpId) -> Option<Saga> {
+    /// The saga with this op id ([`Read::saga`]).
+    pub fn saga(&self, id: OpId) -> Option<Saga> {
         self.sagas.get(&id).cloned()
     }
 
-    fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
+    /// The first entry of the expiry index strictly after `after`
+    /// ([`Read::expiry_after`]).
+    pub fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
         match after {
             None => self.expiries.first().copied(),
             Some(a) => self
@@ -769,8 +798,41 @@ impl Read for MemState {
         }
     }
 
-    fn clock(&self) -> Clock {
+    /// The applied position and log time ([`Read::clock`]).
+    pub fn clock(&self) -> Clock {
         self.clock
+    }
+}
+
+impl Read for MemState {
+    type Error = Infallible;
+
+    fn account(&self, id: &str) -> Result<Option<Account>, Infallible> {
+        Ok(MemState::account(self, id))
+    }
+
+    fn hold(&self, id: OpId) -> Result<Option<Hold>, Infallible> {
+        Ok(MemState::hold(self, id))
+    }
+
+    fn claim(&self, key: &str) -> Result<Option<Claim>, Infallible> {
+        Ok(MemState::claim(self, key))
+    }
+
+    fn dedup(&self, op: OpId) -> Result<Option<Dedup>, Infallible> {
+        Ok(MemState::dedup(self, op))
+    }
+
+    fn saga(&self, id: OpId) -> Result<Option<Saga>, Infallible> {
+        Ok(MemState::saga(self, id))
+    }
+
+    fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>, Infallible> {
+        Ok(MemState::expiry_after(self, after))
+    }
+
+    fn clock(&self) -> Result<Clock, Infallible> {
+        Ok(MemState::clock(self))
     }
 }
 

@@ -48,7 +48,7 @@ use std::time::Duration;
 use amends_core::decision::Decision;
 use amends_core::partition::{Effect, Fault, Input, Machine};
 use amends_core::route::PartitionId;
-use amends_core::state::{ChangeSet, Overlay, Read, Stacked};
+use amends_core::state::{ChangeSet, Clock, Overlay, Read, Stacked};
 use amends_core::wire;
 use amends_store::{OutboxSeq, Partition};
 use async_nats::HeaderMap;
@@ -191,7 +191,7 @@ pub async fn run_partition(
         holes_checked: 0,
     };
 
-    let applied = worker.store()?.clock().position;
+    let applied = worker.clock()?.position;
     let requests = topology.prefix.stream_name(Stream::Requests);
     let mut stream = js
         .get_stream(&requests)
@@ -212,7 +212,7 @@ pub async fn run_partition(
         });
     }
     let subject = topology.prefix.req(id);
-    check_tail(&stream, &subject, p, worker.store()?.clock()).await?;
+    check_tail(&stream, &subject, p, worker.clock()?).await?;
     // Holes in the log: a store that starts empty takes the log as it is
     // (an operator chose to replay it), else what it applied was checked.
     if applied == 0 {
@@ -368,9 +368,9 @@ async fn pump(
                 };
                 // Idle is when the tail is looked at again: a trim or a
                 // rollback of the log while the partition runs.
-                check_tail(stream, subject, p, worker.store()?.clock()).await?;
+                check_tail(stream, subject, p, worker.clock()?).await?;
                 check_holes(stream, p, worker.holes_checked).await?;
-                worker.holes_checked = worker.holes_checked.max(worker.store()?.clock().position);
+                worker.holes_checked = worker.holes_checked.max(worker.clock()?.position);
                 if suspect.is_some_and(|seen| seen > delivered) {
                     tracing::warn!(
                         partition = p,
@@ -767,6 +767,11 @@ impl Worker {
             .ok_or_else(|| Error::Misconfigured("store handle lost by a failed commit".to_owned()))
     }
 
+    /// The store's applied position and log time.
+    fn clock(&self) -> Result<Clock, Error> {
+        self.store()?.clock().map_err(|e| self.store_error(e))
+    }
+
     fn nats_error(&self, action: &'static str, source: Source) -> Error {
         Error::Nats {
             partition: self.partition(),
@@ -895,6 +900,7 @@ impl Worker {
             top: &below,
         }
         .clock()
+        .map_err(|e| self.store_error(e))?
         .position;
         let mut acks = Vec::new();
         for (position, payload, unreadable) in dead {
@@ -928,23 +934,17 @@ impl Worker {
                 top: &below,
             };
             let result = apply_batch(&machine, &stacked, &mut changes, &incoming);
-            (changes, result, store.take_read_fault())
+            (changes, result)
         })
         .await
         .map_err(|e| Error::Panicked {
             partition: p.get(),
             detail: e.to_string(),
         })?;
-        let (changes, result, read_fault) = result;
+        let (changes, result) = result;
+        // A failed read stops the batch here (`Stop::Store`): nothing
+        // decided over missing state reaches the commit.
         let (effects, replies, tally) = result.map_err(|e| stop_error(p, e))?;
-        // A read that failed made the batch's decisions on missing state:
-        // none of them may be committed.
-        if let Some(e) = read_fault {
-            return Err(Error::Store {
-                partition: p.get(),
-                source: e,
-            });
-        }
         Ok(Applied {
             changes,
             effects,
@@ -1388,17 +1388,30 @@ fn saga_replies(effects: &[Effect]) -> impl Iterator<Item = (String, Decision)> 
     })
 }
 
+/// Why a batch's apply or commit stopped.
 enum Stop {
+    /// The log went backwards.
     Fault(Fault),
+    /// The store failed: a read while applying, or the commit.
     Store(amends_store::Error),
+}
+
+impl From<Fault<amends_store::Error>> for Stop {
+    fn from(fault: Fault<amends_store::Error>) -> Stop {
+        match fault.into_log_fault() {
+            Ok(fault) => Stop::Fault(fault),
+            Err(e) => Stop::Store(e),
+        }
+    }
 }
 
 /// Decisions to send to reply subjects.
 type Replies = Vec<(String, Decision)>;
 
 /// Applies a batch over `state` into `changes`: the blocking half of a
-/// batch's apply. Returns the effects, the replies and the metrics tally.
-fn apply_batch<B: Read + ?Sized>(
+/// batch's apply. Returns the effects, the replies and the metrics tally,
+/// or why the batch stopped (then nothing of it may be committed).
+fn apply_batch<B: Read<Error = amends_store::Error> + ?Sized>(
     machine: &Machine,
     base: &B,
     changes: &mut ChangeSet,
@@ -1410,26 +1423,22 @@ fn apply_batch<B: Read + ?Sized>(
     let mut tally = crate::metrics::Tally::default();
     let mut state = Overlay::new(base, changes);
     for msg in incoming {
-        let applied = state.clock().position;
+        let applied = state.clock().map_err(Stop::Store)?.position;
         if msg.position <= applied && msg.redelivered {
             continue;
         }
         let Some(input) = &msg.input else {
-            machine
-                .skip(&mut state, msg.position, msg.log_time_ms)
-                .map_err(Stop::Fault)?;
+            machine.skip(&mut state, msg.position, msg.log_time_ms)?;
             continue;
         };
-        let answer = machine
-            .apply_with_reply(
-                &mut state,
-                msg.position,
-                msg.log_time_ms,
-                input,
-                msg.reply_to.as_deref(),
-                &mut effects,
-            )
-            .map_err(Stop::Fault)?;
+        let answer = machine.apply_with_reply(
+            &mut state,
+            msg.position,
+            msg.log_time_ms,
+            input,
+            msg.reply_to.as_deref(),
+            &mut effects,
+        )?;
         tally.answer(input, &answer);
         if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
             replies.push((reply_to.clone(), decision.clone()));

@@ -92,14 +92,6 @@ pub enum Error {
         /// The change set's position.
         got: u64,
     },
-    /// A read during the batch failed, so the batch may have been decided
-    /// on missing state; it was not committed.
-    #[error("store: a read during this batch failed, so the batch was not committed: {source}")]
-    BatchRead {
-        /// The first read error of the batch.
-        #[source]
-        source: Box<Error>,
-    },
     /// An outbox confirmation beyond the last entry ever written: the
     /// publisher confirmed something the store never handed out.
     #[error("store: outbox confirmation up to {end} is beyond the outbox end {outbox_end}")]

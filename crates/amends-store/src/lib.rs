@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! for each batch of log messages:
-//!     machine.apply(&mut Overlay::new(&partition, &mut changes), ...)   // every message
+//!     machine.apply(&mut Overlay::new(&partition, &mut changes), ...)?  // every message; a failed read stops the batch
 //!     let done = partition.commit(&changes, &effects)?                   // one atomic write + fsync
 //!     publish effects; partition.outbox_confirm(done.outbox.end)?        // only now
 //! ```

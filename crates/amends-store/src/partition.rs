@@ -158,34 +158,19 @@ pub enum Record {
 /// through [`Read`]); a publisher may call the outbox methods and a
 /// background thread [`Partition::compact`] at the same time.
 ///
-/// [`Read`] cannot return errors: a read that fails (I/O error, corrupt
-/// record) answers `None` and is remembered by this handle, and its next
-/// [`Partition::commit`] refuses the batch with [`Error::BatchRead`], so a
-/// decision made on missing state is never made durable or published. (A
-/// clone starts with no remembered failure: reads on other threads do not
-/// poison the writer's batch.)
+/// A read through [`Read`] that fails (an I/O error, a corrupt record)
+/// returns the [`Error`]; the state machine stops the batch on it
+/// (`Fault::Read`), so a decision made on missing state never reaches
+/// [`Partition::commit`].
+#[derive(Clone)]
 pub struct Partition {
     id: PartitionId,
     tree: sled::Tree,
     durability: Durability,
-    /// The first read failure since the last commit, through [`Read`].
-    read_fault: Arc<Mutex<Option<Error>>>,
     /// Held by [`Partition::commit`] and by each chunk of
     /// [`Partition::compact`]: both rewrite packed buckets from what they
     /// read, so they must not interleave.
     write_lock: Arc<Mutex<()>>,
-}
-
-impl Clone for Partition {
-    fn clone(&self) -> Partition {
-        Partition {
-            id: self.id,
-            tree: self.tree.clone(),
-            durability: self.durability,
-            read_fault: Arc::default(),
-            write_lock: Arc::clone(&self.write_lock),
-        }
-    }
 }
 
 impl fmt::Debug for Partition {
@@ -208,7 +193,6 @@ impl Partition {
             id,
             tree,
             durability,
-            read_fault: Arc::default(),
             write_lock,
         }
     }
@@ -243,11 +227,6 @@ impl Partition {
     /// drops the store and reopens it, which resumes from the last durable
     /// batch. An empty batch (no changes, no effects) writes nothing.
     pub fn commit(&self, changes: &ChangeSet, effects: &[Effect]) -> Result<Committed> {
-        if let Some(e) = self.take_read_fault() {
-            return Err(Error::BatchRead {
-                source: Box::new(e),
-            });
-        }
         let head = self.head()?;
         let start = OutboxSeq(head.outbox_end);
         if changes.is_empty() && effects.is_empty() {
@@ -591,7 +570,6 @@ impl Partition {
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        self.take_read_fault();
         self.tree.clear().map_err(|e| Error::storage("clear", e))?;
         self.tree.flush().map_err(|e| Error::storage("flush", e))?;
         Ok(())
@@ -639,20 +617,14 @@ impl Partition {
         Ok(mem)
     }
 
-    fn read<T>(&self, key: &[u8], decode: impl FnOnce(&[u8], &[u8]) -> Result<T>) -> Option<T> {
-        let found = match self.tree.get(key) {
-            Ok(found) => found,
-            Err(e) => {
-                self.set_read_fault(Error::storage("read", e));
-                return None;
-            }
-        };
-        match decode(key, &found?) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.set_read_fault(e);
-                None
-            }
+    fn read<T>(
+        &self,
+        key: &[u8],
+        decode: impl FnOnce(&[u8], &[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        match self.tree.get(key).map_err(|e| Error::storage("read", e))? {
+            Some(found) => decode(key, &found).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -663,107 +635,62 @@ impl Partition {
         prefix: u8,
         id: OpId,
         decode: impl FnOnce(&[u8], &[u8]) -> Result<T>,
-    ) -> Option<T> {
+    ) -> Result<Option<T>> {
         let id = codec::id_bytes(id);
         let from = packed::bucket_key(prefix, &id);
         let found = self.tree.range(from..=packed::tail_key(prefix)).next();
-        let result = found
-            .transpose()
-            .map_err(|e| Error::storage("read", e))
-            .and_then(|kv| {
-                let Some((k, v)) = kv else { return Ok(None) };
-                match packed::find(&k, &v, &id)? {
-                    Some(body) => decode(&k, body).map(Some),
-                    None => Ok(None),
-                }
-            });
-        match result {
-            Ok(v) => v,
-            Err(e) => {
-                self.set_read_fault(e);
-                None
-            }
+        let Some((k, v)) = found.transpose().map_err(|e| Error::storage("read", e))? else {
+            return Ok(None);
+        };
+        match packed::find(&k, &v, &id)? {
+            Some(body) => decode(&k, body).map(Some),
+            None => Ok(None),
         }
-    }
-
-    fn set_read_fault(&self, e: Error) {
-        let mut slot = self
-            .read_fault
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    }
-
-    /// Takes the first read failure through this handle since the last
-    /// take (or commit through it). [`Read`] cannot return errors, so a
-    /// failed read answers "not found" and is recorded here; a driver that
-    /// applies through one handle and commits through another must check
-    /// it before committing (a commit checks its own handle's).
-    pub fn take_read_fault(&self) -> Option<Error> {
-        self.read_fault
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
     }
 }
 
 impl Read for Partition {
-    fn account(&self, id: &str) -> Option<Account> {
+    type Error = Error;
+
+    fn account(&self, id: &str) -> Result<Option<Account>> {
         self.read(&codec::key_account(id), codec::decode_account)
     }
 
-    fn hold(&self, id: OpId) -> Option<Hold> {
+    fn hold(&self, id: OpId) -> Result<Option<Hold>> {
         self.read_packed(codec::PREFIX_HOLD, id, codec::decode_hold)
     }
 
-    fn claim(&self, key: &str) -> Option<Claim> {
+    fn claim(&self, key: &str) -> Result<Option<Claim>> {
         self.read(&codec::key_claim(key), codec::decode_claim)
     }
 
-    fn dedup(&self, op: OpId) -> Option<Dedup> {
+    fn dedup(&self, op: OpId) -> Result<Option<Dedup>> {
         self.read_packed(codec::PREFIX_DEDUP, op, |k, b| {
             codec::decode_dedup(k, op, b)
         })
     }
 
-    fn saga(&self, id: OpId) -> Option<Saga> {
+    fn saga(&self, id: OpId) -> Result<Option<Saga>> {
         self.read_packed(codec::PREFIX_SAGA, id, codec::decode_saga)
     }
 
-    fn expiry_after(&self, after: Option<ExpiryKey>) -> Option<ExpiryKey> {
+    fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>> {
         use std::ops::Bound;
         let start = match after {
             None => Bound::Included(vec![codec::PREFIX_EXPIRY]),
             Some(a) => Bound::Excluded(codec::key_expiry(a).to_vec()),
         };
         let end = Bound::Excluded(vec![codec::PREFIX_EXPIRY + 1]);
-        match self.tree.range::<Vec<u8>, _>((start, end)).next()? {
-            Ok((k, v)) => {
-                match codec::decode_marker(&k, &v).and_then(|()| codec::decode_expiry_key(&k)) {
-                    Ok(key) => Some(key),
-                    Err(e) => {
-                        self.set_read_fault(e);
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                self.set_read_fault(Error::storage("read", e));
-                None
-            }
-        }
+        let found = self.tree.range::<Vec<u8>, _>((start, end)).next();
+        let Some((k, v)) = found.transpose().map_err(|e| Error::storage("read", e))? else {
+            return Ok(None);
+        };
+        codec::decode_marker(&k, &v)?;
+        codec::decode_expiry_key(&k).map(Some)
     }
 
-    fn clock(&self) -> Clock {
-        match self.head() {
-            Ok(h) => h.clock,
-            Err(e) => {
-                self.set_read_fault(e);
-                Clock::default()
-            }
-        }
+    fn clock(&self) -> Result<Clock> {
+        self.head().map(|h| h.clock)
     }
 }
 

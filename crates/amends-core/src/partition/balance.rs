@@ -7,7 +7,7 @@ use crate::decision::{Outcome, Reason};
 use crate::id::OpId;
 use crate::state::{Account, ExpiryKey, Hold, HoldStatus, Read, Write};
 
-use super::{Ctx, Decided, EXPIRY_LABEL, Effect, HoldExpired, Machine};
+use super::{Ctx, Decided, EXPIRY_LABEL, Effect, HoldExpired, Machine, NoOutcome};
 
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Opens account `id` with its limits.
@@ -16,12 +16,12 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         id: &AccountId,
         floor: i64,
         ceiling: Option<i64>,
-    ) -> Decided {
-        if self.state.account(id.as_str()).is_some() {
-            return Err(Reason::AccountExists);
+    ) -> Decided<S::Error> {
+        if self.read_account(id)?.is_some() {
+            return Err(Reason::AccountExists.into());
         }
         if floor > 0 || ceiling.is_some_and(|c| c < 0) {
-            return Err(Reason::InvalidLimits { floor, ceiling });
+            return Err(Reason::InvalidLimits { floor, ceiling }.into());
         }
         let opened = Account::open(floor, ceiling);
         self.state.put_account(id, opened);
@@ -29,7 +29,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Credits `amount` to account `id`, up to its ceiling.
-    pub(super) fn credit(&mut self, id: &AccountId, amount: Amount) -> Decided {
+    pub(super) fn credit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         account.balance = room_for(&account, amt, amount.get())?;
@@ -38,7 +38,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Debits `amount` from account `id`, down to its floor.
-    pub(super) fn debit(&mut self, id: &AccountId, amount: Amount) -> Decided {
+    pub(super) fn debit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         spendable(&account, amt, amount.get())?;
@@ -54,7 +54,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         id: &AccountId,
         amount: Amount,
         timeout_ms: Option<u64>,
-    ) -> Decided {
+    ) -> Decided<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         let held = account.held.checked_add(amt).ok_or(Reason::Overflow)?;
@@ -64,13 +64,12 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         };
         spendable(&account, amt, amount.get())?;
         if self
-            .state
-            .hold(hold_id)
+            .read_hold(hold_id)?
             .is_some_and(|h| !h.is_compactable(self.horizon_ms))
         {
             // Only possible if a hold outlived its op id's dedup
             // record, which the window check rules out.
-            return Err(Reason::OpIdConflict);
+            return Err(Reason::OpIdConflict.into());
         }
         account.held = held;
         self.state.put_account(id, account);
@@ -103,7 +102,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         hold_id: OpId,
         amount: Option<Amount>,
         by_saga: bool,
-    ) -> Decided {
+    ) -> Decided<S::Error> {
         let (mut hold, mut account) = self.pending_hold(id, hold_id, by_saga)?;
         let take = match amount {
             None => hold.amount,
@@ -115,7 +114,8 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
                         return Err(Reason::PostExceedsHold {
                             held: hold.amount,
                             requested: a.get(),
-                        });
+                        }
+                        .into());
                     }
                 }
             }
@@ -132,7 +132,12 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
 
     /// Voids hold `hold_id` on account `id`. `by_saga` when a saga voids
     /// its own hold.
-    pub(super) fn void(&mut self, id: &AccountId, hold_id: OpId, by_saga: bool) -> Decided {
+    pub(super) fn void(
+        &mut self,
+        id: &AccountId,
+        hold_id: OpId,
+        by_saga: bool,
+    ) -> Decided<S::Error> {
         let (mut hold, mut account) = self.pending_hold(id, hold_id, by_saga)?;
         account.held = held_without(account.held, hold.amount);
         hold.status = HoldStatus::Voided { at_ms: self.now };
@@ -142,7 +147,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
 
     /// Reserves a credit of `amount` to account `id` for a saga (a credit
     /// step's try): checked against the ceiling now, applied at confirm.
-    pub(super) fn reserve_credit(&mut self, id: &AccountId, amount: Amount) -> Decided {
+    pub(super) fn reserve_credit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         room_for(&account, amt, amount.get())?;
@@ -152,7 +157,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Applies a credit reserved by [`Ctx::reserve_credit`] (its confirm).
-    pub(super) fn confirm_credit(&mut self, id: &AccountId, amount: Amount) -> Decided {
+    pub(super) fn confirm_credit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         account.incoming = unreserve(account.incoming, amt)?;
@@ -164,7 +169,11 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Drops a credit reserved by [`Ctx::reserve_credit`] (its cancel).
-    pub(super) fn cancel_credit(&mut self, id: &AccountId, amount: Amount) -> Result<(), Reason> {
+    pub(super) fn cancel_credit(
+        &mut self,
+        id: &AccountId,
+        amount: Amount,
+    ) -> Result<(), NoOutcome<S::Error>> {
         let mut account = self.account(id)?;
         account.incoming = unreserve(account.incoming, to_i64(amount)?)?;
         self.state.put_account(id, account);
@@ -172,10 +181,18 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Account `id`, which must be open.
-    fn account(&self, id: &AccountId) -> Result<Account, Reason> {
-        self.state
-            .account(id.as_str())
-            .ok_or(Reason::UnknownAccount)
+    fn account(&self, id: &AccountId) -> Result<Account, NoOutcome<S::Error>> {
+        Ok(self.read_account(id)?.ok_or(Reason::UnknownAccount)?)
+    }
+
+    /// Account `id`, if it is open.
+    fn read_account(&self, id: &AccountId) -> Result<Option<Account>, NoOutcome<S::Error>> {
+        self.state.account(id.as_str()).map_err(NoOutcome::Read)
+    }
+
+    /// Hold `hold_id`, if there is one.
+    fn read_hold(&self, hold_id: OpId) -> Result<Option<Hold>, NoOutcome<S::Error>> {
+        self.state.hold(hold_id).map_err(NoOutcome::Read)
     }
 
     /// The pending hold `hold_id` on account `id`. A hold resolved before
@@ -185,7 +202,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         id: &AccountId,
         hold_id: OpId,
         by_saga: bool,
-    ) -> Result<(Hold, Account), Reason> {
+    ) -> Result<(Hold, Account), NoOutcome<S::Error>> {
         // unknown_account precedes hold_not_found (found by the model tests,
         // `tests/model`): look the account up first.
         let account = self.account(id)?;
@@ -193,17 +210,16 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         // v7); a saga's holds have derived ids and are the saga's to end.
         let owned = by_saga || hold_id.v7_unix_ms().is_some();
         let hold = self
-            .state
-            .hold(hold_id)
+            .read_hold(hold_id)?
             .filter(|h| owned && h.account == *id && !h.is_compactable(self.horizon_ms))
             .ok_or(Reason::HoldNotFound)?;
-        match hold.status {
-            HoldStatus::Pending => {}
-            HoldStatus::Posted { .. } => return Err(Reason::HoldAlreadyPosted),
-            HoldStatus::Voided { .. } => return Err(Reason::HoldAlreadyVoided),
-            HoldStatus::Expired { .. } => return Err(Reason::HoldExpired),
-        }
-        Ok((hold, account))
+        let resolved = match hold.status {
+            HoldStatus::Pending => return Ok((hold, account)),
+            HoldStatus::Posted { .. } => Reason::HoldAlreadyPosted,
+            HoldStatus::Voided { .. } => Reason::HoldAlreadyVoided,
+            HoldStatus::Expired { .. } => Reason::HoldExpired,
+        };
+        Err(resolved.into())
     }
 
     fn finish_hold(&mut self, id: &AccountId, hold_id: OpId, hold: Hold, account: &Account) {
@@ -229,7 +245,7 @@ impl Machine {
         cx: &mut Ctx<'_, S>,
         key: ExpiryKey,
         hold: Option<Hold>,
-    ) {
+    ) -> Result<(), S::Error> {
         // The expiry index only names pending holds on open accounts
         // (and sagas in flight).
         let Some(mut hold) = hold.filter(|h| h.status == HoldStatus::Pending) else {
@@ -238,7 +254,7 @@ impl Machine {
                 key.hold
             );
         };
-        let Some(mut account) = cx.state.account(hold.account.as_str()) else {
+        let Some(mut account) = cx.state.account(hold.account.as_str())? else {
             panic!("hold {:?} is on a missing account", key.hold);
         };
         account.held = account
@@ -259,6 +275,7 @@ impl Machine {
             log_time_ms: cx.now,
         }));
         cx.state.put_hold(key.hold, hold);
+        Ok(())
     }
 }
 

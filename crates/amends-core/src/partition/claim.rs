@@ -8,7 +8,7 @@ use crate::id::OpId;
 use crate::route;
 use crate::state::{Claim, Read, Write};
 
-use super::{Ctx, Decided};
+use super::{Ctx, Decided, NoOutcome};
 
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Claims `(namespace, key)` for `owner`.
@@ -17,11 +17,13 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         owner: &Owner,
-    ) -> Decided {
-        with_claim_key(namespace, key, |rk| match self.state.claim(rk) {
-            Some(c) if c.owner == *owner && c.tentative.is_some() => Err(Reason::ClaimPending),
+    ) -> Decided<S::Error> {
+        with_claim_key(namespace, key, |rk| match self.read_claim(rk)? {
+            Some(c) if c.owner == *owner && c.tentative.is_some() => {
+                Err(Reason::ClaimPending.into())
+            }
             Some(c) if c.owner == *owner => Ok(Outcome::confirmed()),
-            Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }),
+            Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }.into()),
             None => {
                 self.state
                     .put_claim(rk, Some(Claim::owned_by(owner.clone())));
@@ -36,11 +38,11 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         owner: &Owner,
-    ) -> Decided {
-        with_claim_key(namespace, key, |rk| match self.state.claim(rk) {
-            None => Err(Reason::NotClaimed),
-            Some(c) if c.owner != *owner => Err(Reason::NotOwner { owner: c.owner }),
-            Some(c) if c.tentative.is_some() => Err(Reason::ClaimPending),
+    ) -> Decided<S::Error> {
+        with_claim_key(namespace, key, |rk| match self.read_claim(rk)? {
+            None => Err(Reason::NotClaimed.into()),
+            Some(c) if c.owner != *owner => Err(Reason::NotOwner { owner: c.owner }.into()),
+            Some(c) if c.tentative.is_some() => Err(Reason::ClaimPending.into()),
             Some(_) => {
                 self.state.put_claim(rk, None);
                 Ok(Outcome::confirmed())
@@ -56,12 +58,12 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         key: &ClaimKey,
         owner: &Owner,
         try_id: OpId,
-    ) -> Decided {
-        with_claim_key(namespace, key, |rk| match self.state.claim(rk) {
+    ) -> Decided<S::Error> {
+        with_claim_key(namespace, key, |rk| match self.read_claim(rk)? {
             // Already the owner's for good: confirm and cancel leave it.
             Some(c) if c.owner == *owner && c.tentative.is_none() => Ok(Outcome::confirmed()),
-            Some(c) if c.owner == *owner => Err(Reason::ClaimPending),
-            Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }),
+            Some(c) if c.owner == *owner => Err(Reason::ClaimPending.into()),
+            Some(c) => Err(Reason::AlreadyClaimed { owner: c.owner }.into()),
             None => {
                 self.state.put_claim(
                     rk,
@@ -82,9 +84,9 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         try_id: OpId,
-    ) -> Decided {
+    ) -> Decided<S::Error> {
         with_claim_key(namespace, key, |rk| {
-            if let Some(mut c) = self.state.claim(rk).filter(|c| c.tentative == Some(try_id)) {
+            if let Some(mut c) = self.read_claim(rk)?.filter(|c| c.tentative == Some(try_id)) {
                 c.tentative = None;
                 self.state.put_claim(rk, Some(c));
             }
@@ -99,17 +101,23 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         try_id: OpId,
-    ) -> Decided {
+    ) -> Decided<S::Error> {
         with_claim_key(namespace, key, |rk| {
             if self
-                .state
-                .claim(rk)
+                .read_claim(rk)?
                 .is_some_and(|c| c.tentative == Some(try_id))
             {
                 self.state.put_claim(rk, None);
             }
             Ok(Outcome::confirmed())
         })
+    }
+}
+
+impl<S: Read + ?Sized> Ctx<'_, S> {
+    /// The claim on claim routing key `rk`.
+    fn read_claim(&self, rk: &str) -> Result<Option<Claim>, NoOutcome<S::Error>> {
+        self.state.claim(rk).map_err(NoOutcome::Read)
     }
 }
 

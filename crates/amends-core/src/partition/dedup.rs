@@ -20,25 +20,27 @@ impl Machine {
         op_id: OpId,
         fingerprint: Fingerprint,
         reply_to: Option<&str>,
-    ) -> Option<Answer> {
-        let seen = cx.live_dedup(op_id)?;
+    ) -> Result<Option<Answer>, S::Error> {
+        let Some(seen) = cx.live_dedup(op_id)? else {
+            return Ok(None);
+        };
         if seen.fingerprint != fingerprint {
-            return Some(Answer::Conflict(self.decision(
+            return Ok(Some(Answer::Conflict(self.decision(
                 cx,
                 op_id,
                 Outcome::Rejected {
                     reason: Reason::OpIdConflict,
                 },
-            )));
+            ))));
         }
         // A resubmitted saga still in flight: its final decision goes to
         // the latest reply subject (the first requester may be gone). An
         // invalid subject is not kept (nothing could be sent to it).
         let valid_reply_to = reply_to.filter(|r| wire::reply_subject_is_valid(r));
         if let (false, Some(to)) = (seen.decision.outcome.is_final(), valid_reply_to) {
-            cx.redirect_reply(op_id, to);
+            cx.redirect_reply(op_id, to)?;
         }
-        Some(Answer::Duplicate(seen.decision))
+        Ok(Some(Answer::Duplicate(seen.decision)))
     }
 
     /// Checks that `op_id` can be deduplicated at log time `now`: a UUID v7
@@ -78,10 +80,9 @@ impl Machine {
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// The dedup record of `op_id`, unless it is past the compaction
     /// horizon (then it counts as gone, compacted or not).
-    pub(super) fn live_dedup(&self, op_id: OpId) -> Option<Dedup> {
-        self.state
-            .dedup(op_id)
-            .filter(|d| !d.is_compactable(self.horizon_ms))
+    pub(super) fn live_dedup(&self, op_id: OpId) -> Result<Option<Dedup>, S::Error> {
+        let found = self.state.dedup(op_id)?;
+        Ok(found.filter(|d| !d.is_compactable(self.horizon_ms)))
     }
 
     /// Records `decision` as the one answer to `op_id` with `fingerprint`.

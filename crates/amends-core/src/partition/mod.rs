@@ -30,6 +30,7 @@
 //!   deadlines.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -221,10 +222,18 @@ pub enum Effect {
     },
 }
 
-/// A broken log, found while applying. The driver must stop the partition
-/// loudly: deciding on would contradict decisions already published.
+/// Why a message could not be applied: the log is broken, or the state
+/// could not be read (`E` is the state's [`Read::Error`]; the default,
+/// [`Infallible`], is a fault of the log alone, as with a [`MemState`]
+/// state). Either way the driver must not commit the batch: deciding on a
+/// broken log would contradict decisions already published, and a decision
+/// made over state that could not be read may be wrong. A broken log stops
+/// the partition loudly; a failed read stops the batch, which the driver
+/// may retry on a fresh store handle.
+///
+/// [`MemState`]: crate::state::MemState
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
-pub enum Fault {
+pub enum Fault<E = Infallible> {
     /// A message's position is not after the last applied position: the
     /// log went backwards or a message was delivered twice past the store.
     #[error("log position {got} is not after the applied position {applied}")]
@@ -234,6 +243,24 @@ pub enum Fault {
         /// The position of the message.
         got: u64,
     },
+    /// A read of the partition's state failed (the store's error). The
+    /// state may hold part of the message's writes: the driver drops the
+    /// whole batch.
+    #[error("a read of the partition's state failed: {0}")]
+    Read(#[source] E),
+}
+
+impl<E> Fault<E> {
+    /// The fault of the log, or the read error: for a driver that reports
+    /// the two apart.
+    pub fn into_log_fault(self) -> Result<Fault, E> {
+        match self {
+            Fault::PositionNotAdvancing { applied, got } => {
+                Ok(Fault::PositionNotAdvancing { applied, got })
+            }
+            Fault::Read(e) => Err(e),
+        }
+    }
 }
 
 /// The state machine of one partition.
@@ -244,9 +271,40 @@ pub struct Machine {
     config: Config,
 }
 
-/// What deciding an operation gives: its outcome, or the reason it is
-/// refused.
-type Decided = Result<Outcome, Reason>;
+/// What deciding an operation gives: its outcome, or why it has none (the
+/// reason it is refused, or a failed read of a state whose error is `E`).
+type Decided<E> = Result<Outcome, NoOutcome<E>>;
+
+/// Why deciding an operation gave no outcome.
+enum NoOutcome<E> {
+    /// The operation is refused: a decision like any other.
+    Refused(Reason),
+    /// A read of the state failed: nothing may be decided, and the apply
+    /// stops with [`Fault::Read`].
+    Read(E),
+}
+
+impl<E> From<Reason> for NoOutcome<E> {
+    fn from(reason: Reason) -> NoOutcome<E> {
+        NoOutcome::Refused(reason)
+    }
+}
+
+impl<E> NoOutcome<E> {
+    /// The outcome of a refused operation; the read error otherwise.
+    fn into_rejected(self) -> Result<Outcome, E> {
+        match self {
+            NoOutcome::Refused(reason) => Ok(Outcome::Rejected { reason }),
+            NoOutcome::Read(e) => Err(e),
+        }
+    }
+}
+
+/// The outcome of deciding an operation, a refusal included, or the read
+/// error that stopped it.
+fn outcome_of<E>(decided: Decided<E>) -> Result<Outcome, E> {
+    decided.or_else(NoOutcome::into_rejected)
+}
 
 /// What one [`Machine::apply_with_reply`] works on: the state, the message's
 /// position and log time, and where its effects go. Every part of the
@@ -294,7 +352,9 @@ impl Machine {
     /// `position` must be greater than the state's applied position;
     /// `log_time_ms` is the message's log time (a smaller value than the
     /// state's is taken as the state's: log time never goes back). On
-    /// `Err`, nothing was written.
+    /// [`Fault::PositionNotAdvancing`], nothing was written; on
+    /// [`Fault::Read`], `state` and `out` may hold part of the message's
+    /// writes and effects, and nothing of the batch may be committed.
     pub fn apply<S: Read + Write + ?Sized>(
         &self,
         state: &mut S,
@@ -302,7 +362,7 @@ impl Machine {
         log_time_ms: u64,
         input: &Input,
         out: &mut Vec<Effect>,
-    ) -> Result<Answer, Fault> {
+    ) -> Result<Answer, Fault<S::Error>> {
         self.apply_with_reply(state, position, log_time_ms, input, None, out)
     }
 
@@ -318,8 +378,8 @@ impl Machine {
         state: &mut S,
         position: u64,
         log_time_ms: u64,
-    ) -> Result<(), Fault> {
-        let clock = state.clock();
+    ) -> Result<(), Fault<S::Error>> {
+        let clock = state.clock().map_err(Fault::Read)?;
         if position <= clock.position {
             return Err(Fault::PositionNotAdvancing {
                 applied: clock.position,
@@ -347,8 +407,8 @@ impl Machine {
         input: &Input,
         reply_to: Option<&str>,
         out: &mut Vec<Effect>,
-    ) -> Result<Answer, Fault> {
-        let clock = state.clock();
+    ) -> Result<Answer, Fault<S::Error>> {
+        let clock = state.clock().map_err(Fault::Read)?;
         if position <= clock.position {
             return Err(Fault::PositionNotAdvancing {
                 applied: clock.position,
@@ -376,8 +436,8 @@ impl Machine {
             local: VecDeque::new(),
             out,
         };
-        self.expire(&mut cx);
-        let answer = self.decide(&mut cx, input, reply_to);
+        self.expire(&mut cx).map_err(Fault::Read)?;
+        let answer = self.decide(&mut cx, input, reply_to).map_err(Fault::Read)?;
         // This ends: every message to self has an op id derived from its
         // saga's and is decided once (a repeat is a duplicate and sends
         // nothing), and a saga sends a bounded number of them (a try, an
@@ -385,7 +445,7 @@ impl Machine {
         // one message ends (expiries).
         while let Some(request) = cx.local.pop_front() {
             let input = Input::Request(request);
-            self.decide(&mut cx, &input, None);
+            self.decide(&mut cx, &input, None).map_err(Fault::Read)?;
         }
         Ok(answer)
     }
@@ -397,19 +457,19 @@ impl Machine {
         cx: &mut Ctx<'_, S>,
         input: &Input,
         reply_to: Option<&str>,
-    ) -> Answer {
+    ) -> Result<Answer, S::Error> {
         let (op_id, fingerprint) = match input {
             Input::Request(Request {
                 command: Command::Tick {},
                 ..
-            }) => return Answer::Ticked,
+            }) => return Ok(Answer::Ticked),
             Input::Request(req) => (req.op_id, req.fingerprint()),
             Input::Malformed {
                 op_id, fingerprint, ..
             } => (*op_id, *fingerprint),
         };
-        if let Some(answer) = self.seen(cx, op_id, fingerprint, reply_to) {
-            return answer;
+        if let Some(answer) = self.seen(cx, op_id, fingerprint, reply_to)? {
+            return Ok(answer);
         }
 
         // The op id is checked before anything is recorded. A record of an
@@ -422,7 +482,8 @@ impl Machine {
             _ => self.check_op_id(op_id, cx.now),
         };
         if let Err(reason) = checked {
-            return Answer::Refused(self.decision(cx, op_id, Outcome::Rejected { reason }));
+            let refused = self.decision(cx, op_id, Outcome::Rejected { reason });
+            return Ok(Answer::Refused(refused));
         }
         let outcome = match input {
             Input::Malformed { detail, .. } => Outcome::Rejected {
@@ -444,14 +505,11 @@ impl Machine {
                     },
                 ..
             }) => {
-                let outcome = match self.step(cx, *step_id, *saga, *index, *phase, step) {
-                    Ok(outcome) => outcome,
-                    Err(reason) => Outcome::Rejected { reason },
-                };
+                let outcome = outcome_of(self.step(cx, *step_id, *saga, *index, *phase, step))?;
                 if *phase == Phase::Try {
                     self.send_outcome(cx, *saga, *index, outcome.clone());
                 }
-                return self.internal(cx, op_id, fingerprint, outcome);
+                return Ok(self.internal(cx, op_id, fingerprint, outcome));
             }
             Input::Request(Request {
                 command:
@@ -462,8 +520,8 @@ impl Machine {
                     },
                 ..
             }) => {
-                self.on_outcome(cx, *saga, *index, outcome);
-                return self.internal(cx, op_id, fingerprint, Outcome::confirmed());
+                self.on_outcome(cx, *saga, *index, outcome)?;
+                return Ok(self.internal(cx, op_id, fingerprint, Outcome::confirmed()));
             }
             Input::Request(req) => match self.check_envelope(req, reply_to) {
                 Err(reason) => Outcome::Rejected { reason },
@@ -471,12 +529,9 @@ impl Machine {
                     if matches!(req.command, Command::Transfer { .. } | Command::Saga { .. }) =>
                 {
                     let d = self.start_saga(cx, req, fingerprint, reply_to);
-                    return Answer::Accepted(d);
+                    return Ok(Answer::Accepted(d));
                 }
-                Ok(()) => match cx.execute(req) {
-                    Ok(outcome) => outcome,
-                    Err(reason) => Outcome::Rejected { reason },
-                },
+                Ok(()) => outcome_of(cx.execute(req))?,
             },
         };
         let decision = self.decision(cx, op_id, outcome);
@@ -491,7 +546,7 @@ impl Machine {
             }));
         }
         cx.out.push(Effect::Decided(decision.clone()));
-        Answer::Decided(decision)
+        Ok(Answer::Decided(decision))
     }
 
     /// The decision on `op_id` with `outcome`, made by the message being
@@ -537,31 +592,32 @@ impl Machine {
 
     /// Expires every pending hold and cancels every saga in flight whose
     /// time (expiry, deadline) is at or before the log time.
-    fn expire<S: Read + Write + ?Sized>(&self, cx: &mut Ctx<'_, S>) {
+    fn expire<S: Read + Write + ?Sized>(&self, cx: &mut Ctx<'_, S>) -> Result<(), S::Error> {
         // The cursor makes a mass expiry linear: entries before it were
         // just removed, and an overlay would otherwise step past each again.
         let mut cursor = None;
-        while let Some(key) = cx.state.expiry_after(cursor) {
+        while let Some(key) = cx.state.expiry_after(cursor)? {
             cursor = Some(key);
             if key.at_ms > cx.now {
                 break;
             }
-            let hold = cx.state.hold(key.hold);
+            let hold = cx.state.hold(key.hold)?;
             if hold.is_none()
-                && let Some(s) = cx.state.saga(key.hold)
+                && let Some(s) = cx.state.saga(key.hold)?
             {
-                self.expire_saga(cx, key.hold, s);
+                self.expire_saga(cx, key.hold, s)?;
                 continue;
             }
-            self.expire_hold(cx, key, hold);
+            self.expire_hold(cx, key, hold)?;
         }
+        Ok(())
     }
 }
 
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Decides the plain operation `req` (not a tick, a saga or a saga
     /// message).
-    fn execute(&mut self, req: &Request) -> Decided {
+    fn execute(&mut self, req: &Request) -> Decided<S::Error> {
         match &req.command {
             Command::OpenAccount {
                 account,
@@ -608,5 +664,103 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
             | Command::Step { .. }
             | Command::StepOutcome { .. } => Ok(Outcome::confirmed()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Account, Claim, Dedup, ExpiryKey, Hold, MemState, Saga};
+
+    /// A read that fails, as a store's would.
+    #[derive(Debug, thiserror::Error)]
+    #[error("the disk is gone")]
+    struct Gone;
+
+    /// A state in memory whose account reads fail.
+    struct AccountsUnreadable(MemState);
+
+    impl Read for AccountsUnreadable {
+        type Error = Gone;
+        fn account(&self, _: &str) -> Result<Option<Account>, Gone> {
+            Err(Gone)
+        }
+        fn hold(&self, id: OpId) -> Result<Option<Hold>, Gone> {
+            Ok(self.0.hold(id))
+        }
+        fn claim(&self, key: &str) -> Result<Option<Claim>, Gone> {
+            Ok(self.0.claim(key))
+        }
+        fn dedup(&self, op: OpId) -> Result<Option<Dedup>, Gone> {
+            Ok(self.0.dedup(op))
+        }
+        fn saga(&self, id: OpId) -> Result<Option<Saga>, Gone> {
+            Ok(self.0.saga(id))
+        }
+        fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>, Gone> {
+            Ok(self.0.expiry_after(after))
+        }
+        fn clock(&self) -> Result<Clock, Gone> {
+            Ok(self.0.clock())
+        }
+    }
+
+    impl Write for AccountsUnreadable {
+        fn put_account(&mut self, id: &AccountId, account: Account) {
+            self.0.put_account(id, account);
+        }
+        fn put_hold(&mut self, id: OpId, hold: Hold) {
+            self.0.put_hold(id, hold);
+        }
+        fn put_claim(&mut self, key: &str, claim: Option<Claim>) {
+            self.0.put_claim(key, claim);
+        }
+        fn put_dedup(&mut self, op: OpId, dedup: Dedup) {
+            self.0.put_dedup(op, dedup);
+        }
+        fn put_saga(&mut self, id: OpId, saga: Saga) {
+            self.0.put_saga(id, saga);
+        }
+        fn put_expiry(&mut self, key: ExpiryKey, present: bool) {
+            self.0.put_expiry(key, present);
+        }
+        fn set_clock(&mut self, clock: Clock) {
+            self.0.set_clock(clock);
+        }
+    }
+
+    #[test]
+    fn a_failed_read_stops_the_apply_with_the_error_and_no_decision() {
+        // Proves a read that fails is not taken as "not found": opening an account whose read fails returns Fault::Read with the state's error, pushes no effect and records no decision, while a message that reads no account is applied as usual.
+        let partitions = Partitions::new(1).expect("a count");
+        let machine = Machine::new(
+            partitions.id(0).expect("an id"),
+            partitions,
+            Config::default(),
+        );
+        let now = 1_700_000_000_000;
+        let open = Input::Request(Request {
+            op_id: OpId::v7_from_parts(now, 1),
+            command: Command::OpenAccount {
+                account: AccountId::new("a").expect("an account id"),
+                floor: 0,
+                ceiling: None,
+            },
+            apology_topic: None,
+        });
+        let mut state = AccountsUnreadable(MemState::new());
+        let mut out = Vec::new();
+        let got = machine.apply(&mut state, 1, now, &open, &mut out);
+        assert!(matches!(got, Err(Fault::Read(Gone))), "{got:?}");
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(state.0.dedups().count(), 0, "nothing was decided");
+
+        let tick = Input::Request(Request {
+            op_id: OpId::v7_from_parts(now, 2),
+            command: Command::Tick {},
+            apology_topic: None,
+        });
+        let got = machine.apply(&mut state, 2, now, &tick, &mut out);
+        assert!(matches!(got, Ok(Answer::Ticked)), "{got:?}");
     }
 }

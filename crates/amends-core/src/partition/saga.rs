@@ -44,7 +44,7 @@ use crate::id::OpId;
 use crate::route::{self, PartitionId};
 use crate::state::{ExpiryKey, HoldStatus, Read, Saga, SagaState, Write};
 
-use super::{Apology, Ctx, Decided, Effect, Machine};
+use super::{Apology, Ctx, Decided, Effect, Machine, NoOutcome};
 
 /// The op id of phase `phase` of step `index` of saga `saga`: derived from
 /// the saga's id with the label `step/<index>/<phase>`.
@@ -259,23 +259,21 @@ impl Machine {
         index: u32,
         phase: Phase,
         step: &SagaStep,
-    ) -> Decided {
+    ) -> Decided<S::Error> {
         let try_id = step_id(saga, index, Phase::Try);
+        let live = |cx: &Ctx<'_, S>, op_id| cx.live_dedup(op_id).map_err(NoOutcome::Read);
         let tried = |cx: &Ctx<'_, S>| {
-            cx.live_dedup(try_id)
-                .is_some_and(|d| d.decision.outcome.is_confirmed())
+            Ok::<_, NoOutcome<S::Error>>(
+                live(cx, try_id)?.is_some_and(|d| d.decision.outcome.is_confirmed()),
+            )
         };
-        let cancelled = cx.live_dedup(step_id(saga, index, Phase::Cancel)).is_some();
+        let cancelled = live(cx, step_id(saga, index, Phase::Cancel))?.is_some();
         if phase != Phase::Cancel && cancelled {
             // The saga cancelled this step before its try (or a confirm,
             // which only a forged message could send) arrived.
-            return Err(Reason::SagaCancelled);
+            return Err(Reason::SagaCancelled.into());
         }
-        if phase == Phase::Cancel
-            && cx
-                .live_dedup(step_id(saga, index, Phase::Confirm))
-                .is_some()
-        {
+        if phase == Phase::Cancel && live(cx, step_id(saga, index, Phase::Confirm))?.is_some() {
             // Confirmed already: a saga sends one or the other, never both,
             // so only a forged message gets here. It changes nothing.
             return Ok(Outcome::confirmed());
@@ -307,7 +305,7 @@ impl Machine {
                 cx.post(account, try_id, None, true)
             }
             (Phase::Confirm, Command::Credit { account, amount }) => {
-                if !tried(cx) {
+                if !tried(cx)? {
                     return Ok(Outcome::confirmed());
                 }
                 cx.confirm_credit(account, *amount)
@@ -319,13 +317,14 @@ impl Machine {
             // sends it no confirm).
             (Phase::Confirm, _) => Ok(Outcome::confirmed()),
             (Phase::Cancel, Command::Debit { account, .. }) => {
-                match cx.state.hold(try_id).map(|h| h.status) {
+                let hold = cx.state.hold(try_id).map_err(NoOutcome::Read)?;
+                match hold.map(|h| h.status) {
                     Some(HoldStatus::Pending) => cx.void(account, try_id, true),
                     _ => Ok(Outcome::confirmed()),
                 }
             }
             (Phase::Cancel, Command::Credit { account, amount }) => {
-                if tried(cx) {
+                if tried(cx)? {
                     cx.cancel_credit(account, *amount)?;
                 }
                 Ok(Outcome::confirmed())
@@ -333,7 +332,7 @@ impl Machine {
             (Phase::Cancel, Command::Claim { namespace, key, .. }) => {
                 cx.cancel_claim(namespace, key, try_id)
             }
-            (Phase::Cancel, _) => match (&step.compensation, tried(cx)) {
+            (Phase::Cancel, _) => match (&step.compensation, tried(cx)?) {
                 (Some(compensation), true) => {
                     let req = Request {
                         op_id,
@@ -357,16 +356,16 @@ impl Machine {
         saga_id: OpId,
         index: u32,
         outcome: &Outcome,
-    ) {
+    ) -> Result<(), S::Error> {
         let Some(mut s) = cx
             .state
-            .saga(saga_id)
+            .saga(saga_id)?
             .filter(|s| !s.is_compactable(cx.horizon_ms))
         else {
-            return;
+            return Ok(());
         };
         if s.state != (SagaState::Trying { step: index }) {
-            return;
+            return Ok(());
         }
         let steps = steps(&s.command);
         match outcome {
@@ -377,7 +376,7 @@ impl Machine {
                     self.send_step(cx, saga_id, next, Phase::Try, step);
                     s.state = SagaState::Trying { step: next };
                     cx.state.put_saga(saga_id, s);
-                    if let Some(mut d) = cx.state.dedup(saga_id) {
+                    if let Some(mut d) = cx.state.dedup(saga_id)? {
                         d.decision.outcome = Outcome::InFlight { step: next };
                         cx.state.put_dedup(saga_id, d);
                     }
@@ -401,6 +400,7 @@ impl Machine {
             // Not the outcome of a try; only a forged message carries it.
             Outcome::InFlight { .. } => {}
         }
+        Ok(())
     }
 
     /// Cancels saga `saga_id` (record `s`, in flight) whose deadline the
@@ -410,7 +410,7 @@ impl Machine {
         cx: &mut Ctx<'_, S>,
         saga_id: OpId,
         s: Saga,
-    ) {
+    ) -> Result<(), S::Error> {
         let SagaState::Trying { step } = s.state else {
             panic!("expiry index names {saga_id:?}, a saga that ended");
         };
@@ -421,6 +421,7 @@ impl Machine {
         // or may still arrive (and is then refused).
         self.cancel_steps(cx, saga_id, &s, step, true);
         self.finish_saga(cx, saga_id, s, Outcome::Rejected { reason });
+        Ok(())
     }
 
     /// Cancels the steps of `s` before step `in_flight`, last first, and
@@ -502,13 +503,14 @@ impl Machine {
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Points the final decision of saga `saga_id`, if it is one, at reply
     /// subject `to` (a resubmission of the saga while it is in flight).
-    pub(super) fn redirect_reply(&mut self, saga_id: OpId, to: &str) {
-        if let Some(mut s) = self.state.saga(saga_id)
+    pub(super) fn redirect_reply(&mut self, saga_id: OpId, to: &str) -> Result<(), S::Error> {
+        if let Some(mut s) = self.state.saga(saga_id)?
             && s.reply_to.as_deref() != Some(to)
         {
             s.reply_to = Some(to.to_owned());
             self.state.put_saga(saga_id, s);
         }
+        Ok(())
     }
 }
 

@@ -18,7 +18,7 @@ use amends_core::id::OpId;
 use amends_core::partition::{Answer, Effect, Input, Machine};
 use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
-use amends_core::state::{MemState, Read, Write};
+use amends_core::state::{MemState, Write};
 use amends_core::wire;
 use serde_json::{Value, json};
 

@@ -23,7 +23,7 @@ use amends_core::command::{Command, Request, raw_fingerprint};
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
 use amends_core::partition::{Answer, Effect, Fault, Input};
-use amends_core::state::{ChangeSet, ExpiryKey, HoldStatus, MemState, Overlay, Read};
+use amends_core::state::{ChangeSet, ExpiryKey, HoldStatus, MemState, Overlay};
 use amends_core::wire;
 use proptest::prelude::*;
 use proptest::sample::Index;

@@ -116,16 +116,16 @@ impl Answers {
             }
         };
         let config = self.config;
-        let found = tokio::task::spawn_blocking(move || {
-            let horizon_ms = config.compaction_horizon_ms(store.clock().log_time_ms);
-            store.dedup(op_id).filter(|d| !d.is_compactable(horizon_ms))
+        let read = tokio::task::spawn_blocking(move || {
+            let horizon_ms = config.compaction_horizon_ms(store.clock()?.log_time_ms);
+            let found = store.dedup(op_id)?;
+            Ok(found.filter(|d| !d.is_compactable(horizon_ms)))
         })
         .await;
-        match found {
-            Ok(Some(dedup)) => Ok(json!({"status": "decided", "decision": dedup.decision})),
-            Ok(None) => Ok(json!({"status": "unknown"})),
-            Err(e) => Err(error_answer(format!("the lookup failed: {e}"))),
-        }
+        Ok(match lookup(read)? {
+            Some(dedup) => json!({"status": "decided", "decision": dedup.decision}),
+            None => json!({"status": "unknown"}),
+        })
     }
 
     /// The balance query (body: an account id): `{"status":"found",
@@ -146,12 +146,11 @@ impl Answers {
             .map_err(|e| error_answer(format!("{text:?} is not an account id: {e}")))?;
         self.check_owner(&store, account.as_str(), &format!("account {text:?}"))?;
         let read = tokio::task::spawn_blocking(move || {
-            let clock = store.clock();
-            (clock, store.account(account.as_str()), account)
+            let clock = store.clock()?;
+            Ok((clock, store.account(account.as_str())?, account))
         })
-        .await
-        .map_err(|e| error_answer(format!("the lookup failed: {e}")))?;
-        let (clock, found, account) = read;
+        .await;
+        let (clock, found, account) = lookup(read)?;
         Ok(match found {
             Some(a) => json!({
                 "status": "found",
@@ -194,12 +193,12 @@ impl Answers {
         let key = ClaimKey::new(key).map_err(|e| error_answer(e.to_string()))?;
         let routing_key = amends_core::route::claim_routing_key(namespace.as_str(), key.as_str());
         self.check_owner(&store, &routing_key, "the claim")?;
-        let (clock, found) = tokio::task::spawn_blocking(move || {
-            let clock = store.clock();
-            (clock, store.claim(&routing_key))
+        let read = tokio::task::spawn_blocking(move || {
+            let clock = store.clock()?;
+            Ok((clock, store.claim(&routing_key)?))
         })
-        .await
-        .map_err(|e| error_answer(format!("the lookup failed: {e}")))?;
+        .await;
+        let (clock, found) = lookup(read)?;
         let mut answer = match found {
             Some(claim) => json!({
                 "status": "claimed",
@@ -232,8 +231,11 @@ impl Answers {
             }
             None => ("running", None, 0),
         };
+        // A failed read shows as nothing applied, as a failed task does.
         let clock = tokio::task::spawn_blocking(move || store.clock())
             .await
+            .ok()
+            .and_then(Result::ok)
             .unwrap_or_default();
         let last = last_sequence(&self.js, &self.topology, p).await;
         let mut answer = json!({
@@ -256,4 +258,14 @@ impl Answers {
         }
         answer
     }
+}
+
+/// What a query read from a store on the blocking pool, or the error answer
+/// when the task or the read failed.
+fn lookup<T>(
+    read: Result<Result<T, amends_store::Error>, tokio::task::JoinError>,
+) -> Result<T, serde_json::Value> {
+    read.map_err(|e| e.to_string())
+        .and_then(|read| read.map_err(|e| e.to_string()))
+        .map_err(|e| error_answer(format!("the lookup failed: {e}")))
 }

@@ -61,10 +61,7 @@ pub fn is_fatal(error: &Error) -> bool {
 /// failing after an I/O error such as a full disk, even once space is
 /// back): only reopening it, in a new process, mends it.
 pub fn needs_reopen(error: &amends_store::Error) -> bool {
-    matches!(
-        error,
-        amends_store::Error::Storage { .. } | amends_store::Error::BatchRead { .. }
-    )
+    matches!(error, amends_store::Error::Storage { .. })
 }
 
 /// The restart delay after `attempt` failures in a row (1-based):

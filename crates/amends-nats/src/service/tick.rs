@@ -33,7 +33,7 @@ pub(super) async fn tick(
         let due = tokio::task::spawn_blocking(move || {
             stores
                 .iter()
-                .map(|s| s.expiry_after(None).is_some_and(|e| e.at_ms <= now))
+                .map(|s| matches!(s.expiry_after(None), Ok(Some(e)) if e.at_ms <= now))
                 .collect::<Vec<bool>>()
         })
         .await

@@ -399,14 +399,17 @@ async fn a_dead_letter_last_in_its_batch_is_committed_past() {
             .await;
         let partition = store.partition(fx.p0()).expect("partition");
         let deadline = Instant::now() + ANSWER_TIMEOUT;
-        while partition.clock().position < position {
+        while partition.clock().expect("read the clock").position < position {
             assert!(
                 Instant::now() < deadline,
                 "the dead letter was not committed past"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(partition.clock().position, position);
+        assert_eq!(
+            partition.clock().expect("read the clock").position,
+            position
+        );
         // Log time is the dead letter's own timestamp, as for any message
         // (the start-up check of the log's tail compares it).
         let requests = fx.topology.prefix.stream_name(Stream::Requests);
@@ -421,7 +424,7 @@ async fn a_dead_letter_last_in_its_batch_is_committed_past() {
         let junk_ms = u64::try_from(junk.time.unix_timestamp_nanos() / 1_000_000).expect("ms");
         assert!(junk_ms >= d["log_time_ms"].as_u64().expect("log time"));
         assert_eq!(
-            partition.clock().log_time_ms,
+            partition.clock().expect("read the clock").log_time_ms,
             junk_ms,
             "log time is the dead letter's"
         );
@@ -700,6 +703,7 @@ async fn a_rolled_back_log_refilled_by_new_requests_stops_the_partition() {
                 .partition(fx.p0())
                 .expect("partition")
                 .clock()
+                .expect("read the clock")
                 .position,
             5
         );
@@ -759,6 +763,7 @@ async fn a_partition_whose_log_tail_is_deleted_stops_running_and_at_start() {
             .partition(fx.p0())
             .expect("partition")
             .clock()
+            .expect("read the clock")
             .position;
         assert_eq!(applied, 3);
         let requests = fx.topology.prefix.stream_name(Stream::Requests);

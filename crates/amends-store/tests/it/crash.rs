@@ -273,8 +273,9 @@ fn child(dir: &Path, seed: u64) {
     };
 
     let mut runner = Runner::new();
-    let mut rng = Rng::new(seed ^ p.clock().position);
-    let mut next = usize::try_from(p.clock().position).expect("position fits usize");
+    let applied = p.clock().expect("read the clock").position;
+    let mut rng = Rng::new(seed ^ applied);
+    let mut next = usize::try_from(applied).expect("position fits usize");
     while next < log.len() {
         let len = usize::try_from(rng.range(1, BATCH_LEN_MAX)).expect("small");
         let batch: &[Msg] = &log[next..(next + len).min(log.len())];

@@ -1,10 +1,14 @@
 //! Corruption and misuse: clear errors, never a silent reinterpretation.
 
+use amends_core::command::{AccountId, Amount, Command, Request};
+use amends_core::id::OpId;
+use amends_core::partition::Fault;
 use amends_core::route::Partitions;
 use amends_core::state::{ChangeSet, Clock, Read};
+use amends_core::wire;
 use amends_store::{Error, Options, OutboxSeq, Store};
 
-use crate::support::{self, Runner};
+use crate::support::{self, Msg, Runner};
 
 fn opts(n: u32) -> Options {
     Options::new(Partitions::new(n).expect("valid count"))
@@ -105,16 +109,18 @@ fn partition_out_of_range_is_refused() {
 #[test]
 fn a_corrupt_record_fails_the_batch_and_names_its_key() {
     // Proves a record that does not decode is reported as corruption naming
-    // its key: the decoding iterator fails, and a batch that read it is
-    // refused at commit instead of being decided on a missing account.
+    // its key: the decoding iterator fails, a read of it through the state
+    // machine's trait returns the error, and a batch that reads it stops
+    // with that error by type (`Fault::Read`) instead of being decided on a
+    // missing account, so nothing of it is committed.
     let dir = tempfile::tempdir().expect("tempdir");
     let log = support::generate(3, 400);
     let applied = {
         let (_store, p) = support::open(dir.path());
         Runner::new().batch(&p, &log[..200]);
-        p.clock().position
+        p.clock().expect("read the clock").position
     };
-    {
+    let key = {
         let db = support::raw_sled(dir.path());
         let tree = db
             .open_tree(format!("amends/partition/{:04}", support::PARTITION))
@@ -127,7 +133,8 @@ fn a_corrupt_record_fails_the_batch_and_names_its_key() {
             .expect("read key");
         tree.insert(&key, &[1u8, 0xff, 0xff][..]).expect("damage");
         db.flush().expect("flush");
-    }
+        key
+    };
     let (_store, p) = support::open(dir.path());
     let err = p.records().find_map(Result::err).expect("a corrupt record");
     let msg = err.to_string();
@@ -136,24 +143,45 @@ fn a_corrupt_record_fails_the_batch_and_names_its_key() {
         "{msg}"
     );
 
-    // Reading every account through the state machine's trait hits it.
-    for n in 0..24 {
-        let _ = p.account(&format!("acct-{n}"));
-    }
-    let changes = ChangeSet {
-        clock: Some(Clock {
-            position: 10_000,
-            log_time_ms: support::T0_MS,
-        }),
-        ..ChangeSet::default()
+    // Reading the damaged account through the state machine's trait fails.
+    let damaged = std::str::from_utf8(&key[1..]).expect("an account id is text");
+    let err = p.account(damaged).expect_err("a corrupt account");
+    assert!(
+        matches!(err, Error::Corrupt { .. }) && err.to_string().contains("at key aacct-"),
+        "{err}"
+    );
+
+    // A batch that credits it stops at that read, with the store's error.
+    let now_ms = log[199].log_time_ms;
+    let credit = Request {
+        op_id: OpId::v7_from_parts(now_ms, 1),
+        command: Command::Credit {
+            account: AccountId::new(damaged).expect("a valid account id"),
+            amount: Amount::new(1).expect("positive"),
+        },
+        apology_topic: None,
     };
-    let err = p.commit(&changes, &[]).expect_err("batch refused");
-    assert!(matches!(err, Error::BatchRead { .. }), "{err:?}");
+    let batch = [Msg {
+        position: applied + 1,
+        log_time_ms: now_ms,
+        bytes: wire::encode(&credit),
+        reply_to: None,
+    }];
+    let mut runner = Runner::new();
+    let stopped = runner.try_apply(&p, &batch).expect_err("batch stopped");
+    let Fault::Read(err) = stopped else {
+        panic!("not a read fault: {stopped:?}");
+    };
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
     assert!(
         err.to_string().contains("corrupt record at key aacct-"),
         "{err}"
     );
-    assert_eq!(p.clock().position, applied, "nothing was committed");
+    assert_eq!(
+        p.clock().expect("read the clock").position,
+        applied,
+        "nothing was committed"
+    );
 }
 
 #[test]
@@ -167,7 +195,7 @@ fn a_stale_change_set_is_refused() {
     let before: Vec<_> = p.dump().collect::<Result<_, _>>().expect("dump");
     let changes = ChangeSet {
         clock: Some(Clock {
-            position: p.clock().position,
+            position: p.clock().expect("read the clock").position,
             log_time_ms: support::T0_MS,
         }),
         ..ChangeSet::default()

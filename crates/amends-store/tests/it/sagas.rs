@@ -101,8 +101,11 @@ fn a_saga_moves_on_across_batches_and_survives_reopen() {
         all.extend(batch.iter().cloned());
         // Reopened: what the next batch reads is what was committed.
         let (_store, p) = support::open(dir.path());
-        let s = p.saga(saga_id).expect("the saga is stored");
-        let d = p.dedup(saga_id).expect("the saga's dedup record is stored");
+        let s = p.saga(saga_id).expect("read").expect("the saga is stored");
+        let d = p
+            .dedup(saga_id)
+            .expect("read")
+            .expect("the saga's dedup record is stored");
         assert_eq!(s.reply_to.as_deref(), Some("_INBOX.client.1"));
         let effects = outbox(&p);
         let send = |index: u32| {
@@ -153,10 +156,13 @@ fn a_saga_moves_on_across_batches_and_survives_reopen() {
         kept.sagas, 0,
         "an ended saga is kept until the horizon passes it"
     );
-    assert!(p.saga(saga_id).is_some());
+    assert!(p.saga(saga_id).expect("read").is_some());
     let done = p.compact(ended_ms + 1).expect("compact");
     assert_eq!(done.sagas, 1, "{done:?}");
-    assert!(p.saga(saga_id).is_none(), "the ended saga was compacted");
+    assert!(
+        p.saga(saga_id).expect("read").is_none(),
+        "the ended saga was compacted"
+    );
     let (mut mem, _) = support::reference(&all);
     mem.compact(ended_ms + 1);
     support::assert_same_state(&p.to_mem_state().expect("decode"), &mem, "compacted");
@@ -183,7 +189,11 @@ fn a_saga_in_flight_is_never_compacted() {
     runner.batch(&p, &[msg(1, &transfer, None)]);
     let done = p.compact(u64::MAX).expect("compact");
     assert_eq!(done.sagas, 0, "{done:?}");
-    let s = p.saga(saga_id).expect("kept");
+    let s = p.saga(saga_id).expect("read").expect("kept");
     assert_eq!(s.state, SagaState::Trying { step: 0 });
-    assert!(p.expiry_after(None).is_some_and(|k| k.hold == saga_id));
+    assert!(
+        p.expiry_after(None)
+            .expect("read")
+            .is_some_and(|k| k.hold == saga_id)
+    );
 }

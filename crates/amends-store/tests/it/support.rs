@@ -17,7 +17,7 @@ use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
 use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, Read, SagaState, Write};
 use amends_core::wire;
-use amends_store::{Options, OutboxRange, Partition, Store};
+use amends_store::{Error, Options, OutboxRange, Partition, Store};
 
 /// Log time of the first message.
 pub const T0_MS: u64 = 1_700_000_000_000;
@@ -67,7 +67,7 @@ pub fn apply_msg<S: Read + Write + ?Sized>(
     state: &mut S,
     m: &Msg,
     effects: &mut Vec<Effect>,
-) -> Result<(), Fault> {
+) -> Result<(), Fault<S::Error>> {
     if let Ok(input) = wire::decode_request(&m.bytes) {
         machine.apply_with_reply(
             state,
@@ -558,11 +558,18 @@ impl Runner {
     /// Applies `msgs` on top of `p` into the pending change set, without
     /// committing.
     pub fn apply(&mut self, p: &Partition, msgs: &[Msg]) {
+        self.try_apply(p, msgs)
+            .expect("generated logs only advance, over a readable store");
+    }
+
+    /// [`Runner::apply`], stopping at the first fault (a failed read of
+    /// `p` included); the pending batch must then be abandoned.
+    pub fn try_apply(&mut self, p: &Partition, msgs: &[Msg]) -> Result<(), Fault<Error>> {
         for m in msgs {
             let mut view = Overlay::new(p, &mut self.changes);
-            apply_msg(&self.machine, &mut view, m, &mut self.effects)
-                .expect("generated logs only advance");
+            apply_msg(&self.machine, &mut view, m, &mut self.effects)?;
         }
+        Ok(())
     }
 
     /// Applies `msgs` and commits them as one batch; returns the outbox
@@ -595,7 +602,8 @@ pub fn reference(msgs: &[Msg]) -> (MemState, Vec<Effect>) {
 
 /// The compaction horizon at a state's log time.
 pub fn horizon<R: Read + ?Sized>(state: &R) -> u64 {
-    config().compaction_horizon_ms(state.clock().log_time_ms)
+    let clock = state.clock().expect("read the clock");
+    config().compaction_horizon_ms(clock.log_time_ms)
 }
 
 /// An effect as it is published: kind, deterministic id and JSON body.
