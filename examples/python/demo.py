@@ -6,7 +6,8 @@ one JSON line. Exits 0 only if the outcomes are: confirmed, confirmed,
 rejected insufficient_funds, confirmed, rejected already_claimed, confirmed,
 confirmed, rejected step_refused.
 
-    PYTHONPATH=.tools/pypi/nats-py python3 examples/python/demo.py --nats-url nats://127.0.0.1:4222
+    pip install ./clients/python   # or: PYTHONPATH=clients/python:.tools/pypi/nats-py
+    python3 examples/python/demo.py --nats-url nats://127.0.0.1:4222
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import amends
+except ImportError:  # not installed: use the package in this repo
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "clients", "python"))
+    import amends
 
-from amends_client import AmendsClient, new_request  # noqa: E402
 
-
-async def connect(url: str, prefix: str, wait: float) -> AmendsClient:
+async def connect(url: str, prefix: str, wait: float) -> amends.Client:
     """Connects, retrying until the deployment (its meta bucket) exists."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            return await AmendsClient.connect(url, prefix)
-        except Exception as e:
+            return await amends.connect(url, prefix)
+        except amends.AmendsError as e:
             if time.monotonic() >= deadline:
                 raise SystemExit(f"demo: no amends deployment at {url}: {e!r}")
             await asyncio.sleep(0.2)
@@ -55,13 +58,11 @@ async def run(url: str, prefix: str, wait: float) -> int:
     try:
         print(f"partitions: {client.partitions}")
         for label, command, (want_outcome, want_code) in steps:
-            request = new_request(command)
-            decision = await client.submit_and_wait(request, timeout=2.0, tries=5)
-            outcome = decision.get("outcome")
-            code = (decision.get("reason") or {}).get("code")
-            good = outcome == want_outcome and code == want_code
+            request = amends.new_request(command)
+            decision = await client.submit_and_wait(request, timeout_per_try=2.0, tries=5)
+            good = decision.outcome == want_outcome and decision.reason_code == want_code
             ok &= good
-            print(f"{label}: {'ok' if good else 'UNEXPECTED'} {json.dumps(decision, sort_keys=True)}")
+            print(f"{label}: {'ok' if good else 'UNEXPECTED'} {json.dumps(decision.raw, sort_keys=True)}")
     finally:
         await client.close()
     print("all outcomes as expected" if ok else "some outcomes were unexpected")
