@@ -396,6 +396,20 @@ struct Tally {
     latency_us: Histogram<u64>,
 }
 
+/// The progress bar's length: it counts thousandths of the run.
+const BAR_LEN: u64 = 1_000;
+
+/// How far a run is, in thousandths: the larger of the operations done of
+/// `count` and the time passed of `duration`, since either ends it.
+fn bar_position(done: u64, count: u64, elapsed: Duration, duration: Duration) -> u64 {
+    let by_count = done.saturating_mul(BAR_LEN) / count.max(1);
+    let by_time = u64::try_from(
+        elapsed.as_millis().saturating_mul(u128::from(BAR_LEN)) / duration.as_millis().max(1),
+    )
+    .unwrap_or(u64::MAX);
+    by_count.max(by_time).min(BAR_LEN)
+}
+
 fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGFIG).context("making a histogram")
 }
@@ -410,17 +424,36 @@ pub async fn drive<T: Target>(
     spec: &Spec,
     load: Load,
 ) -> anyhow::Result<Stats> {
-    let bar = ProgressBar::new(load.count);
+    // The run ends at `count` operations or at `duration`, whichever comes
+    // first, so the bar shows the larger of the two fractions (in
+    // thousandths) and the operations answered so far as its message.
+    let bar = ProgressBar::new(BAR_LEN);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}) {msg}",
-        )
-        .context("progress bar template")?,
+        ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {wide_bar} {msg}")
+            .context("progress bar template")?,
     );
     bar.set_prefix(name.to_owned());
     let issued = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + load.duration;
+    let ticker = {
+        let (bar, answered, count, duration) = (
+            bar.clone(),
+            Arc::clone(&answered),
+            load.count,
+            load.duration,
+        );
+        tokio::spawn(async move {
+            loop {
+                let done = answered.load(Ordering::Relaxed);
+                bar.set_position(bar_position(done, count, start.elapsed(), duration));
+                let secs = start.elapsed().as_secs_f64().max(1e-3);
+                bar.set_message(format!("{done} ops ({:.0}/s)", u64_f64(done) / secs));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
     let mut tasks = Vec::new();
     for client in 0..load.clients.max(1) {
         for lane in 0..load.in_flight.max(1) {
@@ -428,7 +461,7 @@ pub async fn drive<T: Target>(
             let mut generator = Generator::new(spec, slot)?;
             let target = Arc::clone(&target);
             let issued = Arc::clone(&issued);
-            let bar = bar.clone();
+            let answered = Arc::clone(&answered);
             let count = load.count;
             let mut tally = Tally {
                 confirmed: 0,
@@ -490,7 +523,7 @@ pub async fn drive<T: Target>(
                             }
                         }
                     }
-                    bar.inc(1);
+                    answered.fetch_add(1, Ordering::Relaxed);
                 }
                 (tally, last_answer)
             }));
@@ -520,6 +553,7 @@ pub async fn drive<T: Target>(
             .context("merging histograms")?;
         end = end.max(last);
     }
+    ticker.abort();
     bar.finish_and_clear();
     Ok(Stats {
         confirmed: total.confirmed,
@@ -551,6 +585,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_progress_bar_follows_whichever_bound_ends_the_run() {
+        // Proves the bar of a run bounded by time moves with the time, not with a count it will never reach (33,151 of 1,000,000 at the end of a 20 s run, before), and the bar of a run bounded by count with the count.
+        let s = Duration::from_secs;
+        assert_eq!(bar_position(33_151, 1_000_000, s(10), s(20)), 500);
+        assert_eq!(bar_position(33_151, 1_000_000, s(20), s(20)), 1_000);
+        assert_eq!(bar_position(750, 1_000, s(1), s(3_600)), 750);
+        assert_eq!(
+            bar_position(5_000, 1_000, s(1), s(20)),
+            1_000,
+            "never past the end"
+        );
+        assert_eq!(bar_position(0, 0, Duration::ZERO, Duration::ZERO), 0);
+    }
+
     use super::*;
 
     fn spec(mix: &str, keys: &str) -> Spec {
