@@ -277,6 +277,30 @@ impl Cluster {
         }
     }
 
+    /// Creates `topology`'s streams and buckets on the cluster and waits
+    /// until each stream has a leader and every replica is current, so
+    /// that a worker started next does not meet a stream still electing
+    /// its leader (its JetStream calls would time out and it would stop).
+    /// Creating replicated streams on a cluster that just formed can
+    /// outlast a client's timeout on a loaded machine: `ensure` (which is
+    /// idempotent) is tried again for up to [`META_LEADER_TIMEOUT`].
+    pub async fn ensure_ready(
+        &self,
+        js: &async_nats::jetstream::Context,
+        topology: &crate::topology::Topology,
+    ) {
+        let deadline = Instant::now() + META_LEADER_TIMEOUT;
+        while let Err(e) = crate::topology::ensure(js, topology).await {
+            assert!(Instant::now() < deadline, "ensure: {e}\n{}", self.logs());
+            eprintln!("ensure on the new cluster failed, trying again: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for stream in crate::topology::Stream::ALL {
+            self.wait_stream_current(js, &topology.prefix.stream_name(stream))
+                .await;
+        }
+    }
+
     /// Waits until every node (or only `only`) serves.
     fn wait_serving(&mut self, only: Option<usize>) -> Result<(), Exit> {
         let deadline = Instant::now() + READY_TIMEOUT;

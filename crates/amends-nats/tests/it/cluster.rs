@@ -20,7 +20,7 @@ use amends_core::route::{PartitionId, Partitions, partition_of};
 use amends_nats::service::{self, Service};
 use amends_nats::test_support::cluster::{self, Cluster};
 use amends_nats::test_support::{decision_count, is_decision_subject};
-use amends_nats::topology::{self, Stream, Topology, header};
+use amends_nats::topology::{Stream, Topology, header};
 use amends_nats::worker;
 use amends_store::Store;
 use async_nats::HeaderMap;
@@ -115,15 +115,7 @@ impl Fixture {
         let mut topology = topology("amends", partitions);
         topology.replicas = cluster::NODES;
         topology.duplicate_window = window;
-        // Creating R3 streams on a cluster that just elected its leaders
-        // can outlast the short timeout on a loaded machine: try again
-        // (ensure is idempotent) for a while.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while let Err(e) = topology::ensure(&js, &topology).await {
-            assert!(tokio::time::Instant::now() < deadline, "ensure: {e}");
-            eprintln!("ensure on the new cluster failed, trying again: {e}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        cluster.ensure_ready(&js, &topology).await;
         Fixture {
             cluster,
             js,

@@ -70,7 +70,7 @@ impl Fixture {
         let mut topology = topology("amends", 1);
         topology.duplicate_window = window;
         topology.replicas = cluster::NODES;
-        topology::ensure(&js, &topology).await.expect("ensure");
+        cluster.ensure_ready(&js, &topology).await;
         Fixture {
             nodes: Nodes::Three { _cluster: cluster },
             client,
