@@ -38,6 +38,28 @@ fn accounts_on_two_partitions() -> (AccountId, AccountId) {
     )
 }
 
+/// Publishes `decision` on partition `partition`'s decision subject with
+/// its own `Nats-Msg-Id`, as a writer other than amends would (a forgery,
+/// or a second copy).
+async fn publish_decision(
+    js: &jetstream::Context,
+    partition: &Value,
+    msg_id: &str,
+    decision: &Value,
+) {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(
+        format!("amends.dec.{partition}"),
+        headers,
+        serde_json::to_vec(decision).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 async fn decide(client: &Client, r: &Request) -> Value {
     let d = client.submit_and_wait(r, TRY_TIMEOUT, TRIES).await.unwrap();
     serde_json::to_value(&d).unwrap()
@@ -199,17 +221,7 @@ async fn audit_passes_a_clean_log_and_names_a_forged_decision() {
     // Nats-Msg-Id, on the credit's partition.
     let mut forged = serde_json::to_value(&again).unwrap();
     forged["balance"] = Value::from(1_000_000);
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "forged-1");
-    js.publish_with_headers(
-        format!("amends.dec.{}", again.partition),
-        headers,
-        serde_json::to_vec(&forged).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    publish_decision(&js, &Value::from(again.partition), "forged-1", &forged).await;
     let out = audit(&server);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{out:?}");
@@ -338,17 +350,7 @@ async fn audit_fails_a_decision_that_is_on_the_decisions_stream_twice() {
     assert_eq!(clean.status.code(), Some(0), "{clean:?}");
 
     let js = jetstream::new(amends_nats::test_support::connect(&server).await);
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "a-second-copy");
-    js.publish_with_headers(
-        format!("amends.dec.{}", decided["partition"]),
-        headers,
-        serde_json::to_vec(&decided).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    publish_decision(&js, &decided["partition"], "a-second-copy", &decided).await;
     let out = audit(&server);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -404,17 +406,13 @@ async fn audit_warns_of_an_op_id_a_client_used_on_two_partitions_and_fails_a_for
     let js = jetstream::new(amends_nats::test_support::connect(&server).await);
     let mut forged = first.clone();
     forged["partition"] = second["partition"].clone();
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "forged-on-the-other-partition");
-    js.publish_with_headers(
-        format!("amends.dec.{}", second["partition"]),
-        headers,
-        serde_json::to_vec(&forged).unwrap().into(),
+    publish_decision(
+        &js,
+        &second["partition"],
+        "forged-on-the-other-partition",
+        &forged,
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     let out = audit(&server);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
