@@ -298,6 +298,60 @@ impl Cluster {
         for stream in crate::topology::Stream::ALL {
             self.wait_stream_current(js, &topology.prefix.stream_name(stream))
                 .await;
+            for subject in topology.prefix.stream_subjects(stream) {
+                self.wait_stream_interest(js, &subject).await;
+            }
+        }
+    }
+
+    /// Waits until a publish on `subject_pattern` (a stream's subject, its
+    /// wildcards filled in) reaches the stream from `js`'s node. Only a
+    /// stream's leader subscribes to its subjects, and that interest
+    /// reaches the other nodes over the routes a moment after the
+    /// election: until then a publish from another node has no responders
+    /// (`StreamNotFound` in async-nats), as a worker's first decision write
+    /// or a test's first request would. Each probe names another stream
+    /// (`Nats-Expected-Stream`), so the leader refuses it and stores
+    /// nothing.
+    pub async fn wait_stream_interest(
+        &self,
+        js: &async_nats::jetstream::Context,
+        subject_pattern: &str,
+    ) {
+        use async_nats::jetstream::context::PublishErrorKind;
+        let subject = subject_pattern
+            .replace('*', "0")
+            .replace('>', "interest-probe");
+        let deadline = Instant::now() + META_LEADER_TIMEOUT;
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_STREAM,
+                "amends-test-interest-probe",
+            );
+            let answer = match js
+                .publish_with_headers(subject.clone(), headers, "".into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(()) => panic!(
+                    "a probe on {subject} naming another stream was stored\n{}",
+                    self.logs()
+                ),
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {}
+                Err(e) if e.kind() == PublishErrorKind::TimedOut => {}
+                // The leader answered (with its refusal): interest is here.
+                Err(_) => return,
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stream answers on {subject} after {META_LEADER_TIMEOUT:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
