@@ -212,7 +212,7 @@ impl Sim {
                 Effect::Decided(d) | Effect::Reply { decision: d, .. } => {
                     self.published.entry(d.op_id).or_default().push(d.clone());
                 }
-                Effect::Apology(_) | Effect::HoldExpired(_) => {}
+                Effect::Apology(_) | Effect::HoldExpired(_) | Effect::DeadLetter(_) => {}
             }
         }
         if copies == 2 {

@@ -12,7 +12,9 @@
 //! step, saga records, the in-flight outcome, the saga reasons, the saga
 //! commands (`transfer`, `saga`, `step`, `step_outcome`, with their own
 //! record types like every other command) and the `send`/`reply` outbox
-//! entries.
+//! entries. Format 3 added the `dead_letter` outbox entry: dead letters are
+//! published after the commit with the rest of the outbox, so a format-2
+//! build must not read an outbox it cannot decode.
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, DeadlineMs, Fingerprint, Namespace, Owner, Phase,
@@ -20,7 +22,7 @@ use amends_core::command::{
 };
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
-use amends_core::partition::{Apology, Effect, HoldExpired};
+use amends_core::partition::{Apology, DeadLetter, Effect, HoldExpired};
 use amends_core::route::{PARTITIONS_MAX, PartitionId, Partitions};
 use amends_core::state::{
     Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Saga, SagaState,
@@ -33,7 +35,7 @@ use crate::error::{Error, Result};
 /// The version of the key layout and record encoding. Every value starts
 /// with it as one byte and the meta tree records it; a store written with
 /// another version is refused on open, never reinterpreted.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 /// How many outbox entries one outbox chunk record holds.
 ///
@@ -432,6 +434,11 @@ enum EffectRec {
         to: String,
         decision: DecisionRec,
     },
+    DeadLetter {
+        position: u64,
+        detail: String,
+        bytes: Vec<u8>,
+    },
 }
 
 // ---------------------------------------------------------------------
@@ -714,6 +721,11 @@ pub(crate) fn encode_effect_into(e: &Effect, out: &mut Vec<u8>) {
             to: to.clone(),
             decision: decision_rec(decision),
         },
+        Effect::DeadLetter(d) => EffectRec::DeadLetter {
+            position: d.position,
+            detail: d.detail.clone(),
+            bytes: d.bytes.clone(),
+        },
     };
     encode_into(&rec, out);
 }
@@ -773,6 +785,15 @@ fn effect(key: &[u8], rec: EffectRec) -> Result<Effect> {
             to,
             decision: decision(key, d)?,
         },
+        EffectRec::DeadLetter {
+            position,
+            detail,
+            bytes,
+        } => Effect::DeadLetter(DeadLetter {
+            position,
+            detail,
+            bytes,
+        }),
     })
 }
 
@@ -1573,6 +1594,11 @@ mod tests {
                 },
             });
         }
+        effects.push(Effect::DeadLetter(DeadLetter {
+            position: 77,
+            detail: "expected value at line 1 column 1".into(),
+            bytes: b"\xff not json".to_vec(),
+        }));
         let mut chunk = outbox_chunk_start();
         for e in &effects {
             encode_effect_into(e, &mut chunk);
@@ -1668,7 +1694,7 @@ mod tests {
                     ceiling: None,
                     incoming: 2,
                 }),
-                &[2, 9, 6, 0, 0, 4],
+                &[3, 9, 6, 0, 0, 4],
             ),
             (
                 encode_head(&Head {
@@ -1678,14 +1704,14 @@ mod tests {
                     },
                     outbox_end: 1,
                 }),
-                &[2, 0xac, 0x02, 2, 1],
+                &[3, 0xac, 0x02, 2, 1],
             ),
             (
                 encode_claim(&Claim {
                     owner: Owner::new("ab").unwrap(),
                     tentative: None,
                 }),
-                &[2, 2, b'a', b'b', 0],
+                &[3, 2, b'a', b'b', 0],
             ),
             (
                 encode_saga(&Saga {
@@ -1705,7 +1731,24 @@ mod tests {
                 // deadline 3, state 0 (trying) step 1.
                 &[9, 1, b'a', 1, b'b', 5, 0, 0, 0, 3, 0, 1],
             ),
-            (encode_marker(), &[2]),
+            (encode_marker(), &[3]),
+            (
+                {
+                    let mut chunk = outbox_chunk_start();
+                    encode_effect_into(
+                        &Effect::DeadLetter(DeadLetter {
+                            position: 300,
+                            detail: "x".into(),
+                            bytes: vec![0xff, b'{'],
+                        }),
+                        &mut chunk,
+                    );
+                    chunk
+                },
+                // The chunk's version byte, then outbox entry variant 5
+                // (dead letter), position 300, "x", the two bytes.
+                &[3, 5, 0xac, 0x02, 1, b'x', 2, 0xff, b'{'],
+            ),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);
