@@ -276,10 +276,15 @@ fn stats_answers_are_as_before() {
         text,
         r#"{"applied_position":1000000,"detail":"the log went backwards","lag":null,"last_sequence":null,"log_time_ms":1,"partition":0,"restarts":3,"state":"stopped","status":"ok","stream_error":"timed out"}"#
     );
-    let restarting = json!({"state": "restarting"});
+    for state in PartitionState::ALL {
+        assert_eq!(
+            serde_json::to_value(state).expect("json"),
+            json!(state.name())
+        );
+    }
     assert_eq!(
-        serde_json::to_value(PartitionState::Restarting).expect("json"),
-        restarting["state"]
+        PartitionState::ALL.map(PartitionState::name),
+        ["running", "restarting", "stopped"]
     );
     check(
         &StatsAnswer::from(ErrorAnswer::new("amends.stats.9 names no partition")),

@@ -87,7 +87,7 @@ pub fn body_text(body: &[u8]) -> Result<&str, ErrorAnswer> {
 
 /// What the status endpoint (`<prefix>.status.<p>`) answers: what the
 /// partition knows of one op id. The request body is the op id in
-/// canonical text ([`parse_op_id`]).
+/// canonical text.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum StatusAnswer {
@@ -117,8 +117,7 @@ pub fn parse_op_id(text: &str) -> Result<OpId, ErrorAnswer> {
 }
 
 /// What the balance query (`<prefix>.query.balance.<p>`) answers. The
-/// request body is the account id as UTF-8 text, no JSON quoting
-/// ([`parse_account`]).
+/// request body is the account id as UTF-8 text, no JSON quoting.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum BalanceAnswer {
@@ -258,6 +257,24 @@ pub enum PartitionState {
     Restarting,
     /// The worker stopped on an integrity error and waits for an operator.
     Stopped,
+}
+
+impl PartitionState {
+    /// Every state, in this order.
+    pub const ALL: [PartitionState; 3] = [
+        PartitionState::Running,
+        PartitionState::Restarting,
+        PartitionState::Stopped,
+    ];
+
+    /// The state's name on the wire: `running`, `restarting` or `stopped`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PartitionState::Running => "running",
+            PartitionState::Restarting => "restarting",
+            PartitionState::Stopped => "stopped",
+        }
+    }
 }
 
 /// A partition's stats.
