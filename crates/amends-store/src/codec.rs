@@ -13,6 +13,14 @@
 //! commands (`transfer`, `saga`, `step`, `step_outcome`, with their own
 //! record types like every other command) and the `send`/`reply` outbox
 //! entries.
+//!
+//! Format 3 changed no record layout, only what the dedup records'
+//! fingerprints of the saga commands are: amends-core's canonical encoding
+//! of a `transfer`, `saga`, `step` or `step_outcome` request is its own
+//! tagged form now, no longer the JSON serde writes of it. A format 2 store
+//! holds the old fingerprints, against which every resubmitted saga (and
+//! every repeated step message) would be a conflict, so it is refused on
+//! open like any other version.
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, DeadlineMs, Fingerprint, Namespace, Owner, Phase,
@@ -33,7 +41,7 @@ use crate::error::{Error, Result};
 /// The version of the key layout and record encoding. Every value starts
 /// with it as one byte and the meta tree records it; a store written with
 /// another version is refused on open, never reinterpreted.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 /// How many outbox entries one outbox chunk record holds.
 ///
@@ -1658,7 +1666,8 @@ mod tests {
     #[test]
     fn encoding_is_pinned() {
         // The bytes of a record are part of the store format: a change here
-        // needs a new FORMAT_VERSION.
+        // needs a new FORMAT_VERSION. A whole record starts with that
+        // version (3).
         let cases: Vec<(Vec<u8>, &[u8])> = vec![
             (
                 encode_account(&Account {
@@ -1668,7 +1677,7 @@ mod tests {
                     ceiling: None,
                     incoming: 2,
                 }),
-                &[2, 9, 6, 0, 0, 4],
+                &[3, 9, 6, 0, 0, 4],
             ),
             (
                 encode_head(&Head {
@@ -1678,14 +1687,14 @@ mod tests {
                     },
                     outbox_end: 1,
                 }),
-                &[2, 0xac, 0x02, 2, 1],
+                &[3, 0xac, 0x02, 2, 1],
             ),
             (
                 encode_claim(&Claim {
                     owner: Owner::new("ab").unwrap(),
                     tentative: None,
                 }),
-                &[2, 2, b'a', b'b', 0],
+                &[3, 2, b'a', b'b', 0],
             ),
             (
                 encode_saga(&Saga {
@@ -1705,7 +1714,7 @@ mod tests {
                 // deadline 3, state 0 (trying) step 1.
                 &[9, 1, b'a', 1, b'b', 5, 0, 0, 0, 3, 0, 1],
             ),
-            (encode_marker(), &[2]),
+            (encode_marker(), &[3]),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);

@@ -59,7 +59,7 @@ fn another_format_version_is_refused() {
             err,
             Error::FormatVersion {
                 found: 99,
-                expected: 2
+                expected: 3
             }
         ),
         "{err:?}"
@@ -68,6 +68,59 @@ fn another_format_version_is_refused() {
         err.to_string().contains("format version 99 on disk"),
         "{err}"
     );
+}
+
+#[test]
+fn a_format_2_store_is_refused_with_the_way_out() {
+    // Proves a store written by format 2 (the same layout, but the saga
+    // commands' fingerprints made from their JSON) is refused on open as
+    // every other version is, naming both versions and how to recover,
+    // rather than read: its stored saga fingerprints would turn every
+    // resubmitted saga into an op_id_conflict. The format 2 store is this
+    // build's store with format 2's version in its meta and in every
+    // record.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (_store, p) = support::open(dir.path());
+        Runner::new().batch(&p, &support::generate(5, 200));
+    }
+    {
+        let db = support::raw_sled(dir.path());
+        let meta = db.open_tree("amends/meta").expect("meta tree");
+        meta.insert("format_version", &2u32.to_be_bytes())
+            .expect("overwrite");
+        let mut rewritten = 0;
+        for name in db.tree_names() {
+            if !name.starts_with(b"amends/partition/") {
+                continue;
+            }
+            let tree = db.open_tree(&name).expect("tree");
+            for kv in tree.iter() {
+                let (k, v) = kv.expect("record");
+                assert_eq!(v.first(), Some(&3), "a format 3 record");
+                let mut old = v.to_vec();
+                old[0] = 2;
+                tree.insert(k, old).expect("rewrite");
+                rewritten += 1;
+            }
+        }
+        assert!(rewritten > 10, "the store held records: {rewritten}");
+        db.flush().expect("flush");
+    }
+    let err = Store::open(dir.path(), opts(4)).expect_err("format 2 refused");
+    assert!(
+        matches!(
+            err,
+            Error::FormatVersion {
+                found: 2,
+                expected: 3
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("format version 2 on disk"), "{msg}");
+    assert!(msg.contains("rebuild the store from the log"), "{msg}");
 }
 
 #[test]
