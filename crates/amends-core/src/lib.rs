@@ -20,6 +20,10 @@
 //!   overlay, and an in-memory state.
 //! - [`partition`]: the partition state machine and the effects it emits,
 //!   one file per concern (dedup, balances and holds, claims, sagas).
+//! - [`invariants`]: the invariants of DESIGN.md over partition states
+//!   (money, one owner per claim, one answer per op, sagas that end,
+//!   nothing left reserved), written once for the model tests, the saga
+//!   simulation and `amends audit`.
 //! - [`route`]: the partitioner (FNV-1a 64 then jump consistent hash).
 //! - [`saga`]: sagas across partitions (try, confirm, cancel), the ids of
 //!   their step messages and the machine's saga side (`partition::saga`,
@@ -40,6 +44,7 @@ pub mod command;
 pub mod decision;
 mod field;
 pub mod id;
+pub mod invariants;
 mod json;
 pub mod partition;
 pub mod route;

@@ -22,8 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use amends_core::command::{Command, Request, raw_fingerprint};
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
+use amends_core::invariants::{self, Scope, View};
 use amends_core::partition::{Answer, Effect, Fault, Input};
-use amends_core::state::{ChangeSet, ExpiryKey, HoldStatus, MemState, Overlay};
+use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay};
 use amends_core::wire;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -369,55 +370,24 @@ fn check_like_tick(
     Ok(())
 }
 
-/// The invariants of a partition state that need no model.
+/// The invariants of a partition state, and its dedup records against the
+/// answers.
 fn check_invariants(state: &MemState, books: &Books, compacted: bool) -> Result<(), TestCaseError> {
     let balances: i128 = state.accounts().map(|(_, a)| i128::from(a.balance)).sum();
     prop_assert_eq!(balances, books.money, "money is not conserved");
 
-    let mut pending: BTreeMap<String, i128> = BTreeMap::new();
-    let mut expiring = BTreeSet::new();
-    for (id, hold) in state.holds() {
-        if hold.status == HoldStatus::Pending {
-            *pending.entry(hold.account.to_string()).or_default() += i128::from(hold.amount);
-            if let Some(at_ms) = hold.expires_at_ms {
-                expiring.insert(ExpiryKey { at_ms, hold: *id });
-            }
-        }
-    }
-    for (id, a) in state.accounts() {
-        prop_assert!(a.held >= 0, "{id}: held {} < 0", a.held);
-        prop_assert_eq!(
-            i128::from(a.held),
-            pending.get(id.as_str()).copied().unwrap_or(0),
-            "{}: held",
-            id
-        );
-        let available = i128::from(a.balance) - i128::from(a.held);
-        prop_assert!(
-            available >= i128::from(a.floor),
-            "{id}: available {available} below floor {}",
-            a.floor
-        );
-        if let Some(c) = a.ceiling {
-            prop_assert!(
-                a.balance <= c,
-                "{id}: balance {} above ceiling {c}",
-                a.balance
-            );
-        }
-    }
-    for account in pending.keys() {
-        prop_assert!(
-            state.account(account).is_some(),
-            "pending hold on missing account {account}"
-        );
-    }
-    let index: BTreeSet<ExpiryKey> = state.expiries().copied().collect();
-    prop_assert_eq!(
-        index,
-        expiring,
-        "expiry index is not the pending holds with an expiry"
-    );
+    // The invariants every driver checks (`amends_core::invariants`): held
+    // amounts, floors and ceilings, the expiry index, routing; and, on a
+    // state never compacted, the money ledger.
+    let commands = books.requests.iter().map(|(id, r)| (id, &r.command));
+    let view = View::new(log::machine().partition(), state, commands);
+    let scope = Scope {
+        settled: false,
+        ledger: !compacted,
+    };
+    let found = invariants::check(log::partitions(), &[view], scope);
+    prop_assert!(found.passed(), "invariants: {:#?}", found.failures);
+    prop_assert!(found.warnings.is_empty(), "{:#?}", found.warnings);
 
     for (op, dedup) in state.dedups() {
         prop_assert_eq!(
