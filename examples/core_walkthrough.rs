@@ -5,10 +5,9 @@
 //! Run it with `cargo run --example core_walkthrough`.
 
 use amends_core::OpId;
-use amends_core::partition::{Answer, Config, Effect, Input, Machine};
+use amends_core::partition::{Answer, Config, Effect, Input, LogMessage, Machine, Taken};
 use amends_core::route::{self, Partitions};
 use amends_core::state::MemState;
-use amends_core::wire;
 
 fn main() -> anyhow::Result<()> {
     let partitions = Partitions::new(16)?;
@@ -65,30 +64,36 @@ fn main() -> anyhow::Result<()> {
         } else {
             t0_ms + position
         };
-        let input = match wire::decode_request(body.as_bytes()) {
-            Ok(input) => input,
-            Err(unreadable) => {
-                println!("#{position}: dead letter: {}", unreadable.detail);
-                continue;
+        effects.clear();
+        // The raw message as the log holds it: the machine decodes it.
+        let message = LogMessage {
+            bytes: body.as_bytes(),
+            position,
+            log_time_ms,
+            reply_to: None,
+        };
+        let taken = machine.take(&mut state, &message, &mut effects)?;
+        let (kind, label) = match &taken {
+            Taken::DeadLetter => ("unreadable", "dead letter"),
+            Taken::Applied { input, answer } => {
+                let kind = match input {
+                    Input::Request(r) => r.command.kind(),
+                    Input::Malformed { .. } => "malformed",
+                };
+                let label = match answer {
+                    Answer::Decided(_) => "decided",
+                    Answer::Duplicate(_) => "duplicate, original decision",
+                    Answer::Conflict(_) => "conflict",
+                    Answer::Refused(_) => "refused to the sender",
+                    Answer::Ticked => "ticked",
+                    Answer::Accepted(_) => "saga accepted, decision to follow",
+                    Answer::Internal(_) => "saga step decided",
+                };
+                (kind, label)
             }
         };
-        let kind = match &input {
-            Input::Request(r) => r.command.kind(),
-            Input::Malformed { .. } => "malformed",
-        };
-        effects.clear();
-        let answer = machine.apply(&mut state, position, log_time_ms, &input, &mut effects)?;
-        let label = match &answer {
-            Answer::Decided(_) => "decided",
-            Answer::Duplicate(_) => "duplicate, original decision",
-            Answer::Conflict(_) => "conflict",
-            Answer::Refused(_) => "refused to the sender",
-            Answer::Ticked => "ticked",
-            Answer::Accepted(_) => "saga accepted, decision to follow",
-            Answer::Internal(_) => "saga step decided",
-        };
         println!("\n#{position} {kind}: {label}");
-        if let Some(decision) = answer.decision() {
+        if let Some(decision) = taken.decision() {
             println!("  answer: {}", serde_json::to_string(decision)?);
         }
         for effect in &effects {
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
                     "reply",
                     format!("{to}: {}", serde_json::to_string(decision)?),
                 ),
+                Effect::DeadLetter(d) => ("dead letter", d.detail.clone()),
             };
             println!("  outbox, {what}: {json}");
         }

@@ -19,11 +19,14 @@ use std::time::Duration;
 
 use amends_core::command::Command;
 use amends_core::invariants;
-use amends_core::partition::{Answer, Config, Effect, HoldExpired, Input, Machine};
+use amends_core::partition::{
+    Answer, Config, Effect, HoldExpired, Input, LogMessage, Machine, Taken,
+};
 use amends_core::route::{PartitionId, Partitions};
 use amends_core::state::{HoldStatus, MemState, SagaState};
 use amends_core::{Decision, OpId, wire};
 use amends_nats::topology::{self, Stream};
+use amends_nats::worker;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::Args;
@@ -105,38 +108,19 @@ impl Replay {
         }
     }
 
-    /// Applies the log message at `seq` exactly as the partition's worker
-    /// does; returns its effects.
-    fn apply(
-        &mut self,
-        seq: u64,
-        log_time_ms: u64,
-        payload: &[u8],
-        reply_to: Option<&str>,
-        findings: &mut Findings,
-    ) -> Vec<Effect> {
+    /// Takes one log message exactly as the partition's worker does
+    /// (`Machine::take`); returns its effects.
+    fn apply(&mut self, message: &LogMessage<'_>, findings: &mut Findings) -> Vec<Effect> {
         self.messages = self.messages.saturating_add(1);
         let p = self.machine.partition();
+        let seq = message.position;
         let mut effects = Vec::new();
-        let Ok(input) = wire::decode_request(payload) else {
-            self.dead_letters = self.dead_letters.saturating_add(1);
-            if let Err(fault) = self.machine.skip(&mut self.state, seq, log_time_ms) {
-                findings.fail(format!("partition {p}: {fault}"));
-            }
-            return effects;
-        };
-        match self.machine.apply_with_reply(
-            &mut self.state,
-            seq,
-            log_time_ms,
-            &input,
-            reply_to,
-            &mut effects,
-        ) {
-            Ok(Answer::Decided(_) | Answer::Accepted(_)) => {
-                if let Input::Request(req) = &input {
-                    self.commands.insert(req.op_id, req.command.clone());
-                }
+        match self.machine.take(&mut self.state, message, &mut effects) {
+            Ok(Taken::Applied {
+                input: Input::Request(req),
+                answer: Answer::Decided(_) | Answer::Accepted(_),
+            }) => {
+                self.commands.insert(req.op_id, req.command);
             }
             Ok(_) => {}
             Err(fault) => findings.fail(format!("partition {p}: {fault}")),
@@ -145,6 +129,7 @@ impl Replay {
             match effect {
                 Effect::Decided(d) => self.decisions.push((seq, d.clone())),
                 Effect::HoldExpired(e) => self.expiries.push((seq, e.clone())),
+                Effect::DeadLetter(_) => self.dead_letters = self.dead_letters.saturating_add(1),
                 Effect::Apology(_) | Effect::Send { .. } | Effect::Reply { .. } => {}
             }
         }
@@ -231,7 +216,8 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         dec_state.last_sequence,
         idle,
         &bar,
-        |message, seq, _| {
+        |message, read| {
+            let seq = read.position;
             // Ownership records fence the decisions; they are not ones.
             if owner_subjects.contains(message.subject.as_str()) {
                 return;
@@ -273,7 +259,8 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         req_state.last_sequence,
         idle,
         &bar,
-        |message, seq, log_time_ms| {
+        |message, read| {
+            let seq = read.position;
             let Some(&i) = req_subjects.get(message.subject.as_str()) else {
                 findings.warn(format!(
                     "requests stream: message {seq} on {:?}, the subject of no partition",
@@ -284,18 +271,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
             let Some(r) = replays.get_mut(i) else {
                 return;
             };
-            let reply_to = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(topology::header::REPLY_TO))
-                .map(|v| v.as_str().to_owned());
-            r.apply(
-                seq,
-                log_time_ms,
-                &message.payload,
-                reply_to.as_deref(),
-                &mut findings,
-            );
+            r.apply(&read, &mut findings);
         },
     )
     .await?;
@@ -312,14 +288,15 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
 }
 
 /// Reads `stream` from its first message up to sequence `end` with an
-/// ordered consumer, calling `each(message, stream sequence, log time ms)`.
-/// Gives up when no message comes for `idle`.
+/// ordered consumer, calling `each(message, log message)`: the message
+/// as the worker reads it (`worker::log_message`: its stream sequence,
+/// log time, reply subject). Gives up when no message comes for `idle`.
 async fn read_stream(
     stream: &jetstream::stream::Stream,
     end: u64,
     idle: Duration,
     bar: &indicatif::ProgressBar,
-    mut each: impl FnMut(&jetstream::Message, u64, u64),
+    mut each: impl FnMut(&jetstream::Message, LogMessage<'_>),
 ) -> anyhow::Result<()> {
     if end == 0 {
         return Ok(());
@@ -347,9 +324,7 @@ async fn read_stream(
         if last > end {
             break;
         }
-        let log_time_ms =
-            u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-        each(&message, last, log_time_ms);
+        each(&message, worker::log_message(&message, &info));
         bar.inc(1);
     }
     Ok(())
@@ -643,7 +618,13 @@ mod tests {
         while let Some((p, body)) = queue.pop_front() {
             seq += 1;
             assert!(seq < 10_000, "bounded");
-            for effect in replays[p].apply(seq, T0 + seq, &body, None, &mut findings) {
+            let message = LogMessage {
+                bytes: &body,
+                position: seq,
+                log_time_ms: T0 + seq,
+                reply_to: None,
+            };
+            for effect in replays[p].apply(&message, &mut findings) {
                 if let Effect::Send { partition, request } = effect {
                     let q = usize::try_from(partition.get()).unwrap();
                     queue.push_back((q, wire::encode(&request)));

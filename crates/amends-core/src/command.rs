@@ -565,8 +565,8 @@ impl Request {
 
 /// The canonical encoding, part by part. Every command has a tag of its
 /// own (10 to 18 the plain operations, 20 to 23 the sagas and their
-/// messages); tag 19 was store format 2's JSON form of the sagas and is
-/// never written again. A saga's encoding holds its steps' commands in the
+/// messages); tag 19 was the JSON form of the sagas (store formats 2 and
+/// 3) and is never written again. A saga's encoding holds its steps' commands in the
 /// same encoding as the plain operations, so no part of any request's
 /// fingerprint depends on how serde lays it out.
 impl Canon {
@@ -878,9 +878,9 @@ mod tests {
 
     #[test]
     fn fingerprints_are_pinned() {
-        // Proves the fingerprint of every command kind, sagas and their messages included, is the one stored format 3 expects: fingerprints are kept in dedup records, so a change here needs a new store FORMAT_VERSION (amends-store) or a resubmission after an upgrade would be refused op_id_conflict.
-        // The first nine (the plain operations) are those of format 2:
-        // only the saga family's encoding changed in format 3.
+        // Proves the fingerprint of every command kind, sagas and their messages included, is the one store format 4 expects: fingerprints are kept in dedup records, so a change here needs a new store FORMAT_VERSION (amends-store) or a resubmission after an upgrade would be refused op_id_conflict.
+        // The first nine (the plain operations) are those of formats 2
+        // and 3: only the saga family's encoding changed in format 4.
         let want: [u128; 13] = [
             0x2ed8dde932b0fea99a72babc7ed0ce6b,
             0xc4dc15662e17ddf9d4b4fb64a205d622,

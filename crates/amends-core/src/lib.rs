@@ -3,8 +3,9 @@
 //! Everything amends decides is decided here: the ids, the commands a client
 //! may send, the decisions and refusal reasons it gets back, the partition
 //! state machine (dedup, uniqueness, balances, holds), the partitioner and the
-//! wire format. Given the same log prefix, [`partition::Machine::apply`] makes
-//! the same decisions and the same state changes, bit for bit.
+//! wire format. Given the same log prefix, [`partition::Machine::take`] (the
+//! one entry of a raw log message) makes the same decisions and the same
+//! state changes, bit for bit.
 //!
 //! # Layout
 //!

@@ -289,7 +289,7 @@ impl Sim {
                     self.published.entry(d.op_id).or_default().push(d.clone());
                     self.replies.entry(d.op_id).or_default().push(to.clone());
                 }
-                Effect::Apology(_) | Effect::HoldExpired(_) => {}
+                Effect::Apology(_) | Effect::HoldExpired(_) | Effect::DeadLetter(_) => {}
             }
         }
         if copies == 2 {

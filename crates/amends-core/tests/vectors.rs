@@ -120,6 +120,8 @@ fn effect_json(effect: &Effect) -> Value {
         Effect::Reply { to, decision } => {
             json!({ "reply": { "to": to, "decision": to_json(decision) } })
         }
+        // Not in the vectors: a dead letter never reaches `apply_with_reply`.
+        Effect::DeadLetter(d) => json!({ "dead_letter": { "position": d.position } }),
     }
 }
 

@@ -15,8 +15,9 @@
 //!   [`topology::ensure`] and its [`topology::Report`], and the integrity
 //!   notes on JetStream's fsync behaviour.
 //! - [`worker`]: [`worker::run_partition`], the driver of one partition:
-//!   fetch a batch from its durable pull consumer, decode, apply through
-//!   amends-core, one store commit, publish the outbox with deterministic
+//!   fetch a batch from its durable pull consumer, take each message
+//!   through amends-core (decode, then apply or dead-letter), one store
+//!   commit, publish the outbox (dead letters included) with deterministic
 //!   `Nats-Msg-Id`s, reply to `Amends-Reply-To`, acknowledge; on start it
 //!   republishes the unconfirmed outbox and recreates the consumer right
 //!   after the store's applied position.

@@ -203,26 +203,21 @@ impl Tally {
 }
 
 /// Records a batch's published outbox: the publish duration and the
-/// apologies among the effects.
+/// apologies and dead letters among the effects.
 pub(crate) fn published(partition: PartitionId, effects: &[Effect], elapsed: Duration) {
     let p = label(partition);
-    let apologies = effects
-        .iter()
-        .filter(|e| matches!(e, Effect::Apology(_)))
-        .count();
-    if apologies > 0 {
-        metrics::counter!(APOLOGIES, "partition" => p.clone())
-            .increment(u64::try_from(apologies).unwrap_or(u64::MAX));
+    let count = |kind: fn(&Effect) -> bool| {
+        u64::try_from(effects.iter().filter(|e| kind(e)).count()).unwrap_or(u64::MAX)
+    };
+    for (name, n) in [
+        (APOLOGIES, count(|e| matches!(e, Effect::Apology(_)))),
+        (DEAD_LETTERS, count(|e| matches!(e, Effect::DeadLetter(_)))),
+    ] {
+        if n > 0 {
+            metrics::counter!(name, "partition" => p.clone()).increment(n);
+        }
     }
     metrics::histogram!(PUBLISH_SECONDS, "partition" => p).record(elapsed.as_secs_f64());
-}
-
-/// Records dead letters published.
-pub(crate) fn dead_letters(partition: PartitionId, len: usize) {
-    if len > 0 {
-        metrics::counter!(DEAD_LETTERS, "partition" => label(partition))
-            .increment(u64::try_from(len).unwrap_or(u64::MAX));
-    }
 }
 
 /// Records a partition's state (one of [`STATES`]) and, if it was just

@@ -5,15 +5,16 @@
 //! start:  check the log under the store -> publish the ownership record (epoch)
 //!         -> republish the unconfirmed outbox (without what the stream holds)
 //!         -> (re)create the pull consumer at applied + 1
-//! loop:   fetch batch N+1 -> decode -> dead letters (published, awaited)
-//!         -> Machine::apply each message over the store and batch N's changes
-//!            (batch N is committing meanwhile) -> wait for N's commit
+//! loop:   fetch batch N+1 -> Machine::take each message (decode, apply or
+//!            dead-letter) over the store and batch N's changes (batch N is
+//!            committing meanwhile) -> wait for N's commit
 //!         -> hand N to the publisher task -> start N+1's Partition::commit
 //! publisher (its own task, batches in commit order, while the loop goes on):
 //!         publish the batch's decisions in order, fenced on the epoch (PubAcks
 //!         awaited; pipelined on one replica, one at a time on a cluster),
-//!         then its apologies and saga messages (deterministic Nats-Msg-Id)
-//!         -> outbox_confirm -> replies to Amends-Reply-To (core NATS) -> ack the batch
+//!         then its apologies, saga messages and dead letters (deterministic
+//!         Nats-Msg-Id) -> outbox_confirm -> replies to Amends-Reply-To (core
+//!         NATS) -> ack the batch
 //! ```
 //!
 //! Commits are strictly in order, so the durable state is always a prefix
@@ -32,13 +33,14 @@
 //! this process or another) has published its own, this one's writes are
 //! refused and it stops with [`Error::Fenced`].
 //!
-//! Dead letters are not in the store's outbox (the core's `Effect` has no
-//! such variant), so they are published *before* the commit that moves the
-//! applied position past them (`Machine::skip`): a crash before the commit
-//! replays them (the same id, `dlq-<p>-<position>`, drops the copy), a
-//! crash after it cannot lose them, and once committed they are never read
-//! again. A dead letter changes no other state, so publishing it early
-//! exposes no undecided decision.
+//! A message that cannot be read is no exception: `Machine::take` moves the
+//! applied position past it and pushes an `Effect::DeadLetter`, which is
+//! committed in the outbox with the batch and published after the commit
+//! like an apology (unfenced, once the batch's decisions are stored), with
+//! the id `dlq-<p>-<position>`. A crash after the commit republishes it
+//! from the outbox on the next start (the dead-letter stream's duplicate
+//! window drops a copy a crashed run had published), and once committed
+//! the message is never read again.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -46,7 +48,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amends_core::decision::Decision;
-use amends_core::partition::{Effect, Fault, Input, Machine};
+use amends_core::partition::{Effect, Fault, LogMessage, Machine, Taken};
 use amends_core::route::PartitionId;
 use amends_core::state::{ChangeSet, Clock, Overlay, Read, Stacked};
 use amends_core::wire;
@@ -537,9 +539,31 @@ async fn check_holes(stream: &jetstream::stream::Stream, p: u32, from: u64) -> R
 }
 
 /// A JetStream timestamp (nanoseconds since the Unix epoch) as log time:
-/// milliseconds since the Unix epoch.
+/// milliseconds since the Unix epoch (0 before it).
 fn log_time_ms(unix_nanos: i128) -> u64 {
     u64::try_from(unix_nanos / 1_000_000).unwrap_or(0)
+}
+
+/// A message of a partition's request log read out of its JetStream
+/// envelope, as the core takes it: its payload, its stream sequence (the
+/// position), its JetStream timestamp as log time and its
+/// `Amends-Reply-To` header. `amends audit` reads the log through this too,
+/// so that it replays exactly what the worker applied. `info` is the
+/// message's own (`message.info()`).
+pub fn log_message<'a>(
+    message: &'a jetstream::Message,
+    info: &jetstream::message::Info<'_>,
+) -> LogMessage<'a> {
+    LogMessage {
+        bytes: &message.payload,
+        position: info.stream_sequence,
+        log_time_ms: log_time_ms(info.published.unix_timestamp_nanos()),
+        reply_to: message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(header::REPLY_TO))
+            .map(|v| v.as_str()),
+    }
 }
 
 /// Publishes this worker's ownership record of `partition` on the
@@ -712,14 +736,25 @@ fn nats_error<E: Into<Source>>(p: u32, action: &'static str) -> impl FnOnce(E) -
     }
 }
 
-/// One message of a batch, read out of its JetStream envelope.
+/// One message of a batch, read out of its JetStream envelope (see
+/// [`log_message`]) and owned, for the blocking apply.
 struct Incoming {
     position: u64,
     log_time_ms: u64,
     redelivered: bool,
-    /// `None` for a dead letter: the position moves past it, nothing else.
-    input: Option<Input>,
+    bytes: Bytes,
     reply_to: Option<String>,
+}
+
+impl Incoming {
+    fn log_message(&self) -> LogMessage<'_> {
+        LogMessage {
+            bytes: &self.bytes,
+            position: self.position,
+            log_time_ms: self.log_time_ms,
+            reply_to: self.reply_to.as_deref(),
+        }
+    }
 }
 
 struct Worker {
@@ -848,8 +883,8 @@ impl Worker {
         })
     }
 
-    /// Decodes and dead-letters one batch and applies it over the store
-    /// and, if a commit is in flight, that batch's changes (`below`).
+    /// Applies one batch over the store and, if a commit is in flight,
+    /// that batch's changes (`below`).
     async fn apply(
         &mut self,
         batch: &[jetstream::Message],
@@ -857,73 +892,21 @@ impl Worker {
     ) -> Result<Applied, Error> {
         let p = self.machine.partition();
         let mut incoming = Vec::with_capacity(batch.len());
-        let mut dead = Vec::new();
         for message in batch {
             let info = message
                 .info()
                 .map_err(|e| self.nats_error("read message info", e))?;
-            let position = info.stream_sequence;
-            let log_time_ms = log_time_ms(info.published.unix_timestamp_nanos());
-            let redelivered = info.delivered > 1;
-            match wire::decode_request(&message.payload) {
-                Ok(input) => incoming.push(Incoming {
-                    position,
-                    log_time_ms,
-                    redelivered,
-                    input: Some(input),
-                    reply_to: message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(header::REPLY_TO))
-                        .map(|v| v.as_str().to_owned()),
-                }),
-                Err(unreadable) => {
-                    dead.push((position, message.payload.clone(), unreadable));
-                    // Committed with the batch, so that a dead letter last in
-                    // a batch is not read (and dead-lettered) again.
-                    incoming.push(Incoming {
-                        position,
-                        log_time_ms,
-                        redelivered,
-                        input: None,
-                        reply_to: None,
-                    });
-                }
-            }
+            let read = log_message(message, &info);
+            incoming.push(Incoming {
+                position: read.position,
+                log_time_ms: read.log_time_ms,
+                redelivered: info.delivered > 1,
+                bytes: message.payload.clone(),
+                reply_to: read.reply_to.map(str::to_owned),
+            });
         }
-
-        // Dead letters first: they are not in the outbox (see the module docs).
         let below = below.unwrap_or_default();
         let store = self.store()?.clone();
-        let applied = Stacked {
-            base: &store,
-            top: &below,
-        }
-        .clock()
-        .map_err(|e| self.store_error(e))?
-        .position;
-        let mut acks = Vec::new();
-        for (position, payload, unreadable) in dead {
-            if position <= applied {
-                continue;
-            }
-            tracing::warn!(partition = p.get(), position, detail = %unreadable.detail, "dead letter");
-            let mut headers = HeaderMap::new();
-            headers.insert(header::MSG_ID, dead_letter_msg_id(p, position).as_str());
-            headers.insert(header::ERROR, header_safe(&unreadable.detail).as_str());
-            let ack = self
-                .js
-                .publish_with_headers(self.prefix.dlq(p), headers, payload)
-                .await
-                .map_err(|e| self.nats_error("publish dead letter", Box::new(e)))?;
-            acks.push(ack);
-        }
-        let dead_published = acks.len(); // metrics
-        for ack in acks {
-            ack.await
-                .map_err(|e| self.nats_error("publish dead letter ack", Box::new(e)))?;
-        }
-        crate::metrics::dead_letters(p, dead_published);
 
         // Off the async threads: sled reads block.
         let machine = self.machine;
@@ -1172,6 +1155,16 @@ impl Publisher {
                 ),
                 // Core NATS, after the outbox is confirmed: `send_replies`.
                 Effect::Reply { .. } => continue,
+                // The raw bytes, with the error in a header; the id is
+                // derived from the position.
+                Effect::DeadLetter(dead) => {
+                    tracing::warn!(partition = p.get(), position = dead.position, detail = %dead.detail, "dead letter");
+                    (
+                        self.prefix.dlq(p),
+                        dead_letter_msg_id(p, dead.position),
+                        dead.bytes.clone(),
+                    )
+                }
             };
             let fenced = matches!(effect, Effect::Decided(_) | Effect::HoldExpired(_));
             if fenced && skip.contains(&msg_id) {
@@ -1179,6 +1172,9 @@ impl Publisher {
             }
             let mut headers = HeaderMap::new();
             headers.insert(header::MSG_ID, msg_id.as_str());
+            if let Effect::DeadLetter(dead) = effect {
+                headers.insert(header::ERROR, header_safe(&dead.detail).as_str());
+            }
             if fenced {
                 headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, epoch.as_str());
                 headers.insert(
@@ -1427,20 +1423,11 @@ fn apply_batch<B: Read<Error = amends_store::Error> + ?Sized>(
         if msg.position <= applied && msg.redelivered {
             continue;
         }
-        let Some(input) = &msg.input else {
-            machine.skip(&mut state, msg.position, msg.log_time_ms)?;
-            continue;
-        };
-        let answer = machine.apply_with_reply(
-            &mut state,
-            msg.position,
-            msg.log_time_ms,
-            input,
-            msg.reply_to.as_deref(),
-            &mut effects,
-        )?;
-        tally.answer(input, &answer);
-        if let (Some(reply_to), Some(decision)) = (&msg.reply_to, answer.decision()) {
+        let taken = machine.take(&mut state, &msg.log_message(), &mut effects)?;
+        if let Taken::Applied { input, answer } = &taken {
+            tally.answer(input, answer);
+        }
+        if let (Some(reply_to), Some(decision)) = (&msg.reply_to, taken.decision()) {
             replies.push((reply_to.clone(), decision.clone()));
         }
     }

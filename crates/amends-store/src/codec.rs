@@ -12,15 +12,17 @@
 //! step, saga records, the in-flight outcome, the saga reasons, the saga
 //! commands (`transfer`, `saga`, `step`, `step_outcome`, with their own
 //! record types like every other command) and the `send`/`reply` outbox
-//! entries.
+//! entries. Format 3 added the `dead_letter` outbox entry: dead letters are
+//! published after the commit with the rest of the outbox, so a format-2
+//! build must not read an outbox it cannot decode.
 //!
-//! Format 3 changed no record layout, only what the dedup records'
+//! Format 4 changed no record layout, only what the dedup records'
 //! fingerprints of the saga commands are: amends-core's canonical encoding
 //! of a `transfer`, `saga`, `step` or `step_outcome` request is its own
-//! tagged form now, no longer the JSON serde writes of it. A format 2 store
-//! holds the old fingerprints, against which every resubmitted saga (and
-//! every repeated step message) would be a conflict, so it is refused on
-//! open like any other version.
+//! tagged form now, no longer the JSON serde writes of it. A format 2 or 3
+//! store holds the old fingerprints, against which every resubmitted saga
+//! (and every repeated step message) would be a conflict, so it is refused
+//! on open like any other version.
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, DeadlineMs, Fingerprint, Namespace, Owner, Phase,
@@ -28,7 +30,7 @@ use amends_core::command::{
 };
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
-use amends_core::partition::{Apology, Effect, HoldExpired};
+use amends_core::partition::{Apology, DeadLetter, Effect, HoldExpired};
 use amends_core::route::{PARTITIONS_MAX, PartitionId, Partitions};
 use amends_core::state::{
     Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Saga, SagaState,
@@ -41,7 +43,7 @@ use crate::error::{Error, Result};
 /// The version of the key layout and record encoding. Every value starts
 /// with it as one byte and the meta tree records it; a store written with
 /// another version is refused on open, never reinterpreted.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 
 /// How many outbox entries one outbox chunk record holds.
 ///
@@ -440,6 +442,11 @@ enum EffectRec {
         to: String,
         decision: DecisionRec,
     },
+    DeadLetter {
+        position: u64,
+        detail: String,
+        bytes: Vec<u8>,
+    },
 }
 
 // ---------------------------------------------------------------------
@@ -722,6 +729,11 @@ pub(crate) fn encode_effect_into(e: &Effect, out: &mut Vec<u8>) {
             to: to.clone(),
             decision: decision_rec(decision),
         },
+        Effect::DeadLetter(d) => EffectRec::DeadLetter {
+            position: d.position,
+            detail: d.detail.clone(),
+            bytes: d.bytes.clone(),
+        },
     };
     encode_into(&rec, out);
 }
@@ -781,6 +793,15 @@ fn effect(key: &[u8], rec: EffectRec) -> Result<Effect> {
             to,
             decision: decision(key, d)?,
         },
+        EffectRec::DeadLetter {
+            position,
+            detail,
+            bytes,
+        } => Effect::DeadLetter(DeadLetter {
+            position,
+            detail,
+            bytes,
+        }),
     })
 }
 
@@ -1581,6 +1602,11 @@ mod tests {
                 },
             });
         }
+        effects.push(Effect::DeadLetter(DeadLetter {
+            position: 77,
+            detail: "expected value at line 1 column 1".into(),
+            bytes: b"\xff not json".to_vec(),
+        }));
         let mut chunk = outbox_chunk_start();
         for e in &effects {
             encode_effect_into(e, &mut chunk);
@@ -1667,7 +1693,7 @@ mod tests {
     fn encoding_is_pinned() {
         // The bytes of a record are part of the store format: a change here
         // needs a new FORMAT_VERSION. A whole record starts with that
-        // version (3).
+        // version (4).
         let cases: Vec<(Vec<u8>, &[u8])> = vec![
             (
                 encode_account(&Account {
@@ -1677,7 +1703,7 @@ mod tests {
                     ceiling: None,
                     incoming: 2,
                 }),
-                &[3, 9, 6, 0, 0, 4],
+                &[4, 9, 6, 0, 0, 4],
             ),
             (
                 encode_head(&Head {
@@ -1687,14 +1713,14 @@ mod tests {
                     },
                     outbox_end: 1,
                 }),
-                &[3, 0xac, 0x02, 2, 1],
+                &[4, 0xac, 0x02, 2, 1],
             ),
             (
                 encode_claim(&Claim {
                     owner: Owner::new("ab").unwrap(),
                     tentative: None,
                 }),
-                &[3, 2, b'a', b'b', 0],
+                &[4, 2, b'a', b'b', 0],
             ),
             (
                 encode_saga(&Saga {
@@ -1714,7 +1740,24 @@ mod tests {
                 // deadline 3, state 0 (trying) step 1.
                 &[9, 1, b'a', 1, b'b', 5, 0, 0, 0, 3, 0, 1],
             ),
-            (encode_marker(), &[3]),
+            (encode_marker(), &[4]),
+            (
+                {
+                    let mut chunk = outbox_chunk_start();
+                    encode_effect_into(
+                        &Effect::DeadLetter(DeadLetter {
+                            position: 300,
+                            detail: "x".into(),
+                            bytes: vec![0xff, b'{'],
+                        }),
+                        &mut chunk,
+                    );
+                    chunk
+                },
+                // The chunk's version byte, then outbox entry variant 5
+                // (dead letter), position 300, "x", the two bytes.
+                &[4, 5, 0xac, 0x02, 1, b'x', 2, 0xff, b'{'],
+            ),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);

@@ -1,20 +1,24 @@
 //! The partition state machine.
 //!
-//! [`Machine::apply`] takes one log message (its position, its log time and
-//! its decoded [`Input`]) and the partition's state, and returns the
-//! [`Answer`] for the sender while pushing the durable [`Effect`]s (the
-//! outbox) into a vector. It is a pure function of the state and the
-//! arguments: replaying the same log from the same state gives the same
-//! answers, effects and state.
+//! [`Machine::take`] takes one raw log message (a [`LogMessage`]: its
+//! bytes, position, log time and reply subject) and the partition's state,
+//! decodes it ([`crate::wire::decode_request`]) and returns what became of
+//! it ([`Taken`]: the [`Answer`] for the sender, or a dead letter) while
+//! pushing the durable [`Effect`]s (the outbox, dead letters included) into
+//! a vector. It is a pure function of the state and the arguments:
+//! replaying the same log from the same state gives the same answers,
+//! effects and state. [`Machine::apply`] and [`Machine::apply_with_reply`]
+//! are the same for a message decoded already.
 //!
 //! Order of work for every message: check the position advances, advance
 //! log time (it never goes back), expire every pending hold whose expiry is
-//! at or before the new log time, then decide the message.
+//! at or before the new log time, then decide the message. An unreadable
+//! message (a dead letter) only moves the position and the log time.
 //!
 //! # Layout
 //!
-//! This module holds the entry points ([`Machine::apply`],
-//! [`Machine::apply_with_reply`], [`Machine::skip`]), the types they take
+//! This module holds the entry points ([`Machine::take`],
+//! [`Machine::apply`], [`Machine::apply_with_reply`]), the types they take
 //! and give, and the order of work: the clock, the expiry index, the
 //! checks of a request's envelope and route, and which concern decides it.
 //! Each concern is a file of its own, written as methods of [`Machine`] or
@@ -193,6 +197,65 @@ pub struct HoldExpired {
     pub log_time_ms: u64,
 }
 
+/// One message of a partition's request log as the log holds it: what
+/// [`Machine::take`] takes. Everything in it is part of the log, so replay
+/// gives the same answers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct LogMessage<'a> {
+    /// The message's body, undecoded.
+    pub bytes: &'a [u8],
+    /// Its position (the log's sequence number).
+    pub position: u64,
+    /// Its log time (the log's timestamp), in milliseconds since the Unix
+    /// epoch.
+    pub log_time_ms: u64,
+    /// The reply subject it named (`Amends-Reply-To`), if any.
+    pub reply_to: Option<&'a str>,
+}
+
+/// What became of a log message taken by [`Machine::take`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned once per message and taken apart at once, never stored: a box would cost an allocation per message"
+)]
+pub enum Taken {
+    /// The message was read and applied.
+    Applied {
+        /// What it was read as.
+        input: Input,
+        /// What its sender gets back.
+        answer: Answer,
+    },
+    /// The message could not be read (no readable op id): nobody can be
+    /// answered. Its position and log time were taken, nothing else
+    /// changed, and an [`Effect::DeadLetter`] was pushed.
+    DeadLetter,
+}
+
+impl Taken {
+    /// The decision to send to the requester, if any.
+    pub fn decision(&self) -> Option<&Decision> {
+        match self {
+            Taken::Applied { answer, .. } => answer.decision(),
+            Taken::DeadLetter => None,
+        }
+    }
+}
+
+/// A log message that could not be read, for the partition's dead-letter
+/// subject: its raw bytes and what was wrong.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct DeadLetter {
+    /// The position of the message in the partition's log (what makes the
+    /// dead letter's deterministic id).
+    pub position: u64,
+    /// What was wrong, for a human.
+    pub detail: String,
+    /// The message's bytes, unchanged.
+    pub bytes: Vec<u8>,
+}
+
 /// A durable side effect of applying a message: the partition's outbox. A
 /// driver runs effects only after the state that produced them is durable.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -220,6 +283,8 @@ pub enum Effect {
         /// The final decision.
         decision: Decision,
     },
+    /// Put a message that could not be read on the dead-letter subject.
+    DeadLetter(DeadLetter),
 }
 
 /// Why a message could not be applied: the log is broken, or the state
@@ -347,6 +412,49 @@ impl Machine {
         &self.config
     }
 
+    /// Takes one raw message of the partition's log: the one way a driver
+    /// feeds the machine, so every driver (the worker, the audit) decodes,
+    /// dead-letters and applies alike.
+    ///
+    /// A message that decodes ([`wire::decode_request`]) is applied as by
+    /// [`Machine::apply_with_reply`] with its reply subject. One that does
+    /// not (no readable op id) cannot be answered: its position and log
+    /// time are taken as for any message, [`Effect::DeadLetter`] is pushed
+    /// with its bytes and what was wrong, and nothing else changes (log
+    /// time moving changes no decision: the next message moves it at least
+    /// as far; it keeps the clock equal to the last message's time, which a
+    /// driver compares with the log to notice a rollback). The errors are
+    /// [`Machine::apply`]'s.
+    pub fn take<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        message: &LogMessage<'_>,
+        out: &mut Vec<Effect>,
+    ) -> Result<Taken, Fault<S::Error>> {
+        match wire::decode_request(message.bytes) {
+            Ok(input) => {
+                let answer = self.apply_with_reply(
+                    state,
+                    message.position,
+                    message.log_time_ms,
+                    &input,
+                    message.reply_to,
+                    out,
+                )?;
+                Ok(Taken::Applied { input, answer })
+            }
+            Err(unreadable) => {
+                self.skip(state, message.position, message.log_time_ms)?;
+                out.push(Effect::DeadLetter(DeadLetter {
+                    position: message.position,
+                    detail: unreadable.detail,
+                    bytes: message.bytes.to_vec(),
+                }));
+                Ok(Taken::DeadLetter)
+            }
+        }
+    }
+
     /// Applies one log message.
     ///
     /// `position` must be greater than the state's applied position;
@@ -364,33 +472,6 @@ impl Machine {
         out: &mut Vec<Effect>,
     ) -> Result<Answer, Fault<S::Error>> {
         self.apply_with_reply(state, position, log_time_ms, input, None, out)
-    }
-
-    /// Moves the applied position past a message that cannot be read (a
-    /// dead letter, see [`crate::wire::decode_request`]) and its log time
-    /// to the message's, as for any message, and changes nothing else: such
-    /// a message is not applied, but the partition must not read it again.
-    /// (Log time moving here changes no decision: the next message moves it
-    /// at least as far. It keeps the clock equal to the last message's
-    /// time, which the driver compares with the log to notice a rollback.)
-    pub fn skip<S: Read + Write + ?Sized>(
-        &self,
-        state: &mut S,
-        position: u64,
-        log_time_ms: u64,
-    ) -> Result<(), Fault<S::Error>> {
-        let clock = state.clock().map_err(Fault::Read)?;
-        if position <= clock.position {
-            return Err(Fault::PositionNotAdvancing {
-                applied: clock.position,
-                got: position,
-            });
-        }
-        state.set_clock(Clock {
-            position,
-            log_time_ms: clock.log_time_ms.max(log_time_ms),
-        });
-        Ok(())
     }
 
     /// [`Machine::apply`] for a message that named a reply subject. A
@@ -448,6 +529,30 @@ impl Machine {
             self.decide(&mut cx, &input, None).map_err(Fault::Read)?;
         }
         Ok(answer)
+    }
+
+    /// Moves the applied position past a message that cannot be read and
+    /// its log time to the message's, and changes nothing else: such a
+    /// message is not applied, but the partition must not read it again
+    /// (see [`Machine::take`]).
+    fn skip<S: Read + Write + ?Sized>(
+        &self,
+        state: &mut S,
+        position: u64,
+        log_time_ms: u64,
+    ) -> Result<(), Fault<S::Error>> {
+        let clock = state.clock().map_err(Fault::Read)?;
+        if position <= clock.position {
+            return Err(Fault::PositionNotAdvancing {
+                applied: clock.position,
+                got: position,
+            });
+        }
+        state.set_clock(Clock {
+            position,
+            log_time_ms: clock.log_time_ms.max(log_time_ms),
+        });
+        Ok(())
     }
 
     /// Decides one message (after the clock and expiries): the body of

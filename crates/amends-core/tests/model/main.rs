@@ -142,6 +142,7 @@ impl Coverage {
                 Effect::HoldExpired(_) => "effect:hold_expired",
                 Effect::Send { .. } => "effect:send",
                 Effect::Reply { .. } => "effect:reply",
+                Effect::DeadLetter(_) => "effect:dead_letter",
             };
             self.0.insert(tag.to_owned());
         }
@@ -628,6 +629,7 @@ fn wire_bytes(run: &Run) -> Vec<Vec<u8>> {
                 Effect::HoldExpired(x) => wire::encode(x),
                 Effect::Send { request, .. } => wire::encode(request),
                 Effect::Reply { decision, .. } => wire::encode(decision),
+                Effect::DeadLetter(d) => d.bytes.clone(),
             });
         }
     }

@@ -204,7 +204,10 @@ impl Run {
                 Effect::Reply { to, decision } => {
                     self.replies.entry(decision.op_id).or_default().push(to);
                 }
-                Effect::Apology(_) | Effect::HoldExpired(_) | Effect::Send { .. } => {}
+                Effect::Apology(_)
+                | Effect::HoldExpired(_)
+                | Effect::Send { .. }
+                | Effect::DeadLetter(_) => {}
             }
         }
         let views = [View::new(self.here, &self.state, &self.commands)];

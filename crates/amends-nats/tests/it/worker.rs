@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use amends_core::partition::{Config, Machine};
+use amends_core::partition::{Config, DeadLetter, Effect, LogMessage, Machine, Taken};
 use amends_core::route::{PartitionId, Partitions};
 use amends_core::state::Read as _;
 use amends_nats::topology::{self, Stream, Topology, header};
@@ -127,6 +127,20 @@ impl Fixture {
             .await
             .expect("puback");
         ack.sequence
+    }
+
+    /// The JetStream timestamp, in ms, of the requests stream's message at
+    /// `position`.
+    async fn logged_at_ms(&self, position: u64) -> u64 {
+        let logged = self
+            .js
+            .get_stream(self.topology.prefix.stream_name(Stream::Requests))
+            .await
+            .expect("requests stream")
+            .get_raw_message(position)
+            .await
+            .expect("the logged message");
+        u64::try_from(logged.time.unix_timestamp_nanos() / 1_000_000).expect("ms")
     }
 
     /// Every message of `stream`, in order: (subject, headers, body).
@@ -412,26 +426,143 @@ async fn a_dead_letter_last_in_its_batch_is_committed_past() {
         );
         // Log time is the dead letter's own timestamp, as for any message
         // (the start-up check of the log's tail compares it).
-        let requests = fx.topology.prefix.stream_name(Stream::Requests);
-        let junk = fx
-            .js
-            .get_stream(&requests)
-            .await
-            .expect("stream")
-            .get_raw_message(position)
-            .await
-            .expect("the dead letter");
-        let junk_ms = u64::try_from(junk.time.unix_timestamp_nanos() / 1_000_000).expect("ms");
+        let junk_ms = fx.logged_at_ms(position).await;
         assert!(junk_ms >= d["log_time_ms"].as_u64().expect("log time"));
         assert_eq!(
             partition.clock().expect("read the clock").log_time_ms,
             junk_ms,
             "log time is the dead letter's"
         );
+        // Published after the commit, with the rest of the batch's outbox.
+        while fx.read_stream(Stream::DeadLetters).await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the dead letter was not published"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(fx.read_stream(Stream::DeadLetters).await.len(), 1);
         task.abort();
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_committed_before_a_crash_is_published_once_on_restart() {
+    // Proves dead letters go through the outbox: (1) unreadable bytes taken and committed, then a crash before their publication (nothing on the dlq stream), are published on the next start from the outbox, with their id, error header and bytes; (2) a dead letter a crashed run had published but not confirmed is republished on start and the dlq stream keeps one copy; the partition decides on, and the stream ends with each dead letter exactly once.
+    within(async {
+        let fx = Fixture::start(Duration::from_secs(120)).await;
+        let store = open_store(&fx.dir.path().join("a"));
+        let partition = store.partition(fx.p0()).expect("partition");
+        // (1) Committed, never published.
+        let first = fx
+            .publish("junk-1", None, b"not json at all".to_vec())
+            .await;
+        let dead = commit_unpublished(&fx, &partition, first, b"not json at all").await;
+        assert!(dead_letters(&fx).await.is_empty(), "nothing published yet");
+        let task = spawn_on(&fx, &store);
+        open_accounts(&fx, &["a"]).await;
+        task.abort();
+        let _ = task.await;
+        let expected_first = (
+            Some(worker::dead_letter_msg_id(fx.p0(), first)),
+            Some(dead.detail.clone()),
+            b"not json at all".to_vec(),
+        );
+        assert_eq!(
+            dead_letters(&fx).await,
+            std::slice::from_ref(&expected_first)
+        );
+        assert_eq!(
+            partition.outbox_confirmed().expect("confirmed"),
+            partition.outbox_end().expect("end"),
+            "the dead letter was confirmed"
+        );
+
+        // (2) Committed and published (as the crashed worker would have),
+        // not confirmed.
+        let second = fx.publish("junk-2", None, b"\xff\xfe".to_vec()).await;
+        let dead = commit_unpublished(&fx, &partition, second, b"\xff\xfe").await;
+        let mut headers = HeaderMap::new();
+        let msg_id = worker::dead_letter_msg_id(fx.p0(), second);
+        headers.insert(header::MSG_ID, msg_id.as_str());
+        headers.insert(header::ERROR, dead.detail.as_str());
+        fx.js
+            .publish_with_headers(
+                fx.topology.prefix.dlq(fx.p0()),
+                headers,
+                dead.bytes.clone().into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("puback");
+        let task = spawn_on(&fx, &store);
+        open_accounts(&fx, &["b"]).await;
+        task.abort();
+        let _ = task.await;
+        assert_eq!(
+            dead_letters(&fx).await,
+            [
+                expected_first,
+                (Some(msg_id), Some(dead.detail), b"\xff\xfe".to_vec())
+            ],
+            "each dead letter once"
+        );
+        assert_eq!(
+            partition.outbox_confirmed().expect("confirmed"),
+            partition.outbox_end().expect("end")
+        );
+    })
+    .await;
+}
+
+/// Takes the unreadable message `bytes` at `position` of partition 0's log
+/// as a worker does and commits it, publishing nothing (what a crash right
+/// after the commit leaves); returns its dead letter.
+async fn commit_unpublished(
+    fx: &Fixture,
+    partition: &Partition,
+    position: u64,
+    bytes: &[u8],
+) -> DeadLetter {
+    let log_time_ms = fx.logged_at_ms(position).await;
+    let machine = Machine::new(fx.p0(), fx.topology.partitions, Config::default());
+    let mut changes = amends_core::state::ChangeSet::default();
+    let mut effects = Vec::new();
+    let message = LogMessage {
+        bytes,
+        position,
+        log_time_ms,
+        reply_to: None,
+    };
+    let taken = machine
+        .take(
+            &mut amends_core::state::Overlay::new(partition, &mut changes),
+            &message,
+            &mut effects,
+        )
+        .expect("taken");
+    assert_eq!(taken, Taken::DeadLetter);
+    partition.commit(&changes, &effects).expect("commit");
+    let [Effect::DeadLetter(dead)] = &effects[..] else {
+        panic!("one dead letter: {effects:?}");
+    };
+    dead.clone()
+}
+
+/// The dead-letter stream's messages: (`Nats-Msg-Id`, `Amends-Error`,
+/// body), each on partition 0's dead-letter subject.
+async fn dead_letters(fx: &Fixture) -> Vec<(Option<String>, Option<String>, Vec<u8>)> {
+    fx.read_stream(Stream::DeadLetters)
+        .await
+        .into_iter()
+        .map(|(subject, headers, body)| {
+            assert_eq!(subject, fx.topology.prefix.dlq(fx.p0()));
+            let header = |name| headers.get(name).map(|v| v.as_str().to_owned());
+            (header(header::MSG_ID), header(header::ERROR), body)
+        })
+        .collect()
 }
 
 #[tokio::test]

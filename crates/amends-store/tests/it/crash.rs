@@ -1,6 +1,7 @@
 //! The crash test: a child process applies a generated log to a store in
 //! batches and is killed with SIGKILL at random moments; every restart
-//! resumes from the store's applied position.
+//! resumes from the store's applied position. The log holds dead letters
+//! too, which reach the outbox like every other effect.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write as _};
@@ -328,6 +329,14 @@ impl Publisher {
 fn verify(dir: &Path, seed: u64) {
     let log = support::generate(seed, LOG_LEN);
     let (mut mem, effects) = support::reference(&log);
+    // Dead letters are outbox entries like any other: a kill between their
+    // commit and their publication must not lose them either.
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, amends_core::partition::Effect::DeadLetter(_))),
+        "the log makes dead-letter outbox entries"
+    );
     let (_store, p) = support::open(&dir.join("db"));
 
     // Every effect published, in order, exactly once after dropping

@@ -40,44 +40,55 @@ fn reopening_with_another_partition_count_is_refused() {
     Store::open(dir.path(), opts(4)).expect("the original count opens");
 }
 
-#[test]
-fn another_format_version_is_refused() {
-    // Proves a store whose meta names another format version is refused
-    // with both versions in the message.
+/// Opens a store whose meta names format `found`, and checks it is refused
+/// with both versions in the error and its message.
+fn assert_refused_with_format_version(found: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     drop(Store::open(dir.path(), opts(4)).expect("create"));
     {
         let db = support::raw_sled(dir.path());
         let meta = db.open_tree("amends/meta").expect("meta tree");
-        meta.insert("format_version", &99u32.to_be_bytes())
+        meta.insert("format_version", &found.to_be_bytes())
             .expect("overwrite");
         db.flush().expect("flush");
     }
-    let err = Store::open(dir.path(), opts(4)).expect_err("version 99 refused");
+    let err = Store::open(dir.path(), opts(4)).expect_err("another version is refused");
     assert!(
         matches!(
             err,
-            Error::FormatVersion {
-                found: 99,
-                expected: 3
-            }
+            Error::FormatVersion { found: f, expected: 4 } if f == found
         ),
         "{err:?}"
     );
     assert!(
-        err.to_string().contains("format version 99 on disk"),
+        err.to_string()
+            .contains(&format!("format version {found} on disk")),
         "{err}"
     );
 }
 
 #[test]
-fn a_format_2_store_is_refused_with_the_way_out() {
-    // Proves a store written by format 2 (the same layout, but the saga
+fn another_format_version_is_refused() {
+    // Proves a store whose meta names another format version is refused
+    // with both versions in the message.
+    assert_refused_with_format_version(99);
+}
+
+#[test]
+fn a_format_2_store_is_refused() {
+    // Proves the store written before dead letters joined the outbox (format 2) is refused on open, naming both versions, rather than read by a build whose outbox entries it does not know; the log rebuilds it.
+    assert_eq!(amends_store::FORMAT_VERSION, 4);
+    assert_refused_with_format_version(2);
+}
+
+#[test]
+fn a_format_3_store_is_refused_with_the_way_out() {
+    // Proves a store written by format 3 (the same layout, but the saga
     // commands' fingerprints made from their JSON) is refused on open as
     // every other version is, naming both versions and how to recover,
     // rather than read: its stored saga fingerprints would turn every
-    // resubmitted saga into an op_id_conflict. The format 2 store is this
-    // build's store with format 2's version in its meta and in every
+    // resubmitted saga into an op_id_conflict. The format 3 store is this
+    // build's store with format 3's version in its meta and in every
     // record.
     let dir = tempfile::tempdir().expect("tempdir");
     {
@@ -87,7 +98,7 @@ fn a_format_2_store_is_refused_with_the_way_out() {
     {
         let db = support::raw_sled(dir.path());
         let meta = db.open_tree("amends/meta").expect("meta tree");
-        meta.insert("format_version", &2u32.to_be_bytes())
+        meta.insert("format_version", &3u32.to_be_bytes())
             .expect("overwrite");
         let mut rewritten = 0;
         for name in db.tree_names() {
@@ -97,9 +108,9 @@ fn a_format_2_store_is_refused_with_the_way_out() {
             let tree = db.open_tree(&name).expect("tree");
             for kv in tree.iter() {
                 let (k, v) = kv.expect("record");
-                assert_eq!(v.first(), Some(&3), "a format 3 record");
+                assert_eq!(v.first(), Some(&4), "a format 4 record");
                 let mut old = v.to_vec();
-                old[0] = 2;
+                old[0] = 3;
                 tree.insert(k, old).expect("rewrite");
                 rewritten += 1;
             }
@@ -107,19 +118,19 @@ fn a_format_2_store_is_refused_with_the_way_out() {
         assert!(rewritten > 10, "the store held records: {rewritten}");
         db.flush().expect("flush");
     }
-    let err = Store::open(dir.path(), opts(4)).expect_err("format 2 refused");
+    let err = Store::open(dir.path(), opts(4)).expect_err("format 3 refused");
     assert!(
         matches!(
             err,
             Error::FormatVersion {
-                found: 2,
-                expected: 3
+                found: 3,
+                expected: 4
             }
         ),
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("format version 2 on disk"), "{msg}");
+    assert!(msg.contains("format version 3 on disk"), "{msg}");
     assert!(msg.contains("rebuild the store from the log"), "{msg}");
 }
 

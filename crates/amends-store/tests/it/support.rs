@@ -13,7 +13,7 @@ use amends_core::command::{
 use amends_core::decision::{Outcome, Reason};
 use amends_core::id::OpId;
 use amends_core::invariants;
-use amends_core::partition::{Config, Effect, Fault, Machine};
+use amends_core::partition::{Config, Effect, Fault, LogMessage, Machine};
 use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
 use amends_core::state::{ChangeSet, MemState, Overlay, Read, SagaState, Write};
@@ -60,25 +60,22 @@ pub fn machine() -> Machine {
     Machine::new(partition_id(), partitions(), config())
 }
 
-/// Applies one log message to `state` as a driver does: an unreadable
-/// message is dead-lettered and never reaches the machine; a message's
-/// reply subject goes with it.
+/// Applies one log message to `state` as a driver does, through
+/// `Machine::take`: an unreadable message becomes a dead letter in the
+/// outbox; a message's reply subject goes with it.
 pub fn apply_msg<S: Read + Write + ?Sized>(
     machine: &Machine,
     state: &mut S,
     m: &Msg,
     effects: &mut Vec<Effect>,
 ) -> Result<(), Fault<S::Error>> {
-    if let Ok(input) = wire::decode_request(&m.bytes) {
-        machine.apply_with_reply(
-            state,
-            m.position,
-            m.log_time_ms,
-            &input,
-            m.reply_to.as_deref(),
-            effects,
-        )?;
-    }
+    let message = LogMessage {
+        bytes: &m.bytes,
+        position: m.position,
+        log_time_ms: m.log_time_ms,
+        reply_to: m.reply_to.as_deref(),
+    };
+    machine.take(state, &message, effects)?;
     Ok(())
 }
 
@@ -623,6 +620,12 @@ pub fn published(e: &Effect) -> (&'static str, OpId, String) {
             "reply",
             decision.op_id,
             serde_json::json!({ "to": to, "decision": decision }).to_string(),
+        ), // Its position stands in for an op id, which it has none of.
+        Effect::DeadLetter(d) => (
+            "dead_letter",
+            OpId(uuid::Uuid::from_u128(u128::from(d.position))),
+            serde_json::json!({ "position": d.position, "detail": d.detail, "bytes": d.bytes })
+                .to_string(),
         ),
     }
 }
