@@ -2,6 +2,8 @@
 //! async-nats client that follows specs/protocol.md and nothing else.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amends_core::partition::{Config, DeadLetter, Effect, LogMessage, Machine, Taken};
@@ -1015,6 +1017,39 @@ fn spawn_on(fx: &Fixture, store: &Store) -> JoinHandle<amends_nats::Error> {
     })
 }
 
+/// As [`spawn_on`], but the worker is restarted after a transient error
+/// (as `serve`'s supervisor restarts it: [`amends_nats::service::is_fatal`]
+/// says which are) until `settled` is set; from then on, the task returns
+/// the first error. On a cluster that just formed, a worker's first
+/// JetStream calls can meet a consumer or stream still settling on a
+/// loaded machine; each such restart is printed.
+fn spawn_restarting(
+    fx: &Fixture,
+    store: &Store,
+    settled: Arc<AtomicBool>,
+) -> JoinHandle<amends_nats::Error> {
+    let (js, topology) = (fx.js.clone(), fx.topology.clone());
+    let (store, p0) = (store.clone(), fx.p0());
+    tokio::spawn(async move {
+        loop {
+            let partition = store.partition(p0).expect("partition");
+            let machine = Machine::new(p0, topology.partitions, Config::default());
+            let e =
+                match worker::run_partition(&js, &topology, machine, partition, Options::default())
+                    .await
+                {
+                    Err(e) => e,
+                    Ok(never) => match never {},
+                };
+            if amends_nats::service::is_fatal(&e) || settled.load(Ordering::SeqCst) {
+                return e;
+            }
+            eprintln!("the worker restarts after a transient error: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// Opens a store of one partition in `dir`.
 fn open_store(dir: &std::path::Path) -> Store {
     Store::open(
@@ -1048,8 +1083,15 @@ async fn an_older_owner_is_fenced_on_a_cluster_and_its_decision_never_lands() {
 /// (of the refused decision, and of a stored one) store nothing.
 async fn an_older_owner_is_fenced(fx: Fixture) {
     let store = open_store(&fx.dir.path().join("a"));
-    let task = spawn_on(&fx, &store);
-    open_accounts(&fx, &["a", "b"]).await;
+    let settled = Arc::new(AtomicBool::new(false));
+    let mut task = spawn_restarting(&fx, &store, Arc::clone(&settled));
+    tokio::select! {
+        () = open_accounts(&fx, &["a", "b"]) => {}
+        stopped = &mut task => panic!("the worker stopped before it decided: {stopped:?}"),
+    }
+    // From here on the worker is not restarted: a restart would publish an
+    // ownership record newer than the test's.
+    settled.store(true, Ordering::SeqCst);
     let newer = fx
         .js
         .publish(
