@@ -7,7 +7,7 @@ use crate::decision::{Outcome, Reason};
 use crate::id::OpId;
 use crate::state::{Account, ExpiryKey, Hold, HoldStatus, Read, Write};
 
-use super::{Ctx, Decided, EXPIRY_LABEL, Effect, HoldExpired, Machine, NoOutcome};
+use super::{Ctx, EXPIRY_LABEL, Effect, HoldExpired, Machine, NoOutcome, Verdict};
 
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Opens account `id` with its limits.
@@ -16,7 +16,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         id: &AccountId,
         floor: i64,
         ceiling: Option<i64>,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         if self.read_account(id)?.is_some() {
             return Err(Reason::AccountExists.into());
         }
@@ -29,7 +29,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Credits `amount` to account `id`, up to its ceiling.
-    pub(super) fn credit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
+    pub(super) fn credit(&mut self, id: &AccountId, amount: Amount) -> Verdict<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         account.balance = room_for(&account, amt, amount.get())?;
@@ -38,7 +38,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Debits `amount` from account `id`, down to its floor.
-    pub(super) fn debit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
+    pub(super) fn debit(&mut self, id: &AccountId, amount: Amount) -> Verdict<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         spendable(&account, amt, amount.get())?;
@@ -54,7 +54,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         id: &AccountId,
         amount: Amount,
         timeout_ms: Option<u64>,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         let held = account.held.checked_add(amt).ok_or(Reason::Overflow)?;
@@ -102,7 +102,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         hold_id: OpId,
         amount: Option<Amount>,
         by_saga: bool,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         let (mut hold, mut account) = self.pending_hold(id, hold_id, by_saga)?;
         let take = match amount {
             None => hold.amount,
@@ -137,7 +137,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         id: &AccountId,
         hold_id: OpId,
         by_saga: bool,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         let (mut hold, mut account) = self.pending_hold(id, hold_id, by_saga)?;
         account.held = held_without(account.held, hold.amount);
         hold.status = HoldStatus::Voided { at_ms: self.now };
@@ -147,7 +147,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
 
     /// Reserves a credit of `amount` to account `id` for a saga (a credit
     /// step's try): checked against the ceiling now, applied at confirm.
-    pub(super) fn reserve_credit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
+    pub(super) fn reserve_credit(&mut self, id: &AccountId, amount: Amount) -> Verdict<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         room_for(&account, amt, amount.get())?;
@@ -157,7 +157,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     }
 
     /// Applies a credit reserved by [`Ctx::reserve_credit`] (its confirm).
-    pub(super) fn confirm_credit(&mut self, id: &AccountId, amount: Amount) -> Decided<S::Error> {
+    pub(super) fn confirm_credit(&mut self, id: &AccountId, amount: Amount) -> Verdict<S::Error> {
         let mut account = self.account(id)?;
         let amt = to_i64(amount)?;
         account.incoming = unreserve(account.incoming, amt)?;

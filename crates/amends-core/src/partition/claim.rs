@@ -8,7 +8,7 @@ use crate::id::OpId;
 use crate::route;
 use crate::state::{Claim, Read, Write};
 
-use super::{Ctx, Decided, NoOutcome};
+use super::{Ctx, NoOutcome, Verdict};
 
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Claims `(namespace, key)` for `owner`.
@@ -17,7 +17,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         owner: &Owner,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         with_claim_key(namespace, key, |rk| match self.read_claim(rk)? {
             Some(c) if c.owner == *owner && c.tentative.is_some() => {
                 Err(Reason::ClaimPending.into())
@@ -38,7 +38,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         owner: &Owner,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         with_claim_key(namespace, key, |rk| match self.read_claim(rk)? {
             None => Err(Reason::NotClaimed.into()),
             Some(c) if c.owner != *owner => Err(Reason::NotOwner { owner: c.owner }.into()),
@@ -58,7 +58,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         key: &ClaimKey,
         owner: &Owner,
         try_id: OpId,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         with_claim_key(namespace, key, |rk| match self.read_claim(rk)? {
             // Already the owner's for good: confirm and cancel leave it.
             Some(c) if c.owner == *owner && c.tentative.is_none() => Ok(Outcome::confirmed()),
@@ -84,7 +84,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         try_id: OpId,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         with_claim_key(namespace, key, |rk| {
             if let Some(mut c) = self.read_claim(rk)?.filter(|c| c.tentative == Some(try_id)) {
                 c.tentative = None;
@@ -101,7 +101,7 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
         namespace: &Namespace,
         key: &ClaimKey,
         try_id: OpId,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         with_claim_key(namespace, key, |rk| {
             if self
                 .read_claim(rk)?

@@ -338,7 +338,7 @@ pub struct Machine {
 
 /// What deciding an operation gives: its outcome, or why it has none (the
 /// reason it is refused, or a failed read of a state whose error is `E`).
-type Decided<E> = Result<Outcome, NoOutcome<E>>;
+type Verdict<E> = Result<Outcome, NoOutcome<E>>;
 
 /// Why deciding an operation gave no outcome.
 enum NoOutcome<E> {
@@ -367,8 +367,8 @@ impl<E> NoOutcome<E> {
 
 /// The outcome of deciding an operation, a refusal included, or the read
 /// error that stopped it.
-fn outcome_of<E>(decided: Decided<E>) -> Result<Outcome, E> {
-    decided.or_else(NoOutcome::into_rejected)
+fn outcome_of<E>(verdict: Verdict<E>) -> Result<Outcome, E> {
+    verdict.or_else(NoOutcome::into_rejected)
 }
 
 /// What one [`Machine::apply_with_reply`] works on: the state, the message's
@@ -722,7 +722,7 @@ impl Machine {
 impl<S: Read + Write + ?Sized> Ctx<'_, S> {
     /// Decides the plain operation `req` (not a tick, a saga or a saga
     /// message).
-    fn execute(&mut self, req: &Request) -> Decided<S::Error> {
+    fn execute(&mut self, req: &Request) -> Verdict<S::Error> {
         match &req.command {
             Command::OpenAccount {
                 account,

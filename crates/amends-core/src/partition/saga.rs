@@ -8,7 +8,7 @@
 //! 1. **try** step 0, wait for its outcome (a `step_outcome` message back),
 //!    then try step 1, and so on. Debits are tried as holds, credits as
 //!    reservations against the ceiling, claims as tentative claims: nothing
-//!    is visible yet. Other steps (`open_account`, `hold`, `post`, `void`,
+//!    is visible yet. Other steps (`open_account`, `post`, `void`,
 //!    `release`) take effect at once.
 //! 2. When every try succeeded: **confirm** every debit, credit and claim
 //!    (post the hold, apply the credit, make the claim final). A confirm
@@ -44,7 +44,7 @@ use crate::id::OpId;
 use crate::route::{self, PartitionId};
 use crate::state::{ExpiryKey, HoldStatus, Read, Saga, SagaState, Write};
 
-use super::{Apology, Ctx, Decided, Effect, Machine, NoOutcome};
+use super::{Apology, Ctx, Effect, Machine, NoOutcome, Verdict};
 
 /// The op id of phase `phase` of step `index` of saga `saga`: derived from
 /// the saga's id with the label `step/<index>/<phase>`.
@@ -259,7 +259,7 @@ impl Machine {
         index: u32,
         phase: Phase,
         step: &SagaStep,
-    ) -> Decided<S::Error> {
+    ) -> Verdict<S::Error> {
         let try_id = step_id(saga, index, Phase::Try);
         let live = |cx: &Ctx<'_, S>, op_id| cx.live_dedup(op_id).map_err(NoOutcome::Read);
         let tried = |cx: &Ctx<'_, S>| {
