@@ -52,10 +52,10 @@ pub(crate) const KEY_HEAD: &[u8] = b"!head";
 /// Key of the outbox confirmation watermark.
 pub(crate) const KEY_CONFIRMED: &[u8] = b"!outbox-confirmed";
 /// Key of the decisions-stream sequence published through when the outbox
-/// was last confirmed (see `Partition::decisions_published`).
+/// was last confirmed (see `PartitionStore::decisions_published`).
 pub(crate) const KEY_PUBLISHED: &[u8] = b"!decisions-published";
 /// Key of the requests-stream sequence up to which missing messages were
-/// accepted (see `Partition::log_accepted`).
+/// accepted (see `PartitionStore::log_accepted`).
 pub(crate) const KEY_LOG_ACCEPTED: &[u8] = b"!log-accepted";
 
 /// Key prefix of accounts: `a` + account id (UTF-8).

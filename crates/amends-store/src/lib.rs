@@ -1,19 +1,23 @@
 //! amends-store: the durable home of every partition's derived state, on
 //! sled.
 //!
-//! A [`Store`] is one sled database per process; [`Store::partition`] gives
-//! a [`Partition`], one sled tree. The state machine of amends-core reads a
-//! partition through [`amends_core::state::Read`] (so a partition's state
-//! can be far larger than memory: sled's page cache, sized by
+//! The storage boundary is two traits: an [`Engine`] is the store of one
+//! process and gives each partition's [`PartitionStore`]; the partition
+//! worker and the service of amends-nats are generic over them. sled is
+//! the one engine: a [`Store`] is one sled
+//! database per process and [`Store::partition`] gives a [`Partition`],
+//! one sled tree. The state machine of amends-core reads a partition
+//! through [`amends_core::state::Read`] (so a partition's state can be far
+//! larger than memory: sled's page cache, sized by
 //! [`Options::cache_bytes`], is the only cache) and writes into a
 //! [`amends_core::state::ChangeSet`] through an `Overlay`. The driver then
-//! makes the whole batch durable with one [`Partition::commit`]:
+//! makes the whole batch durable with one [`PartitionStore::commit`]:
 //!
 //! ```text
 //! for each batch of log messages:
-//!     machine.apply(&mut Overlay::new(&partition, &mut changes), ...)?  // every message; a failed read stops the batch
-//!     let done = partition.commit(&changes, &effects)?                   // one atomic write + fsync
-//!     publish effects; partition.outbox_confirm(done.outbox.end)?        // only now
+//!     machine.take(&mut Overlay::new(&partition, &mut changes), ...)?   // every message; a failed read stops the batch
+//!     let done = partition.commit(&changes, &effects)?                  // one atomic write + fsync
+//!     publish effects; partition.outbox_confirm(done.outbox.end)?       // only now
 //! ```
 //!
 //! A commit is one sled batch holding the state changes, the dedup records
@@ -21,7 +25,8 @@
 //! position, followed by a flush ([`Durability::Fsync`], the default). A
 //! crash anywhere leaves the partition at the end of some committed batch:
 //! the driver resumes from [`amends_core::state::Read::clock`], re-publishes
-//! [`Partition::outbox_read`], and no decision is lost, doubled or changed.
+//! [`PartitionStore::outbox_read`], and no decision is lost, doubled or
+//! changed.
 //!
 //! # Layout
 //!
@@ -69,7 +74,7 @@
 //! - It does not publish: the outbox keeps entries until the publisher
 //!   confirms them; publishing is at least once and consumers drop repeats
 //!   by the effects' deterministic ids.
-//! - It does not schedule compaction: a driver calls [`Partition::compact`]
+//! - It does not schedule compaction: a driver calls [`PartitionStore::compact`]
 //!   (on any thread) with the horizon of its configuration.
 //! - It does not migrate: a store of another format version is refused;
 //!   rebuild it from the log.
@@ -78,6 +83,7 @@
 
 mod codec;
 mod durability;
+mod engine;
 mod error;
 mod packed;
 mod partition;
@@ -86,9 +92,8 @@ mod store;
 
 pub use codec::{FORMAT_VERSION, Head, OUTBOX_CHUNK_LEN};
 pub use durability::Durability;
+pub use engine::{Committed, Compacted, Engine, OutboxRange, OutboxSeq, PartitionStore, Record};
 pub use error::{Error, KeyText, Result, Source};
 pub use packed::{BUCKET_LEN_TARGET, boundary_hash};
-pub use partition::{
-    COMPACT_CHUNK_LEN, Committed, Compacted, OutboxRange, OutboxSeq, Partition, Record, Records,
-};
+pub use partition::{COMPACT_CHUNK_LEN, Partition, Records};
 pub use store::{CACHE_BYTES_DEFAULT, OPEN_LOCK_WAIT_MS, Options, Store};

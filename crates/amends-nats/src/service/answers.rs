@@ -2,8 +2,7 @@
 
 use amends_core::id::OpId;
 use amends_core::partition::Config;
-use amends_core::state::Read;
-use amends_store::Partition;
+use amends_store::PartitionStore;
 use async_nats::jetstream;
 
 use super::Status;
@@ -13,13 +12,13 @@ use super::status::state_name;
 use crate::topology::Topology;
 
 /// What the endpoints answer from.
-pub(super) struct Answers {
+pub(super) struct Answers<P> {
     pub(super) js: jetstream::Context,
     pub(super) topology: Topology,
     pub(super) config: Config,
-    pub(super) status: Status,
+    pub(super) status: Status<P>,
     /// The partitions answered for, with their index in `status`.
-    pub(super) served: Vec<(usize, Partition)>,
+    pub(super) served: Vec<(usize, P)>,
 }
 
 /// `{"status":"error","detail":...}`: the answer to a bad request.
@@ -27,14 +26,14 @@ fn error_answer(detail: impl Into<String>) -> serde_json::Value {
     serde_json::json!({"status": "error", "detail": detail.into()})
 }
 
-impl Answers {
+impl<P: PartitionStore> Answers<P> {
     /// The reply to one request on `endpoint` of the served partition at
     /// `index` in the [`Status`], whose store is `store`.
     pub(super) async fn answer(
         &self,
         endpoint: Endpoint,
         index: usize,
-        store: Partition,
+        store: P,
         msg: &async_nats::Message,
     ) -> serde_json::Value {
         let text = match std::str::from_utf8(&msg.payload) {
@@ -83,7 +82,7 @@ impl Answers {
     /// the wrong partition (for example with a wrong partition count).
     fn check_owner(
         &self,
-        store: &Partition,
+        store: &P,
         routing_key: &str,
         what: &str,
     ) -> Result<(), serde_json::Value> {
@@ -103,7 +102,7 @@ impl Answers {
     /// unknown, as it is to the core.
     async fn op_status(
         &self,
-        store: Partition,
+        store: P,
         text: &str,
     ) -> Result<serde_json::Value, serde_json::Value> {
         use serde_json::json;
@@ -136,11 +135,7 @@ impl Answers {
     /// of that position or later. Pending holds are not listed: the store
     /// keeps holds by op id with no index by account, and listing them
     /// would scan every hold of the partition.
-    async fn balance(
-        &self,
-        store: Partition,
-        text: &str,
-    ) -> Result<serde_json::Value, serde_json::Value> {
+    async fn balance(&self, store: P, text: &str) -> Result<serde_json::Value, serde_json::Value> {
         use serde_json::json;
         let account = amends_core::command::AccountId::new(text)
             .map_err(|e| error_answer(format!("{text:?} is not an account id: {e}")))?;
@@ -175,11 +170,7 @@ impl Answers {
     /// The claim query (body: `{"namespace":...,"key":...}`):
     /// `{"status":"claimed","owner",...}` or `{"status":"free",...}`, with
     /// the position and log time they were read at.
-    async fn claim(
-        &self,
-        store: Partition,
-        text: &str,
-    ) -> Result<serde_json::Value, serde_json::Value> {
+    async fn claim(&self, store: P, text: &str) -> Result<serde_json::Value, serde_json::Value> {
         use amends_core::command::{ClaimKey, Namespace};
         use serde_json::json;
         let shape = || error_answer("the body must be {\"namespace\": <text>, \"key\": <text>}");
@@ -220,7 +211,7 @@ impl Answers {
     /// sequence on its subject, and the lag between them. If the stream
     /// cannot be read, `last_sequence` and `lag` are null and
     /// `stream_error` says why.
-    async fn stats(&self, index: usize, store: Partition) -> serde_json::Value {
+    async fn stats(&self, index: usize, store: P) -> serde_json::Value {
         use serde_json::json;
         let p = store.id();
         let snapshot = self.status.snapshot();
