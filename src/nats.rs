@@ -302,7 +302,7 @@ impl DeploymentArgs {
         options.servers = self.nats().servers()?;
         options.auth = self.nats.client_auth();
         options.tls = self.nats.tls.client_tls();
-        options.prefix = self.client_prefix()?;
+        options.prefix = self.topology_prefix()?;
         options.partitions = self.partition_count()?;
         options.name = Some(name.to_owned());
         Ok(options)
@@ -325,7 +325,7 @@ impl DeploymentArgs {
         let js = async_nats::jetstream::new(client);
         let partitions = match self.partition_count()? {
             Some(n) => n,
-            None => amends_client::read_partitions(&js, &self.client_prefix()?)
+            None => amends_client::read_partitions(&js, &self.topology_prefix()?)
                 .await
                 .with_context(|| {
                     format!(
@@ -337,16 +337,10 @@ impl DeploymentArgs {
         Ok((js, partitions))
     }
 
-    /// `--prefix`, validated, as amends-nats builds subject and stream
-    /// names from it.
-    pub fn topology_prefix(&self) -> anyhow::Result<amends_nats::topology::Prefix> {
-        amends_nats::topology::Prefix::new(self.prefix.clone())
-            .with_context(|| format!("invalid --prefix {:?}", self.prefix))
-    }
-
-    /// `--prefix`, validated.
-    pub fn client_prefix(&self) -> anyhow::Result<amends_client::Prefix> {
-        amends_client::Prefix::new(self.prefix.clone())
+    /// `--prefix`, validated: the protocol's `Prefix`, which the topology
+    /// and the client build subject and stream names from alike.
+    pub fn topology_prefix(&self) -> anyhow::Result<amends_core::protocol::Prefix> {
+        amends_core::protocol::Prefix::new(self.prefix.clone())
             .with_context(|| format!("invalid --prefix {:?}", self.prefix))
     }
 

@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use amends_client::{Client, Decision, OpStatus};
+use amends_core::OpId;
 use amends_core::command::{AccountId, ClaimKey, Namespace};
+use amends_core::protocol::query::{self, StatusAnswer};
 use amends_core::route::PartitionId;
-use amends_core::{OpId, wire};
 use anyhow::Context as _;
 use clap::Args;
 
@@ -111,7 +112,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
         "not every partition answered: {}",
         failed.join("; ")
     );
-    println!("{}", serde_json::json!({"status": "unknown"}));
+    print_answer(&StatusAnswer::Unknown);
     Ok(EXIT_UNKNOWN)
 }
 
@@ -166,7 +167,7 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<u8> {
          instance serves its partition yet",
         args.wait_ms
     );
-    println!("{}", serde_json::json!({"status": "unknown"}));
+    print_answer(&StatusAnswer::Unknown);
     Ok(crate::submit::EXIT_NO_DECISION_YET)
 }
 
@@ -217,17 +218,19 @@ async fn ask(
 /// outcome (a saga still in flight has no final outcome yet: not decided,
 /// so "unknown", like an op not yet applied).
 fn print_decided(decision: &Decision) -> anyhow::Result<u8> {
-    let value: serde_json::Value =
-        serde_json::from_slice(&wire::encode(decision)).context("encoding the decision")?;
-    println!(
-        "{}",
-        serde_json::json!({"status": "decided", "decision": value})
-    );
+    print_answer(&StatusAnswer::Decided {
+        decision: decision.clone(),
+    });
     Ok(if decision.outcome.is_final() {
         crate::submit::exit_code(decision)
     } else {
         EXIT_UNKNOWN
     })
+}
+
+/// Prints a status answer as the status endpoint writes it.
+fn print_answer(answer: &StatusAnswer) {
+    println!("{}", String::from_utf8_lossy(&query::encode(answer)));
 }
 
 /// `amends balance`: the account's balance, holds and limits as JSON.

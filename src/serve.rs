@@ -442,10 +442,9 @@ async fn recorded_partitions(
         .with_context(|| format!("reading {PARTITIONS_KEY} in bucket {bucket}"))?;
     value
         .map(|bytes| {
-            std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|t| t.parse::<u32>().ok())
-                .with_context(|| format!("bucket {bucket}: {PARTITIONS_KEY} is not a number"))
+            amends_core::protocol::parse_partitions(&bytes)
+                .map(Partitions::get)
+                .with_context(|| format!("bucket {bucket}"))
         })
         .transpose()
 }

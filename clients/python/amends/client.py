@@ -464,11 +464,11 @@ async def read_partitions(js: Any, prefix: str) -> int:
         entry = await kv.get(PARTITIONS_KEY)
     except Exception as e:
         raise MetaError(f"{bucket}: cannot read {PARTITIONS_KEY!r} (is amends serving?): {e!r}") from e
-    text = (entry.value or b"").decode("ascii", "replace").strip()
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
+    # Exactly the decimal digits amends writes (protocol: "Subjects"): no
+    # whitespace, sign or leading zero, as amends itself reads it.
+    text = (entry.value or b"").decode("ascii", "replace")
+    canonical = text.isascii() and text.isdigit() and not text.startswith("0")
+    n = int(text) if canonical else 0
     if not 1 <= n <= PARTITIONS_MAX:
         raise MetaError(f"{bucket}: {PARTITIONS_KEY} = {text!r} is not a partition count")
     return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import unittest
@@ -40,6 +41,37 @@ class OfflineTest(unittest.TestCase):
         self.assertIn("é".encode(), body)
         with self.assertRaises(amends.InvalidRequest):
             amends.encode_request(amends.new_request({"type": "credit", "account": "x" * 70000, "amount": 1}))
+
+    def test_partition_count_is_read_as_amends_writes_it(self) -> None:
+        # The decimal digits of 1 to 1024 and nothing else, as amends reads it.
+        class Entry:
+            def __init__(self, value: bytes) -> None:
+                self.value = value
+
+        class Bucket:
+            def __init__(self, value: bytes) -> None:
+                self.entry = Entry(value)
+
+            async def get(self, key: str) -> Entry:
+                assert key == "partitions", key
+                return self.entry
+
+        class JetStream:
+            def __init__(self, value: bytes) -> None:
+                self.bucket = Bucket(value)
+
+            async def key_value(self, bucket: str) -> Bucket:
+                assert bucket == "AMENDS_META", bucket
+                return self.bucket
+
+        def read(value: bytes) -> int:
+            return asyncio.run(amends.read_partitions(JetStream(value), "amends"))
+
+        self.assertEqual(read(b"8"), 8)
+        self.assertEqual(read(b"1024"), 1024)
+        for bad in [b"", b"0", b"1025", b" 8", b"8\n", b"+8", b"08", b"-1", b"8.0", b"\xff"]:
+            with self.assertRaises(amends.MetaError, msg=repr(bad)):
+                read(bad)
 
     @unittest.skipUnless(os.environ.get("AMENDS_EXPECT_INSTALLED_IN"), "not run from an install")
     def test_imported_from_the_install(self) -> None:

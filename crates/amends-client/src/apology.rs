@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use amends_core::command::{Topic, is_subject_token_byte};
 use amends_core::partition::Apology;
+use amends_core::protocol;
 use amends_core::{OpId, Request};
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
@@ -206,7 +207,7 @@ impl Client {
         check_durable_name(durable_name)?;
         let fail =
             |detail: String, source: Option<crate::Source>| Error::Apologies { detail, source };
-        let stream_name = self.prefix().apology_stream();
+        let stream_name = self.prefix().stream_name(protocol::Stream::Apologies);
         let stream = self
             .jetstream()
             .get_stream(&stream_name)

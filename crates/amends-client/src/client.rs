@@ -4,6 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use amends_core::protocol::query::{
+    self, BalanceAnswer, ClaimAnswer, ClaimQuery, StatsAnswer, StatusAnswer,
+};
+use amends_core::protocol::{self, PARTITIONS_KEY, Prefix, header};
 use amends_core::route::{PartitionId, Partitions, partition_of};
 use amends_core::wire::{REQUEST_BYTES_MAX, encode};
 use amends_core::{Decision, OpId, Request};
@@ -16,7 +20,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::options::{Auth, Options};
-use crate::subject::{self, Prefix};
 use crate::{Error, Result};
 
 /// What [`Client::submit`] learned from JetStream: the request is durably in
@@ -257,9 +260,9 @@ impl Client {
     ) -> Result<Submitted> {
         let subject = self.inner.prefix.req(partition);
         let mut headers = HeaderMap::new();
-        headers.insert(subject::MSG_ID, op_id.to_string().as_str());
+        headers.insert(header::MSG_ID, op_id.to_string().as_str());
         if let Some(reply_to) = reply_to {
-            headers.insert(subject::REPLY_TO, reply_to);
+            headers.insert(header::REPLY_TO, reply_to);
         }
         let publish_err = |source: crate::Source| Error::Publish {
             op_id,
@@ -310,20 +313,18 @@ impl Client {
             Ok(Err(e)) => return Err(fail("no reply".to_owned(), Some(Box::new(e)))),
             Err(_) => return Err(fail(format!("no reply within {timeout:?}"), None)),
         };
-        // The reply (protocol: "Subjects"): `{"status":"decided","decision":
-        // ...}`, `{"status":"unknown"}` or `{"status":"error","detail":...}`.
-        let mut value = serde_json::from_slice::<serde_json::Value>(&reply.payload)
-            .map_err(|e| fail("unreadable reply".to_owned(), Some(Box::new(e))))?;
-        match value.get("status").and_then(serde_json::Value::as_str) {
-            Some("decided") => serde_json::from_value(value["decision"].take())
-                .map(OpStatus::Decided)
-                .map_err(|e| fail("unreadable decision".to_owned(), Some(Box::new(e)))),
-            Some("unknown") => Ok(OpStatus::Unknown),
-            Some("error") => Err(fail(
-                value["detail"].as_str().unwrap_or("an error").to_owned(),
-                None,
+        // The reply (protocol: "Subjects"): a `StatusAnswer`.
+        match serde_json::from_slice::<StatusAnswer>(&reply.payload) {
+            Ok(StatusAnswer::Decided { decision }) => Ok(OpStatus::Decided(decision)),
+            Ok(StatusAnswer::Unknown) => Ok(OpStatus::Unknown),
+            Ok(StatusAnswer::Error(error)) => Err(fail(error.detail, None)),
+            Err(e) => Err(fail(
+                format!(
+                    "unreadable reply {}",
+                    String::from_utf8_lossy(&reply.payload)
+                ),
+                Some(Box::new(e)),
             )),
-            _ => Err(fail(format!("unreadable reply {value}"), None)),
         }
     }
 
@@ -471,24 +472,11 @@ pub async fn read_partitions(js: &jetstream::Context, prefix: &Prefix) -> Result
         .await
         .map_err(|e| meta("open failed".to_owned(), Some(Box::new(e))))?;
     let value = store
-        .get(subject::PARTITIONS_KEY)
+        .get(PARTITIONS_KEY)
         .await
         .map_err(|e| meta("read failed".to_owned(), Some(Box::new(e))))?
-        .ok_or_else(|| meta(format!("no key {:?}", subject::PARTITIONS_KEY), None))?;
-    let n = std::str::from_utf8(&value)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .ok_or_else(|| {
-            meta(
-                format!(
-                    "key {:?} holds {:?}, not a partition count",
-                    subject::PARTITIONS_KEY,
-                    String::from_utf8_lossy(&value)
-                ),
-                None,
-            )
-        })?;
-    Ok(Partitions::new(n)?)
+        .ok_or_else(|| meta(format!("no key {PARTITIONS_KEY:?}"), None))?;
+    protocol::parse_partitions(&value).map_err(|e| meta(e.to_string(), None))
 }
 
 /// Hands each decision that arrives on the inbox to its operation's waiters.
@@ -550,19 +538,13 @@ impl Client {
     ) -> Result<Option<crate::Balance>> {
         let partition = partition_of(account.as_str(), self.inner.partitions);
         let subject = self.inner.prefix.query_balance(partition);
-        let answer = self
+        match self
             .query(&subject, account.as_str().as_bytes().to_vec(), timeout)
-            .await?;
-        match answer.get("status").and_then(serde_json::Value::as_str) {
-            Some("found") => serde_json::from_value(answer)
-                .map(Some)
-                .map_err(|e| query_error(&subject, "unreadable balance", Some(Box::new(e)))),
-            Some("unknown") => Ok(None),
-            _ => Err(query_error(
-                &subject,
-                format!("unreadable answer {answer}"),
-                None,
-            )),
+            .await?
+        {
+            BalanceAnswer::Found(balance) => Ok(Some(balance)),
+            BalanceAnswer::Unknown(_) => Ok(None),
+            BalanceAnswer::Error(error) => Err(query_error(&subject, error.detail, None)),
         }
     }
 
@@ -576,18 +558,14 @@ impl Client {
         let routing_key = amends_core::route::claim_routing_key(namespace.as_str(), key.as_str());
         let partition = partition_of(&routing_key, self.inner.partitions);
         let subject = self.inner.prefix.query_claim(partition);
-        let body = serde_json::json!({"namespace": namespace.as_str(), "key": key.as_str()});
-        let answer = self
-            .query(&subject, body.to_string().into_bytes(), timeout)
-            .await?;
-        match answer.get("status").and_then(serde_json::Value::as_str) {
-            Some("claimed" | "free") => serde_json::from_value(answer)
-                .map_err(|e| query_error(&subject, "unreadable claim", Some(Box::new(e)))),
-            _ => Err(query_error(
-                &subject,
-                format!("unreadable answer {answer}"),
-                None,
-            )),
+        let body = query::encode(&ClaimQuery {
+            namespace: namespace.clone(),
+            key: key.clone(),
+        });
+        match self.query(&subject, body, timeout).await? {
+            ClaimAnswer::Claimed(claimed) => Ok(claimed.into()),
+            ClaimAnswer::Free(free) => Ok(free.into()),
+            ClaimAnswer::Error(error) => Err(query_error(&subject, error.detail, None)),
         }
     }
 
@@ -599,19 +577,20 @@ impl Client {
         timeout: Duration,
     ) -> Result<crate::PartitionStats> {
         let subject = self.inner.prefix.stats(partition);
-        let answer = self.query(&subject, Vec::new(), timeout).await?;
-        serde_json::from_value(answer)
-            .map_err(|e| query_error(&subject, "unreadable stats", Some(Box::new(e))))
+        match self.query(&subject, Vec::new(), timeout).await? {
+            StatsAnswer::Ok(stats) => Ok(stats),
+            StatsAnswer::Error(error) => Err(query_error(&subject, error.detail, None)),
+        }
     }
 
-    /// One request to a query endpoint; an `{"status":"error"}` answer is
-    /// [`Error::Query`] with its detail.
-    async fn query(
+    /// One request to a query endpoint, and its answer (an error answer is
+    /// the caller's to turn into [`Error::Query`]).
+    async fn query<T: serde::de::DeserializeOwned>(
         &self,
         subject: &str,
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<T> {
         let nats = self.inner.js.client();
         let request = nats.request(subject.to_owned(), body.into());
         let reply = match tokio::time::timeout(timeout, request).await {
@@ -625,13 +604,16 @@ impl Client {
                 ));
             }
         };
-        let answer = serde_json::from_slice::<serde_json::Value>(&reply.payload)
-            .map_err(|e| query_error(subject, "unreadable reply", Some(Box::new(e))))?;
-        if answer.get("status").and_then(serde_json::Value::as_str) == Some("error") {
-            let detail = answer["detail"].as_str().unwrap_or("an error").to_owned();
-            return Err(query_error(subject, detail, None));
-        }
-        Ok(answer)
+        serde_json::from_slice(&reply.payload).map_err(|e| {
+            query_error(
+                subject,
+                format!(
+                    "unreadable answer {}",
+                    String::from_utf8_lossy(&reply.payload)
+                ),
+                Some(Box::new(e)),
+            )
+        })
     }
 }
 

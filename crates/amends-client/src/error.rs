@@ -18,7 +18,8 @@ pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum Error {
     /// A subject prefix that is not one or more dot-separated tokens of
-    /// `A-Z a-z 0-9 _ -` of at most [`crate::PREFIX_BYTES_MAX`] bytes.
+    /// `A-Z a-z 0-9 _ -` of at most [`crate::PREFIX_BYTES_MAX`] bytes (from
+    /// [`amends_core::protocol::PrefixError`]).
     #[error("invalid subject prefix {prefix:?}: {reason}")]
     InvalidPrefix {
         /// The refused prefix.
@@ -182,4 +183,13 @@ pub enum Error {
     /// good); no more decisions can arrive.
     #[error("the client's inbox subscription is closed")]
     Closed,
+}
+
+impl From<amends_core::protocol::PrefixError> for Error {
+    fn from(e: amends_core::protocol::PrefixError) -> Error {
+        Error::InvalidPrefix {
+            prefix: e.prefix,
+            reason: e.reason,
+        }
+    }
 }

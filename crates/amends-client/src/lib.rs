@@ -43,9 +43,10 @@
 //!   of [`Delivery`]s (an apology and its ack handle) from a durable
 //!   JetStream pull consumer, at least once.
 //! - [`Options`], [`Auth`], [`Tls`]: how to reach the deployment.
-//! - [`Prefix`]: the validated subject prefix. The few subject and header
-//!   names the client uses are restated from the protocol in a private
-//!   module, tested against amends-nats's so that they cannot drift.
+//! - [`Prefix`]: the validated subject prefix, and with it every subject
+//!   and header name and the answers of the query endpoints: the protocol's
+//!   own types in [`amends_core::protocol`], the same ones the service
+//!   uses, so that the two cannot drift.
 //! - [`Error`]: the one error type; async-nats errors are boxed inside it,
 //!   never re-exported.
 //!
@@ -66,8 +67,8 @@ mod client;
 mod error;
 mod options;
 mod query;
-mod subject;
 
+pub use amends_core::protocol::{PREFIX_BYTES_MAX, Prefix};
 pub use amends_core::{Decision, OpId, Request};
 pub use apology::{
     APOLOGY_ACK_WAIT_DEFAULT, Apologies, ApologiesOptions, DURABLE_NAME_BYTES_MAX, Delivery,
@@ -76,7 +77,6 @@ pub use client::{Client, OpStatus, Submitted, read_partitions};
 pub use error::{Error, Source};
 pub use options::{Auth, ClientCert, Options, Tls};
 pub use query::{Balance, ClaimOwner, PartitionState, PartitionStats};
-pub use subject::{PREFIX_BYTES_MAX, Prefix};
 
 /// The client's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use amends_core::route::Partitions;
 
-use crate::subject::Prefix;
+use amends_core::protocol::Prefix;
 
 /// The settings of [`crate::Client::connect`].
 #[derive(Debug, Clone)]

@@ -3,38 +3,19 @@
 //! ([`crate::Client::claim_owner`]) and a partition's stats
 //! ([`crate::Client::stats`]).
 //!
+//! The answers are the protocol's types ([`amends_core::protocol::query`]),
+//! which the service builds its replies from; [`Balance`],
+//! [`PartitionStats`] and [`PartitionState`] are re-exported from there.
+//! [`ClaimOwner`] is the client's view of a claim answer, claimed or free.
+//!
 //! Each answer is read from the partition's store as of some applied
 //! position (`position`): it may trail operations that are in the log but
 //! not yet applied (see [`PartitionStats::lag`]).
 
-use amends_core::command::{AccountId, Owner};
+use amends_core::command::Owner;
+pub use amends_core::protocol::query::{Balance, PartitionState, PartitionStats};
+use amends_core::protocol::query::{Claimed, Free};
 use serde::{Deserialize, Serialize};
-
-/// An account's balance and limits, as its partition answered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Balance {
-    /// The account.
-    pub account: AccountId,
-    /// Credits minus debits minus posted holds.
-    pub balance: i64,
-    /// The sum of pending holds. The holds themselves are not listed: the
-    /// store keeps them by op id, with no index by account.
-    pub held: i64,
-    /// Credits reserved by sagas in flight: they count against the ceiling
-    /// and join the balance when their saga confirms.
-    #[serde(default)]
-    pub incoming: i64,
-    /// `balance - held`.
-    pub available: i64,
-    /// The lowest `available` may reach (at most 0).
-    pub floor: i64,
-    /// The highest the balance may reach, if any.
-    pub ceiling: Option<i64>,
-    /// The partition's applied position the answer was read at (or after).
-    pub position: u64,
-    /// The log time of that position.
-    pub log_time_ms: u64,
-}
 
 /// A claim's owner, as its partition answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,41 +32,73 @@ pub struct ClaimOwner {
     pub log_time_ms: u64,
 }
 
-/// What a partition's supervisor is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PartitionState {
-    /// The worker runs (or is starting).
-    Running,
-    /// The worker failed transiently and is restarted after a backoff.
-    Restarting,
-    /// The worker stopped on an integrity error and waits for an operator.
-    Stopped,
+impl From<Claimed> for ClaimOwner {
+    fn from(claimed: Claimed) -> ClaimOwner {
+        ClaimOwner {
+            owner: Some(claimed.owner),
+            tentative: claimed.tentative,
+            position: claimed.position,
+            log_time_ms: claimed.log_time_ms,
+        }
+    }
 }
 
-/// A partition's stats ([`crate::Client::stats`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionStats {
-    /// The partition.
-    pub partition: u32,
-    /// What its supervisor is doing.
-    pub state: PartitionState,
-    /// The error of a restarting or stopped partition.
-    pub detail: Option<String>,
-    /// Worker restarts since the serving process started.
-    pub restarts: u64,
-    /// The store's applied position: the last log message applied.
-    pub applied_position: u64,
-    /// The log time of the applied position.
-    pub log_time_ms: u64,
-    /// The requests stream's last sequence on this partition's subject
-    /// (`None` if the service could not read the stream; see
-    /// `stream_error`).
-    pub last_sequence: Option<u64>,
-    /// `last_sequence - applied_position`: how far the partition trails
-    /// its log.
-    pub lag: Option<u64>,
-    /// Why the stream could not be read, if it could not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_error: Option<String>,
+impl From<Free> for ClaimOwner {
+    fn from(free: Free) -> ClaimOwner {
+        ClaimOwner {
+            owner: None,
+            tentative: false,
+            position: free.position,
+            log_time_ms: free.log_time_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use amends_core::command::{ClaimKey, Namespace};
+    use amends_core::protocol::query::ClaimAnswer;
+
+    use super::*;
+
+    #[test]
+    fn the_client_speaks_the_services_types() {
+        // Proves there is no client copy of the protocol left to drift: the client's prefix and answers are amends-nats's own types (this compiles only if they are the same), and a claim answer, claimed or free, reads as a ClaimOwner.
+        let prefix: crate::Prefix = amends_nats::topology::Prefix::default();
+        assert_eq!(prefix.as_str(), amends_nats::topology::PREFIX_DEFAULT);
+        let _: fn(Balance) -> amends_core::protocol::query::Balance = |b| b;
+        let namespace = Namespace::new("seat").expect("a namespace");
+        let key = ClaimKey::new("12A").expect("a key");
+        let claimed: ClaimAnswer = serde_json::from_str(
+            r#"{"key":"12A","log_time_ms":1000,"namespace":"seat","owner":"carol","position":9,"status":"claimed","tentative":true}"#,
+        )
+        .expect("a claim answer");
+        let ClaimAnswer::Claimed(claimed) = claimed else {
+            panic!("not claimed: {claimed:?}")
+        };
+        assert_eq!((&claimed.namespace, &claimed.key), (&namespace, &key));
+        assert_eq!(
+            ClaimOwner::from(claimed),
+            ClaimOwner {
+                owner: Some(Owner::new("carol").expect("an owner")),
+                tentative: true,
+                position: 9,
+                log_time_ms: 1_000,
+            }
+        );
+        assert_eq!(
+            ClaimOwner::from(Free {
+                namespace,
+                key,
+                position: 3,
+                log_time_ms: 4,
+            }),
+            ClaimOwner {
+                owner: None,
+                tentative: false,
+                position: 3,
+                log_time_ms: 4,
+            }
+        );
+    }
 }

@@ -21,6 +21,10 @@
 //!   overlay, and an in-memory state.
 //! - [`partition`]: the partition state machine and the effects it emits,
 //!   one file per concern (dedup, balances and holds, claims, sagas).
+//! - [`protocol`]: the names of the protocol (the subject [`protocol::Prefix`]
+//!   and the subjects, streams, headers and meta bucket built from it, the
+//!   recorded partition count) and, in [`protocol::query`], the requests
+//!   and answers of the query endpoints.
 //! - [`route`]: the partitioner (FNV-1a 64 then jump consistent hash).
 //! - [`saga`]: sagas across partitions (try, confirm, cancel), the ids of
 //!   their step messages and the machine's saga side (`partition::saga`,
@@ -43,6 +47,7 @@ mod field;
 pub mod id;
 mod json;
 pub mod partition;
+pub mod protocol;
 pub mod route;
 pub mod schema;
 pub mod state;

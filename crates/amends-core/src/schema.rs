@@ -1,5 +1,5 @@
-//! JSON Schemas of every message on the wire, generated from the serde
-//! types.
+//! JSON Schemas of every message on the wire (the query endpoints'
+//! requests and answers included), generated from the serde types.
 //!
 //! `specs/schemas/` holds the output of [`all`], one file per message; the
 //! test `tests/schemas.rs` regenerates them and fails when a checked-in file
@@ -19,6 +19,7 @@ use serde_json::Value;
 use crate::command::Request;
 use crate::decision::Decision;
 use crate::partition::{Apology, HoldExpired};
+use crate::protocol::query::{BalanceAnswer, ClaimAnswer, ClaimQuery, StatsAnswer, StatusAnswer};
 
 /// Every message schema as (file name in `specs/schemas/`, schema).
 ///
@@ -30,12 +31,26 @@ use crate::partition::{Apology, HoldExpired};
 ///   `<prefix>.apology.<topic>`.
 /// - `hold_expired.json`: a [`HoldExpired`] event, published on
 ///   `<prefix>.dec.<p>`.
+/// - `status_answer.json`: a [`StatusAnswer`], the reply of
+///   `<prefix>.status.<p>`.
+/// - `balance_answer.json`: a [`BalanceAnswer`], the reply of
+///   `<prefix>.query.balance.<p>`.
+/// - `claim_query.json`: a [`ClaimQuery`], the request body of
+///   `<prefix>.query.claim.<p>` (the schema of what amends accepts).
+/// - `claim_answer.json`: a [`ClaimAnswer`], its reply.
+/// - `stats_answer.json`: a [`StatsAnswer`], the reply of
+///   `<prefix>.stats.<p>`.
 pub fn all() -> Vec<(&'static str, Value)> {
     vec![
         ("request.json", accepted::<Request>()),
         ("decision.json", emitted::<Decision>()),
         ("apology.json", emitted::<Apology>()),
         ("hold_expired.json", emitted::<HoldExpired>()),
+        ("status_answer.json", emitted::<StatusAnswer>()),
+        ("balance_answer.json", emitted::<BalanceAnswer>()),
+        ("claim_query.json", accepted::<ClaimQuery>()),
+        ("claim_answer.json", emitted::<ClaimAnswer>()),
+        ("stats_answer.json", emitted::<StatsAnswer>()),
     ]
 }
 

@@ -502,3 +502,190 @@ fn protocol_examples_match_their_schemas() {
     }
     assert!(checked >= 8, "only {checked} examples in {file}");
 }
+
+#[test]
+fn query_answers_match_their_schemas() {
+    // Proves every kind of query answer amends writes passes its endpoint's schema and no other kind's, and that an answer without its status, or with one the endpoint does not answer, fails.
+    use amends_core::command::{AccountId, ClaimKey, Namespace, Owner};
+    use amends_core::protocol::query::{
+        self, AsOf, Balance, BalanceAnswer, ClaimAnswer, Claimed, ErrorAnswer, Free,
+        PartitionState, PartitionStats, StatsAnswer, StatusAnswer,
+    };
+    use amends_core::{Decision, Outcome, Reason};
+
+    fn value<T: serde::Serialize>(answer: &T) -> Value {
+        serde_json::from_slice(&query::encode(answer)).unwrap_or_else(|e| panic!("{e}"))
+    }
+    let op_id = "018bcfe5-6800-7000-8000-000000000001"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let decision = |outcome| Decision {
+        op_id,
+        partition: 0,
+        position: 1,
+        log_time_ms: 2,
+        outcome,
+    };
+    let error = || ErrorAnswer::new("the body is not UTF-8");
+    let (namespace, key) = (
+        Namespace::new("seat").unwrap_or_else(|e| panic!("{e}")),
+        ClaimKey::new("12A").unwrap_or_else(|e| panic!("{e}")),
+    );
+    let stats = |last_sequence: Option<u64>| PartitionStats {
+        partition: 0,
+        state: PartitionState::Restarting,
+        detail: Some("connection lost".to_owned()),
+        restarts: 1,
+        applied_position: 3,
+        log_time_ms: 4,
+        last_sequence,
+        lag: last_sequence.map(|l| l - 3),
+        stream_error: last_sequence.is_none().then(|| "timed out".to_owned()),
+    };
+    let answers: Vec<(&str, Value)> = vec![
+        (
+            "status_answer.json",
+            value(&StatusAnswer::Decided {
+                decision: decision(Outcome::confirmed()),
+            }),
+        ),
+        (
+            "status_answer.json",
+            value(&StatusAnswer::Decided {
+                decision: decision(Outcome::Rejected {
+                    reason: Reason::NotClaimed,
+                }),
+            }),
+        ),
+        (
+            "status_answer.json",
+            value(&StatusAnswer::Decided {
+                decision: decision(Outcome::InFlight { step: 1 }),
+            }),
+        ),
+        ("status_answer.json", value(&StatusAnswer::Unknown)),
+        ("status_answer.json", value(&StatusAnswer::from(error()))),
+        (
+            "balance_answer.json",
+            value(&BalanceAnswer::Found(Balance {
+                account: AccountId::new("alice").unwrap_or_else(|e| panic!("{e}")),
+                balance: 10,
+                held: 3,
+                incoming: 0,
+                available: 7,
+                floor: -5,
+                ceiling: None,
+                position: 1,
+                log_time_ms: 2,
+            })),
+        ),
+        (
+            "balance_answer.json",
+            value(&BalanceAnswer::Unknown(AsOf {
+                position: 1,
+                log_time_ms: 2,
+            })),
+        ),
+        ("balance_answer.json", value(&BalanceAnswer::from(error()))),
+        (
+            "claim_answer.json",
+            value(&ClaimAnswer::Claimed(Claimed {
+                owner: Owner::new("carol").unwrap_or_else(|e| panic!("{e}")),
+                tentative: true,
+                namespace: namespace.clone(),
+                key: key.clone(),
+                position: 1,
+                log_time_ms: 2,
+            })),
+        ),
+        (
+            "claim_answer.json",
+            value(&ClaimAnswer::Free(Free {
+                namespace,
+                key,
+                position: 1,
+                log_time_ms: 2,
+            })),
+        ),
+        ("claim_answer.json", value(&ClaimAnswer::from(error()))),
+        ("stats_answer.json", value(&StatsAnswer::Ok(stats(Some(5))))),
+        ("stats_answer.json", value(&StatsAnswer::Ok(stats(None)))),
+        ("stats_answer.json", value(&StatsAnswer::from(error()))),
+    ];
+    // Each endpoint's statuses: an answer whose status another endpoint
+    // does not answer is refused by that endpoint's schema.
+    let statuses = [
+        ("status_answer.json", &["decided", "unknown", "error"][..]),
+        ("balance_answer.json", &["found", "unknown", "error"][..]),
+        ("claim_answer.json", &["claimed", "free", "error"][..]),
+        ("stats_answer.json", &["ok", "error"][..]),
+    ];
+    for (name, answer) in &answers {
+        let schema = validator(name);
+        assert!(
+            schema.is_valid(answer),
+            "{answer} fails {name}: {}",
+            errors(&schema, answer)
+        );
+        let mut untagged = answer.clone();
+        untagged
+            .as_object_mut()
+            .unwrap_or_else(|| panic!("{answer} is not an object"))
+            .remove("status");
+        assert!(!schema.is_valid(&untagged), "{name} accepts {untagged}");
+        let status = answer["status"].as_str().unwrap_or_default();
+        assert!(
+            statuses
+                .iter()
+                .any(|(n, s)| n == name && s.contains(&status)),
+            "{name}: status {status:?}"
+        );
+        for (other, _) in statuses.iter().filter(|(_, s)| !s.contains(&status)) {
+            assert!(
+                !validator(other).is_valid(answer),
+                "{other} accepts {name}'s {answer}"
+            );
+        }
+    }
+    for (name, status) in [
+        ("status_answer.json", "found"),
+        ("balance_answer.json", "decided"),
+        ("claim_answer.json", "ok"),
+        ("stats_answer.json", "unknown"),
+    ] {
+        let answer = json!({"status": status, "position": 1, "log_time_ms": 2});
+        assert!(
+            !validator(name).is_valid(&answer),
+            "{name} accepts {answer}"
+        );
+    }
+}
+
+#[test]
+fn claim_query_schema_agrees_with_the_service() {
+    // Proves the claim query's schema accepts exactly the bodies the service reads (ClaimQuery::parse), among good and bad ones.
+    use amends_core::protocol::query::ClaimQuery;
+
+    let schema = validator("claim_query.json");
+    let long_key = "k".repeat(257);
+    let bodies = [
+        (json!({"namespace": "seat", "key": "12A"}), true),
+        (json!({"key": "12A", "namespace": "seat"}), true),
+        (json!({"namespace": "seat"}), false),
+        (json!({"namespace": "seat", "key": 12}), false),
+        (
+            json!({"namespace": "seat", "key": "12A", "owner": "o"}),
+            false,
+        ),
+        (json!({"namespace": "", "key": "12A"}), false),
+        (json!({"namespace": "seat", "key": long_key}), false),
+        (json!({"namespace": "seat", "key": "a\u{7}b"}), false),
+        (json!(["seat", "12A"]), false),
+        (json!("seat"), false),
+    ];
+    for (body, good) in bodies {
+        let parsed = ClaimQuery::parse(&body.to_string());
+        assert_eq!(parsed.is_ok(), good, "the service on {body}: {parsed:?}");
+        assert_eq!(schema.is_valid(&body), good, "claim_query.json on {body}");
+    }
+}

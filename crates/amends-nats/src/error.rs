@@ -20,7 +20,7 @@ pub enum Error {
     // The topology.
     /// A subject prefix that is not one or more dot-separated tokens of
     /// `A-Z a-z 0-9 _ -` of at most [`crate::topology::PREFIX_BYTES_MAX`]
-    /// bytes.
+    /// bytes (from [`amends_core::protocol::PrefixError`]).
     #[error("invalid subject prefix {prefix:?}: {reason}")]
     InvalidPrefix {
         /// The refused prefix.
@@ -81,8 +81,9 @@ pub enum Error {
         #[source]
         source: Source,
     },
-    /// The meta bucket holds a value amends cannot read: it was written by
-    /// something else.
+    /// The meta bucket holds a value amends cannot read (not the count in
+    /// decimal digits that [`amends_core::protocol::parse_partitions`]
+    /// reads): it was written by something else.
     #[error("meta bucket {bucket}: key {key} holds {value:?}, which is not a partition count")]
     CorruptMeta {
         /// The bucket's name.
@@ -306,4 +307,13 @@ pub enum Error {
     /// The TTL is below [`crate::lease::TTL_MIN`].
     #[error("lease TTL {0:?} is below the minimum {min:?}", min = crate::lease::TTL_MIN)]
     LeaseTtlTooShort(std::time::Duration),
+}
+
+impl From<amends_core::protocol::PrefixError> for Error {
+    fn from(e: amends_core::protocol::PrefixError) -> Error {
+        Error::InvalidPrefix {
+            prefix: e.prefix,
+            reason: e.reason,
+        }
+    }
 }

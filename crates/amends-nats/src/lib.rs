@@ -10,7 +10,8 @@
 //! # Layout
 //!
 //! - [`topology`]: [`topology::Prefix`] (the validated subject prefix) and
-//!   its subject builders, the header names in [`topology::header`],
+//!   its subject builders, the header names in [`topology::header`] (the
+//!   protocol's, re-exported from [`amends_core::protocol`]),
 //!   [`topology::Topology`] (the deployment's configuration),
 //!   [`topology::ensure`] and its [`topology::Report`], and the integrity
 //!   notes on JetStream's fsync behaviour.
@@ -37,9 +38,11 @@
 //!   processes on free loopback ports for integration tests, here and in the
 //!   root package.
 //!
-//! **Architecture Invariant:** this crate is the only place that knows subject
-//! names, stream names and header names. Everything else asks
-//! [`topology::Prefix`] or uses the constants of [`topology::header`].
+//! **Architecture Invariant:** subject, stream and header names are the
+//! protocol's, defined once in [`amends_core::protocol`] (and used by the
+//! client too): this crate asks [`topology::Prefix`] or uses the constants
+//! of [`topology::header`], its re-exports of them, and restates none. The
+//! query endpoints answer with [`amends_core::protocol::query`]'s types.
 //!
 //! # What it deliberately does not do (yet)
 //!

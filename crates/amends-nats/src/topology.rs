@@ -1,29 +1,16 @@
-//! The JetStream topology of a deployment: subjects, headers, streams, and
-//! the partition count.
+//! The JetStream topology of a deployment: its streams, and the partition
+//! count.
 //!
-//! Subjects, stream names and header names are built here and nowhere else
-//! (the rest of the code base asks a [`Prefix`]). With the default prefix
-//! `amends`:
+//! The names (the subject [`Prefix`], every subject, stream and bucket name
+//! built from it, the [`header`] names, [`PARTITIONS_KEY`]) are the
+//! protocol's, defined once in [`amends_core::protocol`] (which tabulates
+//! the streams and subjects) and re-exported here; the client uses the same
+//! ones. This module creates and checks what they name.
 //!
-//! | stream | name | subjects | what |
-//! | --- | --- | --- | --- |
-//! | requests | `AMENDS_REQ` | `amends.req.*` | operations and ticks, one subject per partition: the system of record |
-//! | decisions | `AMENDS_DEC` | `amends.dec.*` | one decision per operation, and hold-expired events |
-//! | apologies | `AMENDS_APOLOGY` | `amends.apology.>` | refused optimistic operations, by apology topic |
-//! | dead letters | `AMENDS_DLQ` | `amends.dlq.*` | input without a readable op id |
-//!
-//! The service's request-reply endpoints have no stream (core NATS,
-//! served by [`crate::service`]): the status of an op id
-//! `amends.status.<p>` ([`Prefix::status`]), the balance and claim queries
-//! `amends.query.balance.<p>` and `amends.query.claim.<p>`
-//! ([`Prefix::query_balance`], [`Prefix::query_claim`]) and the partition
-//! stats `amends.stats.<p>` ([`Prefix::stats`]).
-//!
-//! Stream names are the prefix in upper case with every character that is
-//! not a letter or a digit replaced by `_`, then `_REQ`, `_DEC`, `_APOLOGY`
-//! or `_DLQ`. Two prefixes that differ only there (`a-b` and `a.b`) map to
-//! the same stream names, so they cannot share a NATS account: the second
-//! deployment is refused by [`ensure`] (the subjects differ), not mixed in.
+//! Two prefixes that differ only in the characters replaced by `_` in
+//! stream names (`a-b` and `a.b`) map to the same stream names, so they
+//! cannot share a NATS account: the second deployment is refused by
+//! [`ensure`] (the subjects differ), not mixed in.
 //!
 //! Every stream uses file storage and limits retention with no limits set
 //! (nothing is deleted by age or size: the requests stream is the log that
@@ -71,49 +58,17 @@
 //! of deciding again on a log that lost messages. It cannot bring back a
 //! lost request; it refuses to pretend the request never happened.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use amends_core::command::Topic;
-use amends_core::command::is_subject_token_byte;
+use amends_core::protocol;
 use amends_core::route::{PartitionId, Partitions};
 use async_nats::jetstream::{self, kv, stream};
 
 use crate::error::{Error, Source};
 
-/// The header names of `specs/protocol.md` ("Headers", "Dead letters").
-pub mod header {
-    /// The op id of a request, in canonical text. JetStream drops a second
-    /// publish with the same id inside the stream's duplicate window; amends
-    /// also sets it, deterministically, on everything it publishes, so that
-    /// republishing after a crash stores nothing twice.
-    pub const MSG_ID: &str = "Nats-Msg-Id";
-    /// The NATS subject a waiting client wants its decision sent to, in
-    /// addition to the decisions stream.
-    pub const REPLY_TO: &str = "Amends-Reply-To";
-    /// JetStream's fence: the publish is stored only if the last message
-    /// on [`EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT`] has this stream
-    /// sequence (else error 10071, "wrong last sequence"). Every decision
-    /// names its owner's ownership record this way.
-    pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
-    /// The subject [`EXPECTED_LAST_SUBJECT_SEQUENCE`] is checked on: the
-    /// partition's ownership subject.
-    pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
-        "Nats-Expected-Last-Subject-Sequence-Subject";
-    /// On a dead letter: why the raw bytes of the body could not be read.
-    pub const ERROR: &str = "Amends-Error";
-}
-
-/// The default subject prefix.
-pub const PREFIX_DEFAULT: &str = "amends";
-
-/// The longest subject prefix, in bytes. Stream names are derived from the
-/// prefix and JetStream stores each stream in a directory of that name, so
-/// the prefix is kept well under file-name limits.
-pub const PREFIX_BYTES_MAX: usize = 64;
-// The refusal text of `Prefix::new` names the limit.
-const _: () = assert!(PREFIX_BYTES_MAX == 64);
+pub use amends_core::protocol::{
+    PARTITIONS_KEY, PREFIX_BYTES_MAX, PREFIX_DEFAULT, Prefix, Stream, header,
+};
 
 /// The default duplicate window of every stream: JetStream's own default.
 pub const DUPLICATE_WINDOW_DEFAULT: Duration = Duration::from_secs(120);
@@ -121,256 +76,13 @@ pub const DUPLICATE_WINDOW_DEFAULT: Duration = Duration::from_secs(120);
 /// The most replicas a JetStream stream may have.
 pub const REPLICAS_MAX: usize = 5;
 
-/// The key of the meta bucket that records the partition count.
-pub const PARTITIONS_KEY: &str = "partitions";
-
-/// A validated subject prefix: one or more dot-separated, non-empty tokens
-/// of `A-Z a-z 0-9 _ -`, at most [`PREFIX_BYTES_MAX`] bytes.
-///
-/// The character set is narrower than what NATS allows in a subject token,
-/// so that every derived stream and bucket name is valid too, and so that
-/// the prefix can never contain a wildcard.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Prefix(String);
-
-impl Prefix {
-    /// Validates a prefix.
-    pub fn new(prefix: impl Into<String>) -> Result<Prefix, Error> {
-        let prefix = prefix.into();
-        let refuse = |reason| Error::InvalidPrefix {
-            prefix: prefix.clone(),
-            reason,
-        };
-        if prefix.is_empty() {
-            return Err(refuse("it is empty"));
-        }
-        if prefix.len() > PREFIX_BYTES_MAX {
-            return Err(refuse("it is longer than 64 bytes"));
-        }
-        for token in prefix.split('.') {
-            if token.is_empty() {
-                return Err(refuse("it has an empty token"));
-            }
-            if !token.bytes().all(is_subject_token_byte) {
-                return Err(refuse("a token has a character other than A-Z a-z 0-9 _ -"));
-            }
-        }
-        Ok(Prefix(prefix))
-    }
-
-    /// The prefix as text, e.g. `amends`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The request subject of a partition: `<prefix>.req.<p>`.
-    pub fn req(&self, partition: PartitionId) -> String {
-        format!("{}.req.{partition}", self.0)
-    }
-
-    /// Every request subject: `<prefix>.req.*`.
-    pub fn req_wildcard(&self) -> String {
-        format!("{}.req.*", self.0)
-    }
-
-    /// The decision subject of a partition: `<prefix>.dec.<p>`.
-    pub fn dec(&self, partition: PartitionId) -> String {
-        format!("{}.dec.{partition}", self.0)
-    }
-
-    /// Every decision subject: `<prefix>.dec.*`.
-    pub fn dec_wildcard(&self) -> String {
-        format!("{}.dec.*", self.0)
-    }
-
-    /// The ownership subject of a partition: `<prefix>.owner.<p>`, on the
-    /// decisions stream. The worker that owns the partition publishes an
-    /// ownership record there when it starts; the record's stream sequence
-    /// is its epoch, and every decision it writes is fenced on it (see
-    /// [`header::EXPECTED_LAST_SUBJECT_SEQUENCE`]), so once a newer owner
-    /// published its record, an older owner's writes are refused.
-    pub fn owner(&self, partition: PartitionId) -> String {
-        format!("{}.owner.{partition}", self.0)
-    }
-
-    /// Every ownership subject: `<prefix>.owner.*`.
-    pub fn owner_wildcard(&self) -> String {
-        format!("{}.owner.*", self.0)
-    }
-
-    /// The apology subject of a topic: `<prefix>.apology.<topic>`. A
-    /// [`Topic`] is validated to be one or more subject tokens.
-    pub fn apology(&self, topic: &Topic) -> String {
-        format!("{}.apology.{}", self.0, topic.as_str())
-    }
-
-    /// Every apology subject: `<prefix>.apology.>`.
-    pub fn apology_wildcard(&self) -> String {
-        format!("{}.apology.>", self.0)
-    }
-
-    /// The dead-letter subject of a partition: `<prefix>.dlq.<p>`.
-    pub fn dlq(&self, partition: PartitionId) -> String {
-        format!("{}.dlq.{partition}", self.0)
-    }
-
-    /// Every dead-letter subject: `<prefix>.dlq.*`.
-    pub fn dlq_wildcard(&self) -> String {
-        format!("{}.dlq.*", self.0)
-    }
-
-    /// The status endpoint of a partition: `<prefix>.status.<p>`, a core
-    /// NATS request-reply subject (no stream): the body is an op id, the
-    /// reply what the partition knows of it (see [`crate::service`]).
-    pub fn status(&self, partition: PartitionId) -> String {
-        format!("{}.status.{partition}", self.0)
-    }
-
-    /// Every status endpoint: `<prefix>.status.*`.
-    pub fn status_wildcard(&self) -> String {
-        format!("{}.status.*", self.0)
-    }
-
-    /// The balance query of a partition: `<prefix>.query.balance.<p>`, core
-    /// NATS request-reply: the body is an account id, the reply its
-    /// balance, holds and limits (see [`crate::service`]).
-    pub fn query_balance(&self, partition: PartitionId) -> String {
-        format!("{}.query.balance.{partition}", self.0)
-    }
-
-    /// Every balance query: `<prefix>.query.balance.*`.
-    pub fn query_balance_wildcard(&self) -> String {
-        format!("{}.query.balance.*", self.0)
-    }
-
-    /// The claim query of a partition: `<prefix>.query.claim.<p>`, core NATS
-    /// request-reply: the body is `{"namespace":..,"key":..}`, the reply
-    /// the owner of that claim, if any.
-    pub fn query_claim(&self, partition: PartitionId) -> String {
-        format!("{}.query.claim.{partition}", self.0)
-    }
-
-    /// Every claim query: `<prefix>.query.claim.*`.
-    pub fn query_claim_wildcard(&self) -> String {
-        format!("{}.query.claim.*", self.0)
-    }
-
-    /// The stats endpoint of a partition: `<prefix>.stats.<p>`, core NATS
-    /// request-reply: the reply is the partition's applied position, lag
-    /// and state.
-    pub fn stats(&self, partition: PartitionId) -> String {
-        format!("{}.stats.{partition}", self.0)
-    }
-
-    /// Every stats endpoint: `<prefix>.stats.*`.
-    pub fn stats_wildcard(&self) -> String {
-        format!("{}.stats.*", self.0)
-    }
-
-    /// The subjects a stream takes, sorted: one wildcard subject, and for
-    /// the decisions stream the ownership records' as well.
-    pub fn stream_subjects(&self, stream: Stream) -> Vec<String> {
-        match stream {
-            Stream::Requests => vec![self.req_wildcard()],
-            Stream::Decisions => vec![self.dec_wildcard(), self.owner_wildcard()],
-            Stream::Apologies => vec![self.apology_wildcard()],
-            Stream::DeadLetters => vec![self.dlq_wildcard()],
-        }
-    }
-
-    /// A stream's name, e.g. `AMENDS_REQ`.
-    pub fn stream_name(&self, stream: Stream) -> String {
-        format!("{}_{}", self.upper(), stream.suffix())
-    }
-
-    /// The name of the key-value bucket that records the partition count,
-    /// e.g. `AMENDS_META`.
-    pub fn meta_bucket(&self) -> String {
-        format!("{}_META", self.upper())
-    }
-
-    /// The prefix in upper case, every other character than a letter or a
-    /// digit replaced by `_`.
-    fn upper(&self) -> String {
-        self.0
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_uppercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    }
-}
-
-impl Default for Prefix {
-    fn default() -> Prefix {
-        Prefix(PREFIX_DEFAULT.to_owned())
-    }
-}
-
-impl FromStr for Prefix {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Prefix, Error> {
-        Prefix::new(s)
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-/// One of the four streams of a deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stream {
-    /// `<prefix>.req.*`: operations and ticks; the system of record.
-    Requests,
-    /// `<prefix>.dec.*`: decisions and hold-expired events.
-    Decisions,
-    /// `<prefix>.apology.>`: apologies, by topic.
-    Apologies,
-    /// `<prefix>.dlq.*`: dead letters.
-    DeadLetters,
-}
-
-impl Stream {
-    /// Every stream, in the order [`ensure`] handles them.
-    pub const ALL: [Stream; 4] = [
-        Stream::Requests,
-        Stream::Decisions,
-        Stream::Apologies,
-        Stream::DeadLetters,
-    ];
-
-    /// The end of the stream's name.
-    fn suffix(self) -> &'static str {
-        match self {
-            Stream::Requests => "REQ",
-            Stream::Decisions => "DEC",
-            Stream::Apologies => "APOLOGY",
-            Stream::DeadLetters => "DLQ",
-        }
-    }
-
-    /// What the stream holds, for its description.
-    fn what(self) -> &'static str {
-        match self {
-            Stream::Requests => "requests (the log of record)",
-            Stream::Decisions => "decisions and hold-expired events",
-            Stream::Apologies => "apologies",
-            Stream::DeadLetters => "dead letters",
-        }
+/// What a stream holds, for its description.
+fn stream_what(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Requests => "requests (the log of record)",
+        Stream::Decisions => "decisions and hold-expired events",
+        Stream::Apologies => "apologies",
+        Stream::DeadLetters => "dead letters",
     }
 }
 
@@ -459,7 +171,7 @@ impl Topology {
     fn stream_config(&self, stream: Stream) -> stream::Config {
         stream::Config {
             name: self.prefix.stream_name(stream),
-            description: Some(format!("{}: {}", self.prefix, stream.what())),
+            description: Some(format!("{}: {}", self.prefix, stream_what(stream))),
             subjects: self.prefix.stream_subjects(stream),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
@@ -772,14 +484,15 @@ async fn read_partitions(js: &jetstream::Context, bucket: &str) -> Result<Option
         .transpose()
 }
 
+/// The count recorded in `bucket`, read by the protocol's one rule
+/// ([`protocol::parse_partitions`]).
 fn parse_partitions(bucket: &str, bytes: &[u8]) -> Result<u32, Error> {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|text| text.parse::<u32>().ok())
-        .ok_or_else(|| Error::CorruptMeta {
+    protocol::parse_partitions(bytes)
+        .map(Partitions::get)
+        .map_err(|e| Error::CorruptMeta {
             bucket: bucket.to_owned(),
             key: PARTITIONS_KEY,
-            value: String::from_utf8_lossy(bytes).into_owned(),
+            value: e.value,
         })
 }
 
@@ -813,7 +526,10 @@ async fn record_partitions(
     };
     let configured = topology.partitions.get();
     match store
-        .create(PARTITIONS_KEY, configured.to_string().into())
+        .create(
+            PARTITIONS_KEY,
+            protocol::partitions_value(topology.partitions).into(),
+        )
         .await
     {
         Ok(_) => {
@@ -853,80 +569,6 @@ pub fn worker_consumer(partition: PartitionId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[track_caller]
-    fn check_prefix(input: &str, expected: Result<(&str, &str), &str>) {
-        match (Prefix::new(input), expected) {
-            (Ok(prefix), Ok((req, stream))) => {
-                assert_eq!(prefix.req_wildcard(), req, "{input:?}");
-                assert_eq!(prefix.stream_name(Stream::Requests), stream, "{input:?}");
-            }
-            (Err(Error::InvalidPrefix { reason, .. }), Err(want)) => {
-                assert_eq!(reason, want, "{input:?}");
-            }
-            (got, want) => panic!("{input:?}: got {got:?}, expected {want:?}"),
-        }
-    }
-
-    #[test]
-    fn prefixes() {
-        check_prefix("amends", Ok(("amends.req.*", "AMENDS_REQ")));
-        check_prefix("acme.amends", Ok(("acme.amends.req.*", "ACME_AMENDS_REQ")));
-        check_prefix("a-b_C9", Ok(("a-b_C9.req.*", "A_B_C9_REQ")));
-        check_prefix(
-            &"x".repeat(PREFIX_BYTES_MAX),
-            Ok((
-                &format!("{}.req.*", "x".repeat(64)),
-                &format!("{}_REQ", "X".repeat(64)),
-            )),
-        );
-        check_prefix("", Err("it is empty"));
-        check_prefix(
-            &"x".repeat(PREFIX_BYTES_MAX + 1),
-            Err("it is longer than 64 bytes"),
-        );
-        check_prefix("a..b", Err("it has an empty token"));
-        check_prefix(".a", Err("it has an empty token"));
-        check_prefix("a.", Err("it has an empty token"));
-        for bad in ["a*", "a.>", "a b", "a/b", "é", "a\u{0}"] {
-            check_prefix(
-                bad,
-                Err("a token has a character other than A-Z a-z 0-9 _ -"),
-            );
-        }
-    }
-
-    #[test]
-    fn subjects_and_names() {
-        let prefix = Prefix::default();
-        let p = Partitions::new(16).expect("16 is a valid count");
-        let p7 = p.id(7).expect("7 < 16");
-        let topic = Topic::new("orders.payments").expect("a valid topic");
-        assert_eq!(prefix.req(p7), "amends.req.7");
-        assert_eq!(prefix.dec(p7), "amends.dec.7");
-        assert_eq!(prefix.dlq(p7), "amends.dlq.7");
-        assert_eq!(prefix.apology(&topic), "amends.apology.orders.payments");
-        let names: Vec<_> = Stream::ALL.iter().map(|s| prefix.stream_name(*s)).collect();
-        assert_eq!(
-            names,
-            ["AMENDS_REQ", "AMENDS_DEC", "AMENDS_APOLOGY", "AMENDS_DLQ"]
-        );
-        assert_eq!(prefix.owner(p7), "amends.owner.7");
-        let subjects: Vec<_> = Stream::ALL
-            .iter()
-            .map(|s| prefix.stream_subjects(*s))
-            .collect();
-        assert_eq!(
-            subjects,
-            [
-                vec!["amends.req.*"],
-                vec!["amends.dec.*", "amends.owner.*"],
-                vec!["amends.apology.>"],
-                vec!["amends.dlq.*"]
-            ]
-        );
-        assert_eq!(prefix.meta_bucket(), "AMENDS_META");
-    }
 
     #[test]
     fn topology_validation() {

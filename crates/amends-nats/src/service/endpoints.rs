@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use amends_core::partition::Config;
+use amends_core::protocol::query::{
+    self, BalanceAnswer, ClaimAnswer, ErrorAnswer, StatsAnswer, StatusAnswer,
+};
 use amends_core::route::PartitionId;
 use amends_store::PartitionStore;
 use async_nats::jetstream;
@@ -97,6 +100,17 @@ impl Endpoint {
             Endpoint::Balance => topology.prefix.query_balance_wildcard(),
             Endpoint::Claim => topology.prefix.query_claim_wildcard(),
             Endpoint::Stats => topology.prefix.stats_wildcard(),
+        }
+    }
+
+    /// The JSON of this endpoint's error answer saying `error`
+    /// (`{"status":"error","detail":...}` on every endpoint).
+    pub(super) fn error(self, error: ErrorAnswer) -> Vec<u8> {
+        match self {
+            Endpoint::Status => query::encode(&StatusAnswer::from(error)),
+            Endpoint::Balance => query::encode(&BalanceAnswer::from(error)),
+            Endpoint::Claim => query::encode(&ClaimAnswer::from(error)),
+            Endpoint::Stats => query::encode(&StatsAnswer::from(error)),
         }
     }
 
@@ -249,10 +263,9 @@ async fn add_endpoints<P: PartitionStore>(
                 move |(index, store, request)| {
                     let answers = Arc::clone(&answers);
                     async move {
-                        let answer = answers
+                        let body = answers
                             .answer(endpoint, index, store, &request.message)
                             .await;
-                        let body = serde_json::to_vec(&answer).unwrap_or_default();
                         if let Err(e) = request.respond(Ok(body.into())).await {
                             tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
                         }
@@ -276,11 +289,10 @@ async fn add_endpoints<P: PartitionStore>(
                     let Some(reply) = message.reply.clone() else {
                         return;
                     };
-                    if let Some(answer) = answers.unrouted(endpoint, &message).await {
-                        let body = serde_json::to_vec(&answer).unwrap_or_default();
-                        if let Err(e) = client.publish(reply, body.into()).await {
-                            tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
-                        }
+                    if let Some(body) = answers.unrouted(endpoint, &message).await
+                        && let Err(e) = client.publish(reply, body.into()).await
+                    {
+                        tracing::debug!(endpoint = endpoint.name(), error = %e, "reply not sent");
                     }
                 }
             }),

@@ -31,7 +31,8 @@
 //! classification ([`is_fatal`], [`needs_reopen`], [`backoff`]);
 //! `status.rs` the [`Status`] handle; `tick.rs` the ticks; `compact.rs`
 //! the compactor; `endpoints.rs` the micro service and its endpoints;
-//! `answers.rs` what the endpoints answer; `gauges.rs` the position and
+//! `answers.rs` what the endpoints answer (the protocol's
+//! `amends_core::protocol::query` answers); `gauges.rs` the position and
 //! lag gauges.
 
 mod answers;

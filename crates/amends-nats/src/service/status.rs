@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use amends_core::protocol::query;
 use amends_store::{Partition, PartitionStore};
 
 /// What a partition's supervisor is doing.
@@ -85,7 +86,7 @@ impl<P: PartitionStore> Status<P> {
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = states.get_mut(index) {
             if let Some(store) = self.stores.get(index) {
-                crate::metrics::partition_state(store.id(), state_name(&state).0, restarted);
+                crate::metrics::partition_state(store.id(), wire_state(&state).0.name(), restarted);
             }
             slot.0 = state;
             if restarted {
@@ -100,12 +101,16 @@ impl<P: PartitionStore> Status<P> {
     }
 }
 
-/// A partition state's name (one of [`crate::metrics::STATES`]) and its
-/// error text, if it has one.
-pub(super) fn state_name(state: &PartitionState) -> (&'static str, Option<String>) {
+/// A partition state as the stats endpoint reports it (its name is one of
+/// [`crate::metrics::STATES`]), and its error text, if it has one.
+pub(super) fn wire_state(state: &PartitionState) -> (query::PartitionState, Option<String>) {
     match state {
-        PartitionState::Running => ("running", None),
-        PartitionState::Restarting { error, .. } => ("restarting", Some(error.clone())),
-        PartitionState::Stopped { reason } => ("stopped", Some(reason.clone())),
+        PartitionState::Running => (query::PartitionState::Running, None),
+        PartitionState::Restarting { error, .. } => {
+            (query::PartitionState::Restarting, Some(error.clone()))
+        }
+        PartitionState::Stopped { reason } => {
+            (query::PartitionState::Stopped, Some(reason.clone()))
+        }
     }
 }
