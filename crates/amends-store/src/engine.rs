@@ -24,8 +24,8 @@ use amends_core::state::{
     Account, ChangeSet, Claim, Dedup, ExpiryKey, Hold, MemState, Read, Saga, Write,
 };
 
-use crate::codec::Head;
 use crate::error::{Error, Result};
+use crate::records::Head;
 
 /// The store of one process: every partition's [`PartitionStore`].
 ///

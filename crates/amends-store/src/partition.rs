@@ -12,11 +12,12 @@ use amends_core::partition::Effect;
 use amends_core::route::PartitionId;
 use amends_core::state::{Account, ChangeSet, Claim, Clock, Dedup, ExpiryKey, Hold, Read, Saga};
 
-use crate::codec::{self, Head, OUTBOX_CHUNK_LEN};
 use crate::durability::Durability;
 use crate::engine::{Committed, Compacted, OutboxRange, OutboxSeq, PartitionStore, Record};
 use crate::error::{Error, Result};
+use crate::layout::{self, OUTBOX_CHUNK_LEN};
 use crate::packed::{self, Editor};
+use crate::records::{self, Head};
 use crate::staged::Staged;
 
 /// How many records one chunk of [`PartitionStore::compact`] removes at most
@@ -25,7 +26,11 @@ use crate::staged::Staged;
 pub const COMPACT_CHUNK_LEN: usize = 256;
 
 /// The packed maps compaction visits, in order.
-const COMPACTED_PREFIXES: [u8; 3] = [codec::PREFIX_DEDUP, codec::PREFIX_HOLD, codec::PREFIX_SAGA];
+const COMPACTED_PREFIXES: [u8; 3] = [
+    layout::PREFIX_DEDUP,
+    layout::PREFIX_HOLD,
+    layout::PREFIX_SAGA,
+];
 
 /// Whether the record `body` of packed map `prefix` may be forgotten. For
 /// a dedup record, the core's rule (`Dedup::is_compactable`: decided
@@ -34,9 +39,9 @@ const COMPACTED_PREFIXES: [u8; 3] = [codec::PREFIX_DEDUP, codec::PREFIX_HOLD, co
 /// (a saga in flight is never compactable).
 fn compactable(prefix: u8, key: &[u8], body: &[u8], horizon_ms: u64) -> Result<bool> {
     Ok(match prefix {
-        codec::PREFIX_DEDUP => codec::dedup_log_time_ms(key, body)? < horizon_ms,
-        codec::PREFIX_SAGA => codec::decode_saga(key, body)?.is_compactable(horizon_ms),
-        _ => codec::decode_hold(key, body)?.is_compactable(horizon_ms),
+        layout::PREFIX_DEDUP => records::dedup_log_time_ms(key, body)? < horizon_ms,
+        layout::PREFIX_SAGA => records::decode_saga(key, body)?.is_compactable(horizon_ms),
+        _ => records::decode_hold(key, body)?.is_compactable(horizon_ms),
     })
 }
 
@@ -47,7 +52,7 @@ fn sorted_entries<'a, T: 'a>(
 ) -> Vec<packed::Entry> {
     let mut out: Vec<packed::Entry> = records
         .map(|(op, rec)| packed::Entry {
-            id: codec::id_bytes(*op),
+            id: layout::id_bytes(*op),
             body: encode(rec),
         })
         .collect();
@@ -109,18 +114,18 @@ impl Partition {
             .ok()
             .and_then(|n| start.checked_add(n))
         else {
-            return Err(Error::corrupt(codec::KEY_HEAD, "outbox sequence overflow"));
+            return Err(Error::corrupt(layout::KEY_HEAD, "outbox sequence overflow"));
         };
         if effects.is_empty() {
             return Ok(start);
         }
         let mut chunk = start / OUTBOX_CHUNK_LEN;
         let mut buf = if start.is_multiple_of(OUTBOX_CHUNK_LEN) {
-            codec::outbox_chunk_start()
+            records::outbox_chunk_start()
         } else {
             // The last chunk is partly filled: extend it. Confirmation never
             // removes a chunk that is not full, so it must be there.
-            let key = codec::key_outbox(chunk);
+            let key = layout::key_outbox(chunk);
             match self.tree.get(key).map_err(|e| Error::storage("read", e))? {
                 Some(v) => v.to_vec(),
                 None => {
@@ -133,13 +138,13 @@ impl Partition {
         };
         for (seq, e) in (start..).zip(effects) {
             if seq / OUTBOX_CHUNK_LEN != chunk {
-                batch.insert(&codec::key_outbox(chunk), std::mem::take(&mut buf));
+                batch.insert(&layout::key_outbox(chunk), std::mem::take(&mut buf));
                 chunk = seq / OUTBOX_CHUNK_LEN;
-                buf = codec::outbox_chunk_start();
+                buf = records::outbox_chunk_start();
             }
-            codec::encode_effect_into(e, &mut buf);
+            records::encode_effect_into(e, &mut buf);
         }
-        batch.insert(&codec::key_outbox(chunk), buf);
+        batch.insert(&layout::key_outbox(chunk), buf);
         Ok(len)
     }
 
@@ -163,8 +168,8 @@ impl Partition {
         let (removed, kept) =
             ed.remove_sorted(ids, |body| compactable(prefix, &key, body, horizon_ms))?;
         match prefix {
-            codec::PREFIX_DEDUP => done.dedup += removed,
-            codec::PREFIX_SAGA => done.sagas += removed,
+            layout::PREFIX_DEDUP => done.dedup += removed,
+            layout::PREFIX_SAGA => done.sagas += removed,
             _ => done.holds += removed,
         }
         done.skipped += kept;
@@ -206,7 +211,7 @@ impl Partition {
         id: OpId,
         decode: impl FnOnce(&[u8], &[u8]) -> Result<T>,
     ) -> Result<Option<T>> {
-        let id = codec::id_bytes(id);
+        let id = layout::id_bytes(id);
         let from = packed::bucket_key(prefix, &id);
         let found = self.tree.range(from..=packed::tail_key(prefix)).next();
         let Some((k, v)) = found.transpose().map_err(|e| Error::storage("read", e))? else {
@@ -229,11 +234,11 @@ impl PartitionStore for Partition {
     fn head(&self) -> Result<Head> {
         match self
             .tree
-            .get(codec::KEY_HEAD)
+            .get(layout::KEY_HEAD)
             .map_err(|e| Error::storage("read", e))?
         {
             None => Ok(Head::default()),
-            Some(v) => codec::decode_head(codec::KEY_HEAD, &v),
+            Some(v) => records::decode_head(layout::KEY_HEAD, &v),
         }
     }
 
@@ -266,38 +271,38 @@ impl PartitionStore for Partition {
             .unwrap_or_else(PoisonError::into_inner);
         let mut batch = Staged::default();
         for (id, a) in &changes.accounts {
-            batch.insert(codec::key_account(id.as_str()), codec::encode_account(a));
+            batch.insert(layout::key_account(id.as_str()), records::encode_account(a));
         }
-        let mut holds = Editor::new(&self.tree, codec::PREFIX_HOLD);
-        holds.upsert_sorted(sorted_entries(changes.holds.iter(), codec::encode_hold))?;
+        let mut holds = Editor::new(&self.tree, layout::PREFIX_HOLD);
+        holds.upsert_sorted(sorted_entries(changes.holds.iter(), records::encode_hold))?;
         holds.write_into(&mut batch);
         for (key, c) in &changes.claims {
             match c {
-                Some(c) => batch.insert(codec::key_claim(key), codec::encode_claim(c)),
-                None => batch.remove(codec::key_claim(key)),
+                Some(c) => batch.insert(layout::key_claim(key), records::encode_claim(c)),
+                None => batch.remove(layout::key_claim(key)),
             }
         }
         // A saga's dedup record is rewritten (same op id) as the saga moves
         // on, possibly in a later batch: an upsert replaces it in its
         // bucket. `dedup_order` is not needed here: buckets are in id order
         // and the outbox follows `effects`.
-        let mut dedup = Editor::new(&self.tree, codec::PREFIX_DEDUP);
-        dedup.upsert_sorted(sorted_entries(changes.dedup.iter(), codec::encode_dedup))?;
+        let mut dedup = Editor::new(&self.tree, layout::PREFIX_DEDUP);
+        dedup.upsert_sorted(sorted_entries(changes.dedup.iter(), records::encode_dedup))?;
         dedup.write_into(&mut batch);
-        let mut sagas = Editor::new(&self.tree, codec::PREFIX_SAGA);
-        sagas.upsert_sorted(sorted_entries(changes.sagas.iter(), codec::encode_saga))?;
+        let mut sagas = Editor::new(&self.tree, layout::PREFIX_SAGA);
+        sagas.upsert_sorted(sorted_entries(changes.sagas.iter(), records::encode_saga))?;
         sagas.write_into(&mut batch);
         for (k, present) in &changes.expiries {
             if *present {
-                batch.insert(&codec::key_expiry(*k), codec::encode_marker());
+                batch.insert(&layout::key_expiry(*k), records::encode_marker());
             } else {
-                batch.remove(&codec::key_expiry(*k));
+                batch.remove(&layout::key_expiry(*k));
             }
         }
         let end = self.append_outbox(&mut batch, head.outbox_end, effects)?;
         batch.insert(
-            codec::KEY_HEAD,
-            codec::encode_head(&Head {
+            layout::KEY_HEAD,
+            records::encode_head(&Head {
                 clock,
                 outbox_end: end,
             }),
@@ -325,29 +330,29 @@ impl PartitionStore for Partition {
     fn outbox_confirmed(&self) -> Result<OutboxSeq> {
         match self
             .tree
-            .get(codec::KEY_CONFIRMED)
+            .get(layout::KEY_CONFIRMED)
             .map_err(|e| Error::storage("read", e))?
         {
             None => Ok(OutboxSeq(0)),
-            Some(v) => Ok(OutboxSeq(codec::decode_u64(codec::KEY_CONFIRMED, &v)?)),
+            Some(v) => Ok(OutboxSeq(records::decode_u64(layout::KEY_CONFIRMED, &v)?)),
         }
     }
 
     fn outbox_read(&self, from: OutboxSeq, len_max: usize) -> Result<Vec<(OutboxSeq, Effect)>> {
         let from = from.max(self.outbox_confirmed()?).0;
         let mut out = Vec::new();
-        let start_key = codec::key_outbox(from / OUTBOX_CHUNK_LEN).to_vec();
-        let end_key = vec![codec::PREFIX_OUTBOX + 1];
+        let start_key = layout::key_outbox(from / OUTBOX_CHUNK_LEN).to_vec();
+        let end_key = vec![layout::PREFIX_OUTBOX + 1];
         for item in self.tree.range(start_key..end_key) {
             if out.len() >= len_max {
                 break;
             }
             let (k, v) = item.map_err(|e| Error::storage("read", e))?;
-            let chunk = codec::decode_outbox_key(&k)?;
+            let chunk = layout::decode_outbox_key(&k)?;
             let first = chunk
                 .checked_mul(OUTBOX_CHUNK_LEN)
                 .ok_or_else(|| Error::corrupt(&k, "outbox chunk number out of range"))?;
-            for (seq, e) in (first..).zip(codec::decode_outbox_chunk(&k, &v)?) {
+            for (seq, e) in (first..).zip(records::decode_outbox_chunk(&k, &v)?) {
                 if seq >= from && out.len() < len_max {
                     out.push((OutboxSeq(seq), e));
                 }
@@ -373,13 +378,13 @@ impl PartitionStore for Partition {
         }
         let mut batch = sled::Batch::default();
         for chunk in old / OUTBOX_CHUNK_LEN..end.0 / OUTBOX_CHUNK_LEN {
-            batch.remove(&codec::key_outbox(chunk));
+            batch.remove(&layout::key_outbox(chunk));
         }
-        batch.insert(codec::KEY_CONFIRMED, codec::encode_u64(end.0));
+        batch.insert(layout::KEY_CONFIRMED, records::encode_u64(end.0));
         if let Some(published) = published
             && published > self.decisions_published()?
         {
-            batch.insert(codec::KEY_PUBLISHED, codec::encode_u64(published));
+            batch.insert(layout::KEY_PUBLISHED, records::encode_u64(published));
         }
         self.tree
             .apply_batch(batch)
@@ -389,22 +394,22 @@ impl PartitionStore for Partition {
     fn decisions_published(&self) -> Result<u64> {
         match self
             .tree
-            .get(codec::KEY_PUBLISHED)
+            .get(layout::KEY_PUBLISHED)
             .map_err(|e| Error::storage("read", e))?
         {
             None => Ok(0),
-            Some(v) => codec::decode_u64(codec::KEY_PUBLISHED, &v),
+            Some(v) => records::decode_u64(layout::KEY_PUBLISHED, &v),
         }
     }
 
     fn log_accepted(&self) -> Result<u64> {
         match self
             .tree
-            .get(codec::KEY_LOG_ACCEPTED)
+            .get(layout::KEY_LOG_ACCEPTED)
             .map_err(|e| Error::storage("read", e))?
         {
             None => Ok(0),
-            Some(v) => codec::decode_u64(codec::KEY_LOG_ACCEPTED, &v),
+            Some(v) => records::decode_u64(layout::KEY_LOG_ACCEPTED, &v),
         }
     }
 
@@ -414,7 +419,7 @@ impl PartitionStore for Partition {
             return Ok(());
         }
         self.tree
-            .insert(codec::KEY_LOG_ACCEPTED, codec::encode_u64(sequence))
+            .insert(layout::KEY_LOG_ACCEPTED, records::encode_u64(sequence))
             .map_err(|e| Error::storage("accept the log", e))?;
         Ok(())
     }
@@ -475,40 +480,40 @@ impl Read for Partition {
     type Error = Error;
 
     fn account(&self, id: &str) -> Result<Option<Account>> {
-        self.read(&codec::key_account(id), codec::decode_account)
+        self.read(&layout::key_account(id), records::decode_account)
     }
 
     fn hold(&self, id: OpId) -> Result<Option<Hold>> {
-        self.read_packed(codec::PREFIX_HOLD, id, codec::decode_hold)
+        self.read_packed(layout::PREFIX_HOLD, id, records::decode_hold)
     }
 
     fn claim(&self, key: &str) -> Result<Option<Claim>> {
-        self.read(&codec::key_claim(key), codec::decode_claim)
+        self.read(&layout::key_claim(key), records::decode_claim)
     }
 
     fn dedup(&self, op: OpId) -> Result<Option<Dedup>> {
-        self.read_packed(codec::PREFIX_DEDUP, op, |k, b| {
-            codec::decode_dedup(k, op, b)
+        self.read_packed(layout::PREFIX_DEDUP, op, |k, b| {
+            records::decode_dedup(k, op, b)
         })
     }
 
     fn saga(&self, id: OpId) -> Result<Option<Saga>> {
-        self.read_packed(codec::PREFIX_SAGA, id, codec::decode_saga)
+        self.read_packed(layout::PREFIX_SAGA, id, records::decode_saga)
     }
 
     fn expiry_after(&self, after: Option<ExpiryKey>) -> Result<Option<ExpiryKey>> {
         use std::ops::Bound;
         let start = match after {
-            None => Bound::Included(vec![codec::PREFIX_EXPIRY]),
-            Some(a) => Bound::Excluded(codec::key_expiry(a).to_vec()),
+            None => Bound::Included(vec![layout::PREFIX_EXPIRY]),
+            Some(a) => Bound::Excluded(layout::key_expiry(a).to_vec()),
         };
-        let end = Bound::Excluded(vec![codec::PREFIX_EXPIRY + 1]);
+        let end = Bound::Excluded(vec![layout::PREFIX_EXPIRY + 1]);
         let found = self.tree.range::<Vec<u8>, _>((start, end)).next();
         let Some((k, v)) = found.transpose().map_err(|e| Error::storage("read", e))? else {
             return Ok(None);
         };
-        codec::decode_marker(&k, &v)?;
-        codec::decode_expiry_key(&k).map(Some)
+        records::decode_marker(&k, &v)?;
+        layout::decode_expiry_key(&k).map(Some)
     }
 
     fn clock(&self) -> Result<Clock> {
@@ -545,38 +550,40 @@ impl Iterator for Records {
 
 impl Records {
     fn decode(&mut self, k: &[u8], v: &[u8]) -> Result<Record> {
-        if k == codec::KEY_HEAD {
-            return Ok(Record::Head(codec::decode_head(k, v)?));
+        if k == layout::KEY_HEAD {
+            return Ok(Record::Head(records::decode_head(k, v)?));
         }
-        if k == codec::KEY_CONFIRMED {
-            return Ok(Record::OutboxConfirmed(OutboxSeq(codec::decode_u64(k, v)?)));
+        if k == layout::KEY_CONFIRMED {
+            return Ok(Record::OutboxConfirmed(OutboxSeq(records::decode_u64(
+                k, v,
+            )?)));
         }
-        if k == codec::KEY_PUBLISHED {
-            return Ok(Record::DecisionsPublished(codec::decode_u64(k, v)?));
+        if k == layout::KEY_PUBLISHED {
+            return Ok(Record::DecisionsPublished(records::decode_u64(k, v)?));
         }
-        if k == codec::KEY_LOG_ACCEPTED {
-            return Ok(Record::LogAccepted(codec::decode_u64(k, v)?));
+        if k == layout::KEY_LOG_ACCEPTED {
+            return Ok(Record::LogAccepted(records::decode_u64(k, v)?));
         }
         match k.first().copied() {
-            Some(codec::PREFIX_ACCOUNT) => {
-                let id = codec::decode_text_key(k)?;
+            Some(layout::PREFIX_ACCOUNT) => {
+                let id = layout::decode_text_key(k)?;
                 let id = AccountId::new(id)
                     .map_err(|e| Error::corrupt(k, format!("invalid account id: {e}")))?;
-                Ok(Record::Account(id, codec::decode_account(k, v)?))
+                Ok(Record::Account(id, records::decode_account(k, v)?))
             }
-            Some(codec::PREFIX_CLAIM) => {
-                let key = codec::decode_text_key(k)?.to_owned();
-                Ok(Record::Claim(key, codec::decode_claim(k, v)?))
+            Some(layout::PREFIX_CLAIM) => {
+                let key = layout::decode_text_key(k)?.to_owned();
+                Ok(Record::Claim(key, records::decode_claim(k, v)?))
             }
-            Some(prefix @ (codec::PREFIX_DEDUP | codec::PREFIX_HOLD | codec::PREFIX_SAGA)) => {
+            Some(prefix @ (layout::PREFIX_DEDUP | layout::PREFIX_HOLD | layout::PREFIX_SAGA)) => {
                 let mut records = packed::decode(k, v)?.into_iter().map(|e| {
-                    let op = codec::id_of(e.id);
+                    let op = layout::id_of(e.id);
                     Ok(match prefix {
-                        codec::PREFIX_DEDUP => {
-                            Record::Dedup(op, codec::decode_dedup(k, op, &e.body)?)
+                        layout::PREFIX_DEDUP => {
+                            Record::Dedup(op, records::decode_dedup(k, op, &e.body)?)
                         }
-                        codec::PREFIX_SAGA => Record::Saga(op, codec::decode_saga(k, &e.body)?),
-                        _ => Record::Hold(op, codec::decode_hold(k, &e.body)?),
+                        layout::PREFIX_SAGA => Record::Saga(op, records::decode_saga(k, &e.body)?),
+                        _ => Record::Hold(op, records::decode_hold(k, &e.body)?),
                     })
                 });
                 let first = records
@@ -587,16 +594,16 @@ impl Records {
                 }
                 Ok(first)
             }
-            Some(codec::PREFIX_EXPIRY) => {
-                codec::decode_marker(k, v)?;
-                Ok(Record::Expiry(codec::decode_expiry_key(k)?))
+            Some(layout::PREFIX_EXPIRY) => {
+                records::decode_marker(k, v)?;
+                Ok(Record::Expiry(layout::decode_expiry_key(k)?))
             }
-            Some(codec::PREFIX_OUTBOX) => {
-                let chunk = codec::decode_outbox_key(k)?;
+            Some(layout::PREFIX_OUTBOX) => {
+                let chunk = layout::decode_outbox_key(k)?;
                 let first = chunk
                     .checked_mul(OUTBOX_CHUNK_LEN)
                     .ok_or_else(|| Error::corrupt(k, "outbox chunk number out of range"))?;
-                let entries = codec::decode_outbox_chunk(k, v)?;
+                let entries = records::decode_outbox_chunk(k, v)?;
                 let mut entries = (first..)
                     .zip(entries)
                     .map(|(seq, e)| Record::Outbox(OutboxSeq(seq), e));

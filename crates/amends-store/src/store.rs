@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use amends_core::route::{PartitionId, Partitions};
 
-use crate::codec::FORMAT_VERSION;
 use crate::durability::Durability;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::partition::Partition;
+use crate::records::FORMAT_VERSION;
 
 /// Default size of sled's page cache. sled's own default (1 GiB) would let
 /// one process hold a gigabyte of cached pages; 64 MiB keeps the hot part
