@@ -17,12 +17,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use amends_core::command::{Command, Phase};
+use amends_core::command::Command;
+use amends_core::invariants;
 use amends_core::partition::{
     Answer, Config, Effect, HoldExpired, Input, LogMessage, Machine, Taken,
 };
-use amends_core::route::{self, PartitionId, Partitions};
-use amends_core::saga;
+use amends_core::route::{PartitionId, Partitions};
 use amends_core::state::{HoldStatus, MemState, SagaState};
 use amends_core::{Decision, OpId, wire};
 use amends_nats::topology::{self, Stream};
@@ -356,9 +356,9 @@ fn compare(
     for r in replays.iter_mut() {
         let p = r.machine.partition();
         for (pos, d) in &r.decisions {
-            if derived.insert((p.get(), d.op_id), *pos).is_some() {
-                findings.fail(format!("op {}: re-derived twice (partition {p})", d.op_id));
-            }
+            // A second decision of one op id is the invariants' to report
+            // (`one_answer_per_op`).
+            derived.insert((p.get(), d.op_id), *pos);
             decided_on.entry(d.op_id).or_default().push(p.get());
             match published.get(&(p.get(), d.op_id)) {
                 None if *pos <= r.ack_floor => findings.fail(format!(
@@ -481,258 +481,30 @@ fn compare(
     }
 }
 
-/// Where a saga's step lives: the saga, the step's index and partition.
-struct StepOf {
-    saga: OpId,
-    saga_partition: usize,
-    index: u32,
-    partition: usize,
-}
-
-/// Checks the invariants over the re-derived states of every partition.
+/// Checks the invariants (`amends_core::invariants`) over the re-derived
+/// states of every partition and the decisions they made. The service may
+/// be behind, so a saga may be in flight and a reservation whose confirm
+/// or cancel is not applied yet is a warning.
 fn check_invariants(replays: &[Replay], partitions: Partitions, findings: &mut Findings) {
-    let index_of = |rk: &str| usize::try_from(route::partition_of(rk, partitions).get()).ok();
-    // Every saga step's try id, to find the saga behind a tentative claim or
-    // a saga hold, and the money its confirms and compensations moved.
-    let mut steps: HashMap<OpId, StepOf> = HashMap::new();
-    let mut ledger: BTreeMap<(usize, String), i128> = BTreeMap::new();
-    for (sp, r) in replays.iter().enumerate() {
-        for (saga_id, s) in r.state.sagas() {
-            for (index, step) in (0u32..).zip(saga::steps(&s.command).iter()) {
-                let Some(q) = step.command.routing_key().and_then(|k| index_of(&k)) else {
-                    continue;
-                };
-                let try_id = saga::step_id(*saga_id, index, Phase::Try);
-                steps.insert(
-                    try_id,
-                    StepOf {
-                        saga: *saga_id,
-                        saga_partition: sp,
-                        index,
-                        partition: q,
-                    },
-                );
-                let Some(target) = replays.get(q) else {
-                    continue;
-                };
-                let confirmed = |phase| {
-                    target
-                        .state
-                        .dedup(saga::step_id(*saga_id, index, phase))
-                        .is_some_and(|d| d.decision.outcome.is_confirmed())
-                };
-                let decided = |phase| {
-                    target
-                        .state
-                        .dedup(saga::step_id(*saga_id, index, phase))
-                        .is_some()
-                };
-                if !confirmed(Phase::Try) {
-                    continue;
-                }
-                if let Command::Credit { account, amount } = &*step.command
-                    && confirmed(Phase::Confirm)
-                {
-                    *ledger.entry((q, account.to_string())).or_default() +=
-                        i128::from(amount.get());
-                }
-                if let Some(comp) = &step.compensation
-                    && confirmed(Phase::Cancel)
-                    && !decided(Phase::Confirm)
-                {
-                    add_plain(&mut ledger, q, comp);
-                }
-            }
-        }
-    }
-
-    for (i, r) in replays.iter().enumerate() {
-        let p = r.machine.partition();
-        let now = r.state.clock().log_time_ms;
-        // Money moved by plain commands this partition decided.
-        for (op_id, command) in &r.commands {
-            if r.state
-                .dedup(*op_id)
-                .is_some_and(|d| d.decision.outcome.is_confirmed())
-            {
-                add_plain(&mut ledger, i, command);
-            }
-        }
-        let mut held: HashMap<String, i128> = HashMap::new();
-        for (hold_id, h) in r.state.holds() {
-            match h.status {
-                HoldStatus::Posted { amount, .. } => {
-                    *ledger.entry((i, h.account.to_string())).or_default() -= i128::from(amount);
-                }
-                HoldStatus::Pending => {
-                    *held.entry(h.account.to_string()).or_default() += i128::from(h.amount);
-                    match (h.expires_at_ms, steps.get(hold_id)) {
-                        (Some(at), _) if at <= now => findings.fail(format!(
-                            "partition {p}: hold {hold_id} on {} is pending past its expiry {at} (log time {now})",
-                            h.account
-                        )),
-                        (Some(_), _) => {}
-                        (None, Some(step)) => {
-                            saga_reservation(replays, step, "hold", &hold_id.to_string(), findings);
-                        }
-                        // A client's own hold (a v7 id) may wait for its
-                        // post or void for ever; a hold with a derived id
-                        // that is no saga step's could never end.
-                        (None, None) if hold_id.v7_unix_ms().is_none() => findings.fail(format!(
-                            "partition {p}: hold {hold_id} on {} has no expiry and no saga to end it",
-                            h.account
-                        )),
-                        (None, None) => {}
-                    }
-                }
-                HoldStatus::Voided { .. } | HoldStatus::Expired { .. } => {}
-            }
-        }
-        for (id, a) in r.state.accounts() {
-            let name = format!("partition {p}: account {id}");
-            if index_of(id.as_str()) != Some(i) {
-                findings.fail(format!("{name} is not in the partition its id routes to"));
-            }
-            if a.held < 0 {
-                findings.fail(format!("{name}: held {} < 0", a.held));
-            }
-            if a.incoming < 0 {
-                findings.fail(format!("{name}: incoming {} < 0", a.incoming));
-            }
-            let pending = held.get(id.as_str()).copied().unwrap_or(0);
-            if i128::from(a.held) != pending {
-                findings.fail(format!(
-                    "{name}: held {} but its pending holds add up to {pending}",
-                    a.held
-                ));
-            }
-            if i128::from(a.balance) - i128::from(a.held) < i128::from(a.floor) {
-                findings.fail(format!(
-                    "{name}: balance {} - held {} is below the floor {}",
-                    a.balance, a.held, a.floor
-                ));
-            }
-            if let Some(ceiling) = a.ceiling
-                && i128::from(a.balance) + i128::from(a.incoming) > i128::from(ceiling)
-            {
-                findings.fail(format!(
-                    "{name}: balance {} + incoming {} is above the ceiling {ceiling}",
-                    a.balance, a.incoming
-                ));
-            }
-        }
-        for (key, c) in r.state.claims() {
-            let shown = key.replace('\u{1f}', "/");
-            if index_of(key) != Some(i) {
-                findings.fail(format!(
-                    "partition {p}: claim {shown} is not in the partition its key routes to (owned twice?)"
-                ));
-            }
-            if let Some(try_id) = c.tentative {
-                match steps.get(&try_id) {
-                    Some(step) => saga_reservation(replays, step, "claim", &shown, findings),
-                    None => findings.fail(format!(
-                        "partition {p}: claim {shown} is tentative for {try_id}, the step of no saga"
-                    )),
-                }
-            }
-        }
-        for (saga_id, s) in r.state.sagas() {
-            if let SagaState::Trying { step } = s.state
-                && s.deadline_ms <= now
-            {
-                findings.fail(format!(
-                    "partition {p}: saga {saga_id} still tries step {step} after its deadline {} (log time {now})",
-                    s.deadline_ms
-                ));
-            }
-        }
-    }
-
-    // Money: every balance is what the confirmed operations moved.
-    let mut balances: BTreeMap<(usize, String), i128> = BTreeMap::new();
-    for (i, r) in replays.iter().enumerate() {
-        for (id, a) in r.state.accounts() {
-            balances.insert((i, id.to_string()), i128::from(a.balance));
-        }
-    }
-    let total_balance: i128 = balances.values().sum();
-    let total_moved: i128 = ledger.values().sum();
-    for (key, moved) in &ledger {
-        let balance = balances.get(key).copied().unwrap_or(0);
-        if balance != *moved {
-            findings.fail(format!(
-                "account {}: balance {balance}, but confirmed credits - debits - posted holds = {moved}",
-                key.1
-            ));
-        }
-    }
-    for (key, balance) in &balances {
-        if !ledger.contains_key(key) && *balance != 0 {
-            findings.fail(format!(
-                "account {}: balance {balance} that no confirmed operation moved",
-                key.1
-            ));
-        }
-    }
-    if total_balance != total_moved {
-        findings.fail(format!(
-            "money not conserved: balances add up to {total_balance}, confirmed credits - debits - posted holds to {total_moved}"
-        ));
-    }
-}
-
-/// Adds what a confirmed plain `credit` or `debit` moved (a `post` is
-/// counted through its hold record).
-fn add_plain(ledger: &mut BTreeMap<(usize, String), i128>, partition: usize, command: &Command) {
-    match command {
-        Command::Credit { account, amount } => {
-            *ledger.entry((partition, account.to_string())).or_default() +=
-                i128::from(amount.get());
-        }
-        Command::Debit { account, amount } => {
-            *ledger.entry((partition, account.to_string())).or_default() -=
-                i128::from(amount.get());
-        }
-        _ => {}
-    }
-}
-
-/// A saga's reservation (a tentative claim or a saga hold) still stands:
-/// fine while the saga is in flight; a failure if the step's confirm or
-/// cancel was applied and left it; a warning if that message has not been
-/// applied yet (the service may be behind).
-fn saga_reservation(
-    replays: &[Replay],
-    step: &StepOf,
-    what: &str,
-    name: &str,
-    findings: &mut Findings,
-) {
-    let Some(saga) = replays
-        .get(step.saga_partition)
-        .and_then(|r| r.state.saga(step.saga))
-    else {
-        return;
+    let views: Vec<invariants::View<'_>> = replays
+        .iter()
+        .map(|r| invariants::View::new(r.machine.partition(), &r.state, &r.commands))
+        .collect();
+    let scope = invariants::Scope {
+        settled: false,
+        ledger: true,
     };
-    if matches!(saga.state, SagaState::Trying { .. }) {
-        return;
+    let mut found = invariants::check(partitions, &views, scope);
+    found.extend(invariants::one_answer_per_op(
+        replays
+            .iter()
+            .flat_map(|r| r.decisions.iter().map(|(_, d)| d)),
+    ));
+    for text in found.failures {
+        findings.fail(text);
     }
-    let applied = replays.get(step.partition).is_some_and(|r| {
-        [Phase::Confirm, Phase::Cancel].into_iter().any(|phase| {
-            r.state
-                .dedup(saga::step_id(step.saga, step.index, phase))
-                .is_some()
-        })
-    });
-    let text = format!(
-        "{what} {name}: reserved by step {} of saga {}, which has ended",
-        step.index, step.saga
-    );
-    if applied {
-        findings.fail(format!("{text}, and the step's confirm or cancel left it"));
-    } else {
-        findings.warn(format!("{text}; its confirm or cancel is not applied yet"));
+    for text in found.warnings {
+        findings.warn(text);
     }
 }
 
@@ -802,9 +574,9 @@ mod tests {
 
     use std::collections::VecDeque;
 
-    use amends_core::Request;
-    use amends_core::command::{AccountId, Owner};
+    use amends_core::command::{AccountId, Owner, Phase};
     use amends_core::state::{Account, Claim, Hold, Write as _};
+    use amends_core::{Request, route, saga};
 
     use super::*;
 

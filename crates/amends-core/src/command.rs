@@ -14,7 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
-use crate::decision::Outcome;
+use crate::decision::{Outcome, Reason};
 use crate::id::OpId;
 use crate::route;
 
@@ -422,16 +422,22 @@ impl Request {
 /// Two requests with the same op id are the same operation only when their
 /// fingerprints match; otherwise the second is refused as `op_id_conflict`.
 /// The digest is XXH3-128 over a tagged, length-prefixed encoding of the
-/// parsed request (so JSON key order and whitespace do not matter). It is
-/// stored in dedup records, so the encoding is part of the store format.
+/// parsed request (so JSON key order and whitespace do not matter), sagas
+/// and their step messages included: no part of it goes through serde, so
+/// a change in how a command serializes never turns a resubmission into a
+/// conflict. It is stored in dedup records (and a saga's is made again
+/// from its saga record when the saga ends), so the encoding is part of
+/// the store format: a change to it needs a new store format version.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 pub struct Fingerprint(pub u128);
 
-/// The longest canonical encoding of a valid request, in bytes: the version
-/// tag and op id, the largest command (a claim or release: a tag and three
-/// length-prefixed texts at their limits), and a length-prefixed apology
-/// topic. [`Canon`] encodes into a stack buffer of this size, so
-/// fingerprinting does not allocate.
+/// The longest canonical encoding of a valid plain request, in bytes: the
+/// version tag and op id, the largest plain command (a claim or release: a
+/// tag and three length-prefixed texts at their limits), and a
+/// length-prefixed apology topic. [`Canon`] encodes into a stack buffer of
+/// this size, so fingerprinting the common operations does not allocate;
+/// a saga or a step message, which carries whole commands, may be longer
+/// and spills to the heap.
 const CANON_BYTES_MAX: usize = 1
     + 16
     + 1
@@ -454,9 +460,9 @@ struct Canon {
     /// Bytes used in `buf`, or [`Canon::SPILLED`] once the encoding has
     /// moved to `spill`.
     len: usize,
-    /// The whole encoding once it outgrew `buf`. Unreachable for requests
-    /// built by parsing (their fields are within the limits), but it keeps
-    /// the fingerprint total rather than a panic.
+    /// The whole encoding once it outgrew `buf`: a saga or step message
+    /// with long steps (a plain request within the limits always fits in
+    /// `buf`). It also keeps the fingerprint total rather than a panic.
     spill: Vec<u8>,
 }
 
@@ -508,9 +514,19 @@ impl Canon {
         self.u64(u64::try_from(s.len()).unwrap_or(u64::MAX));
         self.bytes(s.as_bytes());
     }
-    fn text_bytes(&mut self, b: &[u8]) {
-        self.u64(u64::try_from(b.len()).unwrap_or(u64::MAX));
-        self.bytes(b);
+    /// The length of a list (a saga's steps).
+    fn len(&mut self, n: usize) {
+        self.u64(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+    #[inline(always)]
+    fn opt_i64(&mut self, v: Option<i64>) {
+        match v {
+            None => self.tag(0),
+            Some(v) => {
+                self.tag(1);
+                self.i64(v);
+            }
+        }
     }
     #[inline(always)]
     fn opt_u64(&mut self, v: Option<u64>) {
@@ -526,12 +542,15 @@ impl Canon {
     fn id(&mut self, id: OpId) {
         self.bytes(id.0.as_bytes());
     }
-    fn digest(&self) -> Fingerprint {
-        let bytes = match self.buf.get(..self.len) {
+    /// The encoding so far.
+    fn as_bytes(&self) -> &[u8] {
+        match self.buf.get(..self.len) {
             Some(b) => b,
             None => &self.spill[..],
-        };
-        Fingerprint(xxh3_128(bytes))
+        }
+    }
+    fn digest(&self) -> Fingerprint {
+        Fingerprint(xxh3_128(self.as_bytes()))
     }
 }
 
@@ -539,101 +558,240 @@ impl Request {
     /// The canonical fingerprint of this request (op id included).
     pub fn fingerprint(&self) -> Fingerprint {
         let mut c = Canon::new();
-        c.tag(1); // Encoding version.
-        c.id(self.op_id);
-        match &self.command {
+        c.request(self);
+        c.digest()
+    }
+}
+
+/// The canonical encoding, part by part. Every command has a tag of its
+/// own (10 to 18 the plain operations, 20 to 23 the sagas and their
+/// messages); tag 19 was the JSON form of the sagas (store formats 2 and
+/// 3) and is never written again. A saga's encoding holds its steps' commands in the
+/// same encoding as the plain operations, so no part of any request's
+/// fingerprint depends on how serde lays it out.
+impl Canon {
+    fn request(&mut self, r: &Request) {
+        self.tag(1); // Encoding version.
+        self.id(r.op_id);
+        self.command(&r.command);
+        match &r.apology_topic {
+            None => self.tag(0),
+            Some(t) => {
+                self.tag(1);
+                self.text(t.as_str());
+            }
+        }
+    }
+
+    fn command(&mut self, command: &Command) {
+        match command {
             Command::OpenAccount {
                 account,
                 floor,
                 ceiling,
             } => {
-                c.tag(10);
-                c.text(account.as_str());
-                c.i64(*floor);
-                match ceiling {
-                    None => c.tag(0),
-                    Some(v) => {
-                        c.tag(1);
-                        c.i64(*v);
-                    }
-                }
+                self.tag(10);
+                self.text(account.as_str());
+                self.i64(*floor);
+                self.opt_i64(*ceiling);
             }
             Command::Credit { account, amount } => {
-                c.tag(11);
-                c.text(account.as_str());
-                c.u64(amount.get());
+                self.tag(11);
+                self.text(account.as_str());
+                self.u64(amount.get());
             }
             Command::Debit { account, amount } => {
-                c.tag(12);
-                c.text(account.as_str());
-                c.u64(amount.get());
+                self.tag(12);
+                self.text(account.as_str());
+                self.u64(amount.get());
             }
             Command::Hold {
                 account,
                 amount,
                 timeout_ms,
             } => {
-                c.tag(13);
-                c.text(account.as_str());
-                c.u64(amount.get());
-                c.opt_u64(*timeout_ms);
+                self.tag(13);
+                self.text(account.as_str());
+                self.u64(amount.get());
+                self.opt_u64(*timeout_ms);
             }
             Command::Post {
                 account,
                 hold,
                 amount,
             } => {
-                c.tag(14);
-                c.text(account.as_str());
-                c.id(*hold);
-                c.opt_u64(amount.map(Amount::get));
+                self.tag(14);
+                self.text(account.as_str());
+                self.id(*hold);
+                self.opt_u64(amount.map(Amount::get));
             }
             Command::Void { account, hold } => {
-                c.tag(15);
-                c.text(account.as_str());
-                c.id(*hold);
+                self.tag(15);
+                self.text(account.as_str());
+                self.id(*hold);
             }
             Command::Claim {
                 namespace,
                 key,
                 owner,
             } => {
-                c.tag(16);
-                c.text(namespace.as_str());
-                c.text(key.as_str());
-                c.text(owner.as_str());
+                self.tag(16);
+                self.text(namespace.as_str());
+                self.text(key.as_str());
+                self.text(owner.as_str());
             }
             Command::Release {
                 namespace,
                 key,
                 owner,
             } => {
-                c.tag(17);
-                c.text(namespace.as_str());
-                c.text(key.as_str());
-                c.text(owner.as_str());
+                self.tag(17);
+                self.text(namespace.as_str());
+                self.text(key.as_str());
+                self.text(owner.as_str());
             }
-            Command::Tick {} => c.tag(18),
-            // Sagas and their internal messages are rare next to the plain
-            // operations above: their canonical form is the JSON the parsed
-            // command serializes to (fixed field order, no whitespace).
-            Command::Transfer { .. }
-            | Command::Saga { .. }
-            | Command::Step { .. }
-            | Command::StepOutcome { .. } => {
-                c.tag(19);
-                let json = serde_json::to_vec(&self.command).unwrap_or_default();
-                c.text_bytes(&json);
+            Command::Tick {} => self.tag(18),
+            Command::Transfer {
+                from,
+                to,
+                amount,
+                deadline_ms,
+            } => {
+                self.tag(20);
+                self.text(from.as_str());
+                self.text(to.as_str());
+                self.u64(amount.get());
+                self.opt_u64(deadline_ms.map(DeadlineMs::get));
+            }
+            Command::Saga { steps, deadline_ms } => {
+                self.tag(21);
+                self.len(steps.as_slice().len());
+                for step in steps.as_slice() {
+                    self.step(step);
+                }
+                self.opt_u64(deadline_ms.map(DeadlineMs::get));
+            }
+            Command::Step {
+                saga,
+                index,
+                phase,
+                step,
+            } => {
+                self.tag(22);
+                self.id(*saga);
+                self.u64(u64::from(*index));
+                self.tag(match phase {
+                    Phase::Try => 0,
+                    Phase::Confirm => 1,
+                    Phase::Cancel => 2,
+                });
+                self.step(step);
+            }
+            Command::StepOutcome {
+                saga,
+                index,
+                outcome,
+            } => {
+                self.tag(23);
+                self.id(*saga);
+                self.u64(u64::from(*index));
+                self.outcome(outcome);
             }
         }
-        match &self.apology_topic {
-            None => c.tag(0),
-            Some(t) => {
-                c.tag(1);
-                c.text(t.as_str());
+    }
+
+    fn step(&mut self, step: &SagaStep) {
+        self.command(&step.command);
+        match &step.compensation {
+            None => self.tag(0),
+            Some(c) => {
+                self.tag(1);
+                self.command(c);
             }
         }
-        c.digest()
+    }
+
+    fn outcome(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Confirmed { balance, available } => {
+                self.tag(0);
+                self.opt_i64(*balance);
+                self.opt_i64(*available);
+            }
+            Outcome::Rejected { reason } => {
+                self.tag(1);
+                self.reason(reason);
+            }
+            Outcome::InFlight { step } => {
+                self.tag(2);
+                self.u64(u64::from(*step));
+            }
+        }
+    }
+
+    /// A reason: its stable code (so the encoding does not follow the
+    /// order of the enum), then its fields in declaration order.
+    fn reason(&mut self, reason: &Reason) {
+        self.text(reason.code());
+        match reason {
+            Reason::OpIdConflict
+            | Reason::UnknownAccount
+            | Reason::AccountExists
+            | Reason::HoldNotFound
+            | Reason::HoldAlreadyPosted
+            | Reason::HoldAlreadyVoided
+            | Reason::HoldExpired
+            | Reason::Overflow
+            | Reason::NotClaimed
+            | Reason::ClaimPending
+            | Reason::SagaCancelled => {}
+            Reason::OpIdOutsideWindow {
+                op_time_ms,
+                earliest_ms,
+                latest_ms,
+            } => {
+                self.u64(*op_time_ms);
+                self.u64(*earliest_ms);
+                self.u64(*latest_ms);
+            }
+            Reason::Malformed { detail } => self.text(detail),
+            Reason::ReplySubjectInvalid { bytes_max } => self.u64(u64::from(*bytes_max)),
+            Reason::WrongPartition { partition } => self.u64(u64::from(*partition)),
+            Reason::InvalidLimits { floor, ceiling } => {
+                self.i64(*floor);
+                self.opt_i64(*ceiling);
+            }
+            Reason::PostExceedsHold { held, requested } => {
+                self.i64(*held);
+                self.u64(*requested);
+            }
+            Reason::InsufficientFunds {
+                available,
+                floor,
+                requested,
+            } => {
+                self.i64(*available);
+                self.i64(*floor);
+                self.u64(*requested);
+            }
+            Reason::CeilingExceeded {
+                balance,
+                ceiling,
+                requested,
+            } => {
+                self.i64(*balance);
+                self.i64(*ceiling);
+                self.u64(*requested);
+            }
+            Reason::AlreadyClaimed { owner } | Reason::NotOwner { owner } => {
+                self.text(owner.as_str());
+            }
+            Reason::StepRefused { step, reason } => {
+                self.u64(u64::from(*step));
+                self.reason(reason);
+            }
+            Reason::DeadlineExceeded { deadline_ms } => self.u64(*deadline_ms),
+        }
     }
 }
 
@@ -644,4 +802,176 @@ pub fn raw_fingerprint(bytes: &[u8]) -> Fingerprint {
     h.update(&[0xFF]);
     h.update(bytes);
     Fingerprint(h.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(n: u128) -> OpId {
+        OpId::v7_from_parts(1_700_000_000_000, n)
+    }
+
+    fn request(n: u128, command: serde_json::Value) -> Request {
+        serde_json::from_value(serde_json::json!({"op_id": op(n), "command": command}))
+            .expect("a valid request")
+    }
+
+    fn canonical(r: &Request) -> Vec<u8> {
+        let mut c = Canon::new();
+        c.request(r);
+        c.as_bytes().to_vec()
+    }
+
+    /// One request of every command kind, the saga family with every
+    /// optional part present.
+    fn every_kind() -> Vec<Request> {
+        use serde_json::json;
+        let step = json!({"command": {"type": "release", "namespace": "seat", "key": "7", "owner": "o"},
+                          "compensation": {"type": "claim", "namespace": "seat", "key": "7", "owner": "o"}});
+        vec![
+            request(
+                1,
+                json!({"type": "open_account", "account": "a", "floor": -5, "ceiling": 9}),
+            ),
+            request(2, json!({"type": "credit", "account": "a", "amount": 3})),
+            request(3, json!({"type": "debit", "account": "a", "amount": 3})),
+            request(
+                4,
+                json!({"type": "hold", "account": "a", "amount": 3, "timeout_ms": 10}),
+            ),
+            request(
+                5,
+                json!({"type": "post", "account": "a", "hold": op(4), "amount": 2}),
+            ),
+            request(6, json!({"type": "void", "account": "a", "hold": op(4)})),
+            request(
+                7,
+                json!({"type": "claim", "namespace": "seat", "key": "7", "owner": "o"}),
+            ),
+            request(
+                8,
+                json!({"type": "release", "namespace": "seat", "key": "7", "owner": "o"}),
+            ),
+            request(9, json!({"type": "tick"})),
+            request(
+                10,
+                json!({"type": "transfer", "from": "a", "to": "b", "amount": 5, "deadline_ms": 60}),
+            ),
+            request(
+                11,
+                json!({"type": "saga", "deadline_ms": 60, "steps": [
+                {"command": {"type": "debit", "account": "a", "amount": 5}}, step.clone()]}),
+            ),
+            request(
+                12,
+                json!({"type": "step", "saga": op(11), "index": 1, "phase": "cancel", "step": step}),
+            ),
+            request(
+                13,
+                json!({"type": "step_outcome", "saga": op(11), "index": 0, "outcome": {
+                "outcome": "rejected", "reason": {"code": "step_refused", "step": 2, "reason": {
+                    "code": "insufficient_funds", "available": -1, "floor": 0, "requested": 5}}}}),
+            ),
+        ]
+    }
+
+    #[test]
+    fn fingerprints_are_pinned() {
+        // Proves the fingerprint of every command kind, sagas and their messages included, is the one store format 4 expects: fingerprints are kept in dedup records, so a change here needs a new store FORMAT_VERSION (amends-store) or a resubmission after an upgrade would be refused op_id_conflict.
+        // The first nine (the plain operations) are those of formats 2
+        // and 3: only the saga family's encoding changed in format 4.
+        let want: [u128; 13] = [
+            0x2ed8dde932b0fea99a72babc7ed0ce6b,
+            0xc4dc15662e17ddf9d4b4fb64a205d622,
+            0x72c29e9c3a2b58349243bea58dd272da,
+            0x7ea65bf4b21dcd5a9ad0991c4954c08e,
+            0xc50f14042641aab5cdc38932060c6b6e,
+            0x55a454abac136ae25086568d47980737,
+            0x1ef7fdc69c7f09e1bd62b2e7e0a22030,
+            0x925a1715b86f6a1cb8d2a8a770a0ceb1,
+            0x3ce4509a075d5faa45d7c1e2913caddc,
+            0xa6fd74ca224f25bc2ea69e33e18c5a83,
+            0x61c7d95980bf05227b285e947d421bd6,
+            0xd4032bb7b87fccce05b942d6dd35c245,
+            0xc66f5e4c414605d5cddc0e319616a277,
+        ];
+        let got: Vec<u128> = every_kind().iter().map(|r| r.fingerprint().0).collect();
+        assert_eq!(got, want, "{got:#x?}");
+    }
+
+    #[test]
+    fn a_transfers_canonical_bytes_are_pinned() {
+        // Proves a saga's canonical encoding is the tagged, length-prefixed form of its fields, not the JSON serde writes: version 1, the op id, tag 20, both account ids with their lengths, the amount, the deadline, no apology topic.
+        let r = request(
+            10,
+            serde_json::json!({"type": "transfer", "from": "a", "to": "bc", "amount": 5, "deadline_ms": 60}),
+        );
+        let mut want = vec![1];
+        want.extend_from_slice(op(10).0.as_bytes());
+        want.push(20);
+        want.extend_from_slice(&1u64.to_le_bytes());
+        want.push(b'a');
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(b"bc");
+        want.extend_from_slice(&5u64.to_le_bytes());
+        want.push(1);
+        want.extend_from_slice(&60u64.to_le_bytes());
+        want.push(0);
+        assert_eq!(canonical(&r), want);
+    }
+
+    #[test]
+    fn a_step_carries_its_command_in_the_plain_encoding() {
+        // Proves a saga step's command is encoded exactly as the same command sent alone (after the request's version tag and op id), so one encoding serves both.
+        let plain = request(
+            8,
+            serde_json::json!({"type": "release", "namespace": "seat", "key": "7", "owner": "o"}),
+        );
+        let alone = canonical(&plain);
+        let command_bytes = &alone[17..alone.len() - 1];
+        let kinds = every_kind();
+        let step = canonical(&kinds[11]);
+        assert!(
+            step.windows(command_bytes.len())
+                .any(|w| w == command_bytes),
+            "the step's bytes hold the release's"
+        );
+    }
+
+    #[test]
+    fn every_field_of_a_saga_changes_its_fingerprint() {
+        // Proves the saga family's fingerprints tell apart requests that differ in one field only (a step's compensation, a phase, an index, a deadline, a reason's detail), so a changed body is a conflict, never a duplicate.
+        use serde_json::json;
+        let comp = |owner: &str| {
+            json!({"command": {"type": "release", "namespace": "seat", "key": "7", "owner": "o"},
+                          "compensation": {"type": "claim", "namespace": "seat", "key": "7", "owner": owner}})
+        };
+        let bodies = [
+            json!({"type": "transfer", "from": "a", "to": "b", "amount": 5}),
+            json!({"type": "transfer", "from": "a", "to": "b", "amount": 5, "deadline_ms": 60}),
+            json!({"type": "transfer", "from": "b", "to": "a", "amount": 5}),
+            json!({"type": "saga", "steps": [comp("o")]}),
+            json!({"type": "saga", "steps": [{"command": {"type": "release", "namespace": "seat", "key": "7", "owner": "o"}}]}),
+            json!({"type": "saga", "steps": [comp("o"), comp("o")]}),
+            json!({"type": "saga", "steps": [comp("p")]}),
+            json!({"type": "step", "saga": op(1), "index": 0, "phase": "try", "step": comp("o")}),
+            json!({"type": "step", "saga": op(1), "index": 0, "phase": "cancel", "step": comp("o")}),
+            json!({"type": "step", "saga": op(1), "index": 1, "phase": "try", "step": comp("o")}),
+            json!({"type": "step", "saga": op(2), "index": 0, "phase": "try", "step": comp("o")}),
+            json!({"type": "step_outcome", "saga": op(1), "index": 0, "outcome": {"outcome": "confirmed"}}),
+            json!({"type": "step_outcome", "saga": op(1), "index": 0, "outcome": {"outcome": "confirmed", "balance": 0}}),
+            json!({"type": "step_outcome", "saga": op(1), "index": 0, "outcome": {"outcome": "in_flight", "step": 0}}),
+            json!({"type": "step_outcome", "saga": op(1), "index": 0, "outcome": {"outcome": "rejected", "reason": {"code": "malformed", "detail": "x"}}}),
+            json!({"type": "step_outcome", "saga": op(1), "index": 0, "outcome": {"outcome": "rejected", "reason": {"code": "malformed", "detail": "y"}}}),
+            json!({"type": "step_outcome", "saga": op(1), "index": 0, "outcome": {"outcome": "rejected", "reason": {"code": "saga_cancelled"}}}),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for body in bodies {
+            assert!(
+                seen.insert(request(1, body.clone()).fingerprint().0),
+                "{body}"
+            );
+        }
+    }
 }

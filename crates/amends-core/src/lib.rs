@@ -19,6 +19,10 @@
 //! - [`state`]: the records a partition keeps, the narrow [`state::Read`] /
 //!   [`state::Write`] traits a store implements, a change set with a read
 //!   overlay, and an in-memory state.
+//! - [`invariants`]: the invariants of DESIGN.md over partition states
+//!   (money, one owner per claim, one answer per op, sagas that end,
+//!   nothing left reserved), written once for the model tests, the saga
+//!   simulation and `amends audit`.
 //! - [`partition`]: the partition state machine and the effects it emits,
 //!   one file per concern (dedup, balances and holds, claims, sagas).
 //! - [`protocol`]: the names of the protocol (the subject [`protocol::Prefix`]
@@ -45,6 +49,7 @@ pub mod command;
 pub mod decision;
 mod field;
 pub mod id;
+pub mod invariants;
 mod json;
 pub mod partition;
 pub mod protocol;

@@ -6,19 +6,28 @@
 //! applied again from the committed state), relaying an outbox entry
 //! (mostly in order, sometimes any entry; sometimes twice, and sometimes
 //! "crashing" after the publish so the entry is relayed again later),
-//! resubmitting a client's saga, and advancing log
-//! time. Messages of different partitions interleave in every order. At
-//! quiescence the test checks what must hold whatever happened: money is
-//! conserved and every balance is exactly what the confirmed transfers say,
-//! every saga ended, no hold, reservation or tentative claim is left, and
-//! every saga got exactly one decision (all copies equal). The seed is
-//! printed on failure; `AMENDS_SIM_SEEDS=N` runs more seeds.
+//! resubmitting a client's saga (with a new reply subject, as a client
+//! that lost its first one would), and advancing log time. Messages of
+//! different partitions interleave in every order. The sagas are
+//! transfers, claim sagas, and sagas with steps that take effect at once
+//! and have a compensation (a post refunded by a credit, a release undone
+//! by a claim), so cancelling runs compensations. At quiescence the test
+//! checks the invariants (`amends_core::invariants`, settled: money
+//! conserved, every account and claim on its own partition, nothing left
+//! held or reserved, every saga ended, one answer per op) and what this
+//! workload must have done: every balance, seat and desk is exactly what
+//! the confirmed sagas say (a cancelled saga leaves nothing, compensated
+//! steps included), every saga got exactly one decision (all copies equal),
+//! and its final decision went to the reply subject of the last
+//! submission answered "in flight". The seed is printed on
+//! failure; `AMENDS_SIM_SEEDS=N` runs more seeds.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use amends_core::command::{Command, Request};
 use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
+use amends_core::invariants::{self, Scope, View};
 use amends_core::partition::{Answer, Config, Effect, Input, Machine};
 use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, SagaState};
@@ -54,15 +63,19 @@ struct Partition {
     machine: Machine,
     state: MemState,
     /// Messages appended to the log and not applied yet (JSON bodies, so
-    /// every message goes through the wire decoder as in production).
-    log: VecDeque<Vec<u8>>,
+    /// every message goes through the wire decoder as in production), with
+    /// the reply subject each was published with.
+    log: VecDeque<(Vec<u8>, Option<String>)>,
     /// The position of the next message.
     next_position: u64,
     /// Committed effects not relayed yet, in order.
     outbox: VecDeque<Effect>,
+    /// The command of every operation decided from this log (the money
+    /// ledger of the invariants reads the plain ones).
+    commands: BTreeMap<OpId, Command>,
 }
 
-/// What a client submitted: a transfer or a claim saga.
+/// What a client submitted: a transfer, or a saga.
 #[derive(Clone, Debug)]
 enum Submitted {
     Transfer {
@@ -70,8 +83,25 @@ enum Submitted {
         to: usize,
         amount: i64,
     },
+    /// Claim a seat, then pay for it.
     ClaimSaga {
         key: usize,
+        owner: usize,
+        account: usize,
+        amount: i64,
+    },
+    /// Post a client hold of `amount` made just before (compensated by a
+    /// credit of `amount`: a refund), then claim a seat.
+    Refund {
+        account: usize,
+        amount: i64,
+        key: usize,
+        owner: usize,
+    },
+    /// Release desk `desk`, which `owner` claimed just before (compensated
+    /// by claiming it again), then pay `amount` from `account`.
+    Desk {
+        desk: usize,
         owner: usize,
         account: usize,
         amount: i64,
@@ -87,6 +117,15 @@ struct Sim {
     published: BTreeMap<OpId, Vec<Decision>>,
     /// The client requests, by op id, to resubmit them.
     requests: BTreeMap<OpId, (Request, Submitted)>,
+    /// Per saga, the reply subject of the last submission of it answered
+    /// in flight: where its final decision must go.
+    reply_wanted: BTreeMap<OpId, String>,
+    /// Every reply subject a saga's final decision was sent to.
+    replies: BTreeMap<OpId, Vec<String>>,
+    /// Reply subjects handed out so far.
+    subjects: u64,
+    /// Submissions of a saga in flight that named a new reply subject.
+    repointed: u64,
     crashes: u64,
     duplicates: u64,
 }
@@ -97,6 +136,10 @@ fn account(i: usize) -> String {
 
 fn key(i: usize) -> String {
     format!("seat-{i}")
+}
+
+fn desk(i: usize) -> String {
+    format!("desk-{i}")
 }
 
 impl Sim {
@@ -111,6 +154,7 @@ impl Sim {
                 log: VecDeque::new(),
                 next_position: 1,
                 outbox: VecDeque::new(),
+                commands: BTreeMap::new(),
             })
             .collect();
         Sim {
@@ -120,6 +164,10 @@ impl Sim {
             now_ms: T0_MS,
             published: BTreeMap::new(),
             requests: BTreeMap::new(),
+            reply_wanted: BTreeMap::new(),
+            replies: BTreeMap::new(),
+            subjects: 0,
+            repointed: 0,
             crashes: 0,
             duplicates: 0,
         }
@@ -135,9 +183,15 @@ impl Sim {
         route::partition_of(&key, self.partitions)
     }
 
-    fn append(&mut self, p: PartitionId, req: &Request) {
+    fn append(&mut self, p: PartitionId, req: &Request, reply_to: Option<String>) {
         let idx = usize::try_from(p.get()).expect("fits");
-        self.parts[idx].log.push_back(wire::encode(req));
+        self.parts[idx].log.push_back((wire::encode(req), reply_to));
+    }
+
+    /// A reply subject no submission used before.
+    fn new_subject(&mut self) -> String {
+        self.subjects += 1;
+        format!("_INBOX.client.{}", self.subjects)
     }
 
     fn submit(&mut self, command: serde_json::Value) -> Request {
@@ -147,14 +201,15 @@ impl Sim {
         }))
         .expect("a valid request");
         let p = self.partition_of(&req);
-        self.append(p, &req);
+        let reply_to = self.new_subject();
+        self.append(p, &req, Some(reply_to));
         req
     }
 
     /// Applies the next message of partition `idx`; with some chance the
     /// worker crashes before its commit and the message stays in the log.
     fn deliver(&mut self, idx: usize) {
-        let Some(body) = self.parts[idx].log.front().cloned() else {
+        let Some((body, reply_to)) = self.parts[idx].log.front().cloned() else {
             return;
         };
         // Log time advances a little with every append that is applied.
@@ -167,11 +222,12 @@ impl Sim {
         let answer = {
             let mut overlay = Overlay::new(&part.state, &mut changes);
             part.machine
-                .apply(
+                .apply_with_reply(
                     &mut overlay,
                     part.next_position,
                     self.now_ms,
                     &input,
+                    reply_to.as_deref(),
                     &mut out,
                 )
                 .expect("the log advances")
@@ -183,11 +239,28 @@ impl Sim {
         part.state.absorb(&mut changes);
         part.log.pop_front();
         part.next_position += 1;
-        part.outbox.extend(out);
-        if let (Input::Request(req), Answer::Decided(d)) = (&input, &answer) {
-            // A plain operation's decision reaches its client directly.
+        let Input::Request(req) = &input else {
+            panic!("the simulation writes no malformed requests");
+        };
+        if let Answer::Decided(d) | Answer::Accepted(d) = &answer {
             assert_eq!(req.op_id, d.op_id);
+            part.commands.insert(req.op_id, req.command.clone());
         }
+        // A client answered "in flight" waits for the final decision at its
+        // reply subject; the last such client is the one it must reach (a
+        // submission answered with the final decision has it already).
+        let in_flight = match &answer {
+            Answer::Accepted(_) => true,
+            Answer::Duplicate(d) => !d.outcome.is_final(),
+            _ => false,
+        };
+        if let (true, Some(to)) = (in_flight, reply_to)
+            && let Some(was) = self.reply_wanted.insert(req.op_id, to.clone())
+            && was != to
+        {
+            self.repointed += 1;
+        }
+        part.outbox.extend(out);
     }
 
     /// Relays the first outbox entry of partition `idx`: sometimes twice,
@@ -208,9 +281,13 @@ impl Sim {
         let copies = if self.rng.chance(15) { 2 } else { 1 };
         for _ in 0..copies {
             match &effect {
-                Effect::Send { partition, request } => self.append(*partition, request),
-                Effect::Decided(d) | Effect::Reply { decision: d, .. } => {
+                Effect::Send { partition, request } => self.append(*partition, request, None),
+                Effect::Decided(d) => {
                     self.published.entry(d.op_id).or_default().push(d.clone());
+                }
+                Effect::Reply { to, decision: d } => {
+                    self.published.entry(d.op_id).or_default().push(d.clone());
+                    self.replies.entry(d.op_id).or_default().push(to.clone());
                 }
                 Effect::Apology(_) | Effect::HoldExpired(_) | Effect::DeadLetter(_) => {}
             }
@@ -230,7 +307,9 @@ impl Sim {
         let i = self.rng.below(self.requests.len());
         let (req, _) = self.requests.values().nth(i).expect("in range").clone();
         let p = self.partition_of(&req);
-        self.append(p, &req);
+        // A client that lost its first answer listens somewhere new.
+        let reply_to = self.new_subject();
+        self.append(p, &req, Some(reply_to));
         self.duplicates += 1;
     }
 
@@ -270,12 +349,70 @@ impl Sim {
                 command: Command::Tick {},
                 apology_topic: None,
             };
-            self.append(p, &tick);
+            self.append(p, &tick, None);
         }
     }
 }
 
-fn run(seed: u64) {
+/// The saga of `submitted`, after the plain requests it needs first (the
+/// hold a refund posts, the desk a desk saga releases).
+fn saga_command(sim: &mut Sim, submitted: &Submitted, deadline: u64) -> serde_json::Value {
+    use serde_json::json;
+    let seat = |k: usize, owner: usize| json!({"type": "claim", "namespace": "seat", "key": key(k), "owner": format!("o{owner}")});
+    match submitted {
+        Submitted::Transfer { from, to, amount } => json!({
+            "type": "transfer", "from": account(*from), "to": account(*to),
+            "amount": amount, "deadline_ms": deadline,
+        }),
+        Submitted::ClaimSaga {
+            key: k,
+            owner,
+            account: a,
+            amount,
+        } => json!({
+            "type": "saga", "deadline_ms": deadline, "steps": [
+                {"command": seat(*k, *owner)},
+                {"command": {"type": "debit", "account": account(*a), "amount": amount}},
+            ],
+        }),
+        Submitted::Refund {
+            account: a,
+            amount,
+            key: k,
+            owner,
+        } => {
+            // The hold lapses before the last tick, if the saga never
+            // posts it (or the hold itself is refused: then so is the post).
+            let hold = sim.submit(json!({
+                "type": "hold", "account": account(*a), "amount": amount, "timeout_ms": 90_000,
+            }));
+            json!({
+                "type": "saga", "deadline_ms": deadline, "steps": [
+                    {"command": {"type": "post", "account": account(*a), "hold": hold.op_id},
+                     "compensation": {"type": "credit", "account": account(*a), "amount": amount}},
+                    {"command": seat(*k, *owner)},
+                ],
+            })
+        }
+        Submitted::Desk {
+            desk: d,
+            owner,
+            account: a,
+            amount,
+        } => {
+            let claim = |kind: &str| json!({"type": kind, "namespace": "desk", "key": desk(*d), "owner": format!("o{owner}")});
+            sim.submit(claim("claim"));
+            json!({
+                "type": "saga", "deadline_ms": deadline, "steps": [
+                    {"command": claim("release"), "compensation": claim("claim")},
+                    {"command": {"type": "debit", "account": account(*a), "amount": amount}},
+                ],
+            })
+        }
+    }
+}
+
+fn run(seed: u64) -> Sim {
     let mut sim = Sim::new(seed);
     // Accounts, funded, each on its own partition by its id.
     for i in 0..ACCOUNTS {
@@ -287,49 +424,48 @@ fn run(seed: u64) {
     sim.drive(100_000);
 
     // Transfers among a few hot accounts (some too large to succeed, some
-    // to a missing account) and claim sagas competing for a few seats.
-    for _ in 0..60 {
-        let submitted = if sim.rng.chance(70) {
-            let from = sim.rng.below(ACCOUNTS);
-            let to = sim.rng.below(ACCOUNTS + 1); // ACCOUNTS: no such account
-            let amount = i64::try_from(sim.rng.below(60) + 1).expect("small");
-            Submitted::Transfer { from, to, amount }
-        } else {
-            Submitted::ClaimSaga {
+    // to a missing account), claim sagas and refunded seat sagas competing
+    // for a few seats, and desk sagas that may not afford their desk.
+    for n in 0..60 {
+        let submitted = match sim.rng.below(10) {
+            0..=4 => {
+                let from = sim.rng.below(ACCOUNTS);
+                let to = sim.rng.below(ACCOUNTS + 1); // ACCOUNTS: no such account
+                let amount = i64::try_from(sim.rng.below(60) + 1).expect("small");
+                Submitted::Transfer { from, to, amount }
+            }
+            5..=6 => Submitted::ClaimSaga {
                 key: sim.rng.below(3),
                 owner: sim.rng.below(4),
                 account: sim.rng.below(ACCOUNTS),
                 amount: i64::try_from(sim.rng.below(30) + 1).expect("small"),
-            }
+            },
+            7..=8 => Submitted::Refund {
+                account: sim.rng.below(ACCOUNTS),
+                amount: i64::try_from(sim.rng.below(30) + 1).expect("small"),
+                key: sim.rng.below(3),
+                owner: sim.rng.below(4),
+            },
+            _ => Submitted::Desk {
+                desk: n,
+                owner: sim.rng.below(4),
+                account: sim.rng.below(ACCOUNTS),
+                amount: i64::try_from(sim.rng.below(120) + 1).expect("small"),
+            },
         };
         let deadline = if sim.rng.chance(20) { 2 } else { 60_000 };
-        let command = match &submitted {
-            Submitted::Transfer { from, to, amount } => serde_json::json!({
-                "type": "transfer", "from": account(*from), "to": account(*to),
-                "amount": amount, "deadline_ms": deadline,
-            }),
-            Submitted::ClaimSaga {
-                key: k,
-                owner,
-                account: a,
-                amount,
-            } => serde_json::json!({
-                "type": "saga", "deadline_ms": deadline, "steps": [
-                    {"command": {"type": "claim", "namespace": "seat", "key": key(*k), "owner": format!("o{owner}")}},
-                    {"command": {"type": "debit", "account": account(*a), "amount": amount}},
-                ],
-            }),
-        };
+        let command = saga_command(&mut sim, &submitted, deadline);
         let req = sim.submit(command);
         sim.requests.insert(req.op_id, (req, submitted));
-        // Interleave submissions with some work.
+        // Interleave submissions with some work, and with clients
+        // resubmitting sagas that may still be in flight.
         let steps = sim.rng.below(40);
         for _ in 0..steps {
             let idx = sim.rng.below(sim.parts.len());
-            if sim.rng.chance(50) {
-                sim.deliver(idx);
-            } else {
-                sim.relay(idx);
+            match sim.rng.below(10) {
+                0..=4 => sim.deliver(idx),
+                5..=8 => sim.relay(idx),
+                _ => sim.resubmit_some(),
             }
         }
     }
@@ -340,23 +476,46 @@ fn run(seed: u64) {
     sim.drive(1_000_000);
 
     check(&sim);
+    sim
 }
 
 fn check(sim: &Sim) {
-    // Every saga got exactly one decision, final, and equal in every copy.
+    // The invariants, with everything delivered and every deadline past.
+    let views: Vec<View<'_>> = sim
+        .partitions
+        .ids()
+        .zip(&sim.parts)
+        .map(|(id, part)| View::new(id, &part.state, &part.commands))
+        .collect();
+    let scope = Scope {
+        settled: true,
+        ledger: true,
+    };
+    let mut findings = invariants::check(sim.partitions, &views, scope);
+    findings.extend(invariants::one_answer_per_op(
+        sim.published.values().flatten(),
+    ));
+    assert!(findings.passed(), "{:#?}", findings.failures);
+
+    // Every saga got exactly one decision, final, and equal in every copy,
+    // sent to the subject of its last submission answered in flight.
     let mut expected = [OPENING_BALANCE; ACCOUNTS];
     let mut owners: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut desks: BTreeMap<usize, Option<usize>> = BTreeMap::new();
+    let mut paid = 0;
     for (op_id, (_, submitted)) in &sim.requests {
         let copies = sim
             .published
             .get(op_id)
             .unwrap_or_else(|| panic!("saga {op_id} ({submitted:?}) got no decision"));
         let first = &copies[0];
-        assert!(
-            copies.iter().all(|d| d == first),
-            "saga {op_id} got different decisions: {copies:?}"
-        );
         assert!(first.outcome.is_final(), "saga {op_id}: {first:?}");
+        let wanted = &sim.reply_wanted[op_id];
+        let sent = sim.replies.get(op_id).map_or(&[][..], Vec::as_slice);
+        assert!(
+            !sent.is_empty() && sent.iter().all(|to| to == wanted),
+            "saga {op_id} ({submitted:?}): its final decision went to {sent:?}, not to {wanted:?}, the subject of its last submission answered in flight"
+        );
         if let Outcome::Rejected { reason } = &first.outcome {
             assert!(
                 matches!(
@@ -366,26 +525,56 @@ fn check(sim: &Sim) {
                 "saga {op_id}: unexpected refusal {reason:?}"
             );
         }
-        if first.outcome.is_confirmed() {
-            match submitted {
-                Submitted::Transfer { from, to, amount } => {
-                    expected[*from] -= amount;
-                    expected[*to] += amount;
-                }
+        let confirmed = first.outcome.is_confirmed();
+        let mut seat = |k: usize, owner: usize| {
+            let prior = owners.insert(k, owner);
+            assert!(
+                prior.is_none_or(|o| o == owner),
+                "seat {k} confirmed for {prior:?} and {owner}"
+            );
+        };
+        // A cancelled saga leaves nothing behind (its compensations ran);
+        // a confirmed one did all its steps.
+        match (submitted, confirmed) {
+            (Submitted::Transfer { from, to, amount }, true) => {
+                expected[*from] -= amount;
+                expected[*to] += amount;
+            }
+            (
                 Submitted::ClaimSaga {
                     key: k,
                     owner,
                     account: a,
                     amount,
-                } => {
-                    expected[*a] -= amount;
-                    let prior = owners.insert(*k, *owner);
-                    assert!(
-                        prior.is_none_or(|o| o == *owner),
-                        "seat {k} confirmed for {prior:?} and {owner}"
-                    );
                 }
+                | Submitted::Refund {
+                    account: a,
+                    amount,
+                    key: k,
+                    owner,
+                },
+                true,
+            ) => {
+                expected[*a] -= amount;
+                paid += amount;
+                seat(*k, *owner);
             }
+            (
+                Submitted::Desk {
+                    desk: d,
+                    owner,
+                    account: a,
+                    amount,
+                },
+                confirmed,
+            ) => {
+                if confirmed {
+                    expected[*a] -= amount;
+                    paid += amount;
+                }
+                desks.insert(*d, (!confirmed).then_some(*owner));
+            }
+            (_, false) => {}
         }
         // The saga's partition says the same.
         let p = usize::try_from(first.partition).expect("fits");
@@ -402,37 +591,19 @@ fn check(sim: &Sim) {
             "saga {op_id} is {record:?}"
         );
     }
-    // Money is conserved: transfers move it, and only confirmed claim
-    // sagas take it out (they pay for their seat).
-    let paid: i64 = sim
-        .requests
-        .iter()
-        .filter(|(id, _)| sim.published[*id][0].outcome.is_confirmed())
-        .map(|(_, (_, s))| match s {
-            Submitted::ClaimSaga { amount, .. } => *amount,
-            Submitted::Transfer { .. } => 0,
-        })
-        .sum();
+    // Money is conserved: transfers move it, and only confirmed seat and
+    // desk sagas take it out (they pay).
     let opening = OPENING_BALANCE * i64::try_from(ACCOUNTS).expect("fits");
-
     let mut balances = BTreeMap::new();
     for part in &sim.parts {
         for (id, a) in part.state.accounts() {
-            assert_eq!(a.held, 0, "{id}: holds left");
-            assert_eq!(a.incoming, 0, "{id}: reserved credits left");
-            assert!(a.balance >= a.floor, "{id} below its floor");
             balances.insert(id.as_str().to_owned(), a.balance);
         }
+        // Every client hold ended too: posted, or lapsed before the last
+        // tick.
         for (id, h) in part.state.holds() {
             assert_ne!(h.status, HoldStatus::Pending, "hold {id} left pending");
         }
-        for (k, c) in part.state.claims() {
-            assert_eq!(c.tentative, None, "claim {k:?} left tentative");
-        }
-        for (id, s) in part.state.sagas() {
-            assert!(s.ended_at_ms().is_some(), "saga {id} never ended");
-        }
-        assert_eq!(part.state.expiries().count(), 0, "deadlines left");
     }
     assert_eq!(
         balances.values().sum::<i64>(),
@@ -443,20 +614,34 @@ fn check(sim: &Sim) {
         assert_eq!(
             balances.get(&account(i)),
             Some(want),
-            "{}: the balance is not what the confirmed transfers say",
+            "{}: the balance is not what the confirmed sagas say",
             account(i)
         );
     }
-    // Every confirmed seat is owned by its saga's owner, for good.
-    for (k, owner) in &owners {
-        let rk = route::claim_routing_key("seat", &key(*k));
-        let found = sim
-            .parts
+    let owner_of = |namespace: &str, key: &str| {
+        let rk = route::claim_routing_key(namespace, key);
+        sim.parts
             .iter()
             .flat_map(|p| p.state.claims())
-            .find(|(key, _)| **key == rk)
-            .map(|(_, c)| c.owner.as_str().to_owned());
-        assert_eq!(found, Some(format!("o{owner}")), "seat {k}");
+            .find(|(k, _)| **k == rk)
+            .map(|(_, c)| c.owner.as_str().to_owned())
+    };
+    // Every confirmed seat is owned by its saga's owner, for good.
+    for (k, owner) in &owners {
+        assert_eq!(
+            owner_of("seat", &key(*k)),
+            Some(format!("o{owner}")),
+            "seat {k}"
+        );
+    }
+    // A desk handed back by a confirmed saga is free; one whose saga was
+    // cancelled is its owner's again.
+    for (d, owner) in &desks {
+        assert_eq!(
+            owner_of("desk", &desk(*d)),
+            owner.map(|o| format!("o{o}")),
+            "desk {d}"
+        );
     }
 }
 
@@ -471,7 +656,7 @@ fn seeds() -> u64 {
 fn sagas_stay_correct_under_reordering_duplicates_and_crashes() {
     // Proves the saga invariants (money conserved and exact, every saga terminal with one decision, nothing left held or tentative) over many seeded interleavings with crashes before commit and duplicated messages.
     for seed in 0..seeds() {
-        let result = std::panic::catch_unwind(|| run(seed));
+        let result = std::panic::catch_unwind(|| drop(run(seed)));
         if let Err(e) = result {
             eprintln!("failed with seed {seed}");
             std::panic::resume_unwind(e);
@@ -528,5 +713,49 @@ fn the_simulation_injects_what_it_claims() {
     assert!(
         cross,
         "every account is on one partition; the test proves less"
+    );
+}
+
+#[test]
+fn the_saga_workload_compensates_and_repoints_replies() {
+    // Proves the workload of the invariant test reaches what the planted saga bugs broke: compensated steps tried and then cancelled (so a compensation must run: refunds and desks both confirmed and cancelled), and sagas resubmitted in flight with a new reply subject.
+    let mut repointed = 0;
+    let mut compensated = 0;
+    let mut outcomes = std::collections::BTreeSet::new();
+    for seed in 0..10 {
+        let sim = run(seed);
+        repointed += sim.repointed;
+        for (op_id, (_, submitted)) in &sim.requests {
+            let kind = match submitted {
+                Submitted::Refund { .. } => "refund",
+                Submitted::Desk { .. } => "desk",
+                _ => continue,
+            };
+            let confirmed = sim.published[op_id][0].outcome.is_confirmed();
+            outcomes.insert((kind, confirmed));
+            // Step 0 (the compensated one) was tried, and the saga cancelled.
+            let try_id = amends_core::saga::step_id(*op_id, 0, amends_core::command::Phase::Try);
+            let tried = sim.parts.iter().any(|p| {
+                p.state
+                    .dedup(try_id)
+                    .is_some_and(|d| d.decision.outcome.is_confirmed())
+            });
+            if tried && !confirmed {
+                compensated += 1;
+            }
+        }
+    }
+    assert!(
+        repointed > 0,
+        "no saga was resubmitted in flight with a new subject"
+    );
+    assert!(
+        compensated > 0,
+        "no compensated step was tried and then cancelled"
+    );
+    assert_eq!(
+        outcomes.len(),
+        4,
+        "refunds and desks, confirmed and cancelled: {outcomes:?}"
     );
 }

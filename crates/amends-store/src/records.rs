@@ -22,6 +22,14 @@
 //! entries. Format 3 added the `dead_letter` outbox entry: dead letters are
 //! published after the commit with the rest of the outbox, so a format-2
 //! build must not read an outbox it cannot decode.
+//!
+//! Format 4 changed no record layout, only what the dedup records'
+//! fingerprints of the saga commands are: amends-core's canonical encoding
+//! of a `transfer`, `saga`, `step` or `step_outcome` request is its own
+//! tagged form now, no longer the JSON serde writes of it. A format 2 or 3
+//! store holds the old fingerprints, against which every resubmitted saga
+//! (and every repeated step message) would be a conflict, so it is refused
+//! on open like any other version.
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, DeadlineMs, Fingerprint, Namespace, Owner, Phase,
@@ -40,7 +48,7 @@ use crate::error::{Error, Result};
 /// to either is a new version. Every value starts with it as one byte and
 /// the meta tree records it; a store written with another version is
 /// refused on open, never reinterpreted.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 
 /// An op id as its 16 bytes, in UUID (big-endian) order: how records
 /// hold op ids, and how a key layout may sort by them.
@@ -1580,7 +1588,8 @@ mod tests {
     #[test]
     fn encoding_is_pinned() {
         // The bytes of a record are part of the store format: a change here
-        // needs a new FORMAT_VERSION.
+        // needs a new FORMAT_VERSION. A whole record starts with that
+        // version (4).
         let cases: Vec<(Vec<u8>, &[u8])> = vec![
             (
                 encode_account(&Account {
@@ -1590,7 +1599,7 @@ mod tests {
                     ceiling: None,
                     incoming: 2,
                 }),
-                &[3, 9, 6, 0, 0, 4],
+                &[4, 9, 6, 0, 0, 4],
             ),
             (
                 encode_head(&Head {
@@ -1600,14 +1609,14 @@ mod tests {
                     },
                     outbox_end: 1,
                 }),
-                &[3, 0xac, 0x02, 2, 1],
+                &[4, 0xac, 0x02, 2, 1],
             ),
             (
                 encode_claim(&Claim {
                     owner: Owner::new("ab").unwrap(),
                     tentative: None,
                 }),
-                &[3, 2, b'a', b'b', 0],
+                &[4, 2, b'a', b'b', 0],
             ),
             (
                 encode_saga(&Saga {
@@ -1627,7 +1636,7 @@ mod tests {
                 // deadline 3, state 0 (trying) step 1.
                 &[9, 1, b'a', 1, b'b', 5, 0, 0, 0, 3, 0, 1],
             ),
-            (encode_marker(), &[3]),
+            (encode_marker(), &[4]),
             (
                 {
                     let mut chunk = outbox_chunk_start();
@@ -1643,7 +1652,7 @@ mod tests {
                 },
                 // The chunk's version byte, then outbox entry variant 5
                 // (dead letter), position 300, "x", the two bytes.
-                &[3, 5, 0xac, 0x02, 1, b'x', 2, 0xff, b'{'],
+                &[4, 5, 0xac, 0x02, 1, b'x', 2, 0xff, b'{'],
             ),
         ];
         for (got, want) in cases {

@@ -36,11 +36,15 @@ pub fn config() -> Config {
     }
 }
 
+/// The partition count every property test uses.
+pub fn partitions() -> Partitions {
+    Partitions::new(8).expect("8 partitions")
+}
+
 /// The machine every property test uses.
 pub fn machine() -> Machine {
-    let partitions = Partitions::new(8).expect("8 partitions");
-    let id = partitions.id(PARTITION).expect("partition 5 of 8");
-    Machine::new(id, partitions, config())
+    let id = partitions().id(PARTITION).expect("partition 5 of 8");
+    Machine::new(id, partitions(), config())
 }
 
 /// Where a message's op id comes from.

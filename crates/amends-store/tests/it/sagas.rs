@@ -197,3 +197,98 @@ fn a_saga_in_flight_is_never_compacted() {
             .is_some_and(|k| k.hold == saga_id)
     );
 }
+
+/// Applies `m` to `p` as one committed batch; returns its answer.
+fn apply_one(p: &Partition, m: &Msg) -> amends_core::partition::Answer {
+    let machine = support::machine();
+    let mut changes = amends_core::state::ChangeSet::default();
+    let mut effects = Vec::new();
+    let input = wire::decode_request(&m.bytes).expect("a readable request");
+    let answer = machine
+        .apply_with_reply(
+            &mut amends_core::state::Overlay::new(p, &mut changes),
+            m.position,
+            m.log_time_ms,
+            &input,
+            m.reply_to.as_deref(),
+            &mut effects,
+        )
+        .expect("the log advances over a readable store");
+    p.commit(&changes, &effects).expect("commit");
+    answer
+}
+
+#[test]
+fn a_resubmitted_saga_is_the_same_op_in_flight_and_after_it_ends() {
+    // Proves a saga's fingerprint survives the store: a saga with a
+    // compensated step, committed in flight and reopened, resubmitted as
+    // other JSON (keys in another order, default fields spelled out) is a
+    // duplicate of its in-flight decision (not an op_id_conflict) and moves
+    // its reply to the new subject; once it ends, the fingerprint the
+    // machine made again from the saga record decoded from the store is the
+    // request's, so a resubmission then is a duplicate of the final
+    // decision.
+    use amends_core::partition::Answer;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let saga_id = support::saga_id_here(support::T0_MS, 11);
+    let (from, to) = (remote_account(0), remote_account(1));
+    let body = format!(
+        r#"{{"op_id":"{saga_id}","command":{{"type":"saga","steps":[
+            {{"command":{{"type":"open_account","account":"{to}"}}}},
+            {{"command":{{"type":"post","account":"{from}","hold":"{saga_id}","amount":2}},
+              "compensation":{{"type":"credit","account":"{from}","amount":2}}}}]}}}}"#
+    );
+    let relaid = format!(
+        r#"{{ "command" : {{ "deadline_ms" : null, "steps" : [
+            {{ "compensation" : null, "command" : {{ "ceiling" : null, "floor" : 0, "account" : "{to}", "type" : "open_account" }} }},
+            {{ "compensation" : {{ "amount" : 2, "account" : "{from}", "type" : "credit" }},
+               "command" : {{ "amount" : 2, "hold" : "{saga_id}", "account" : "{from}", "type" : "post" }} }} ],
+            "type" : "saga" }}, "apology_topic" : null, "op_id" : "{saga_id}" }}"#
+    );
+    let request: Request = serde_json::from_str(&body).expect("a valid saga");
+    let again: Request = serde_json::from_str(&relaid).expect("the same saga");
+    assert_eq!(request, again);
+    let at = |position: u64, bytes: &str, reply_to: &str| Msg {
+        position,
+        log_time_ms: support::T0_MS + position * 10,
+        bytes: bytes.as_bytes().to_vec(),
+        reply_to: Some(reply_to.to_owned()),
+    };
+    {
+        let (_store, p) = support::open(dir.path());
+        let answer = apply_one(&p, &at(1, &body, "_INBOX.first"));
+        assert!(matches!(answer, Answer::Accepted(_)), "{answer:?}");
+    }
+    let (_store, p) = support::open(dir.path());
+    let stored = p.dedup(saga_id).expect("read").expect("a dedup record");
+    assert_eq!(stored.fingerprint, request.fingerprint());
+    let in_flight = apply_one(&p, &at(2, &relaid, "_INBOX.second"));
+    assert!(
+        matches!(&in_flight, Answer::Duplicate(d) if d.outcome == Outcome::InFlight { step: 0 }),
+        "{in_flight:?}"
+    );
+    let s = p.saga(saga_id).expect("read").expect("the saga");
+    assert_eq!(s.reply_to.as_deref(), Some("_INBOX.second"));
+
+    // Step 0 confirmed, step 1 refused: the saga is cancelled, its step 0
+    // needs no cancel, and the final decision goes to the second subject.
+    apply_one(&p, &outcome_msg(3, saga_id, 0, Outcome::confirmed()));
+    let refused = Outcome::Rejected {
+        reason: Reason::HoldNotFound,
+    };
+    drop((_store, p));
+    let (_store, p) = support::open(dir.path());
+    apply_one(&p, &outcome_msg(4, saga_id, 1, refused));
+    let last = outbox(&p);
+    let final_decision = p.dedup(saga_id).expect("read").expect("a dedup record");
+    assert!(final_decision.decision.outcome.is_final());
+    assert_eq!(final_decision.fingerprint, request.fingerprint());
+    assert!(
+        last.iter()
+            .any(|e| matches!(e, Effect::Reply { to, decision }
+            if to == "_INBOX.second" && *decision == final_decision.decision)),
+        "{last:?}"
+    );
+    let after = apply_one(&p, &at(5, &relaid, "_INBOX.third"));
+    assert_eq!(after, Answer::Duplicate(final_decision.decision));
+}

@@ -4,7 +4,7 @@
 //! sagas), a batch driver over any [`PartitionStore`], the in-memory
 //! reference run and the invariants every state must keep.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::Path;
 
 use amends_core::command::{
@@ -13,10 +13,11 @@ use amends_core::command::{
 };
 use amends_core::decision::{Outcome, Reason};
 use amends_core::id::OpId;
+use amends_core::invariants;
 use amends_core::partition::{Config, Effect, Fault, LogMessage, Machine};
 use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
-use amends_core::state::{ChangeSet, HoldStatus, MemState, Overlay, Read, SagaState, Write};
+use amends_core::state::{ChangeSet, MemState, Overlay, Read, SagaState, Write};
 use amends_core::wire;
 use amends_store::{
     Durability, Engine, Error, OUTBOX_CHUNK_LEN, Options, OutboxRange, Partition, PartitionStore,
@@ -696,55 +697,30 @@ pub fn published(e: &Effect) -> (&'static str, OpId, String) {
     }
 }
 
-/// Checks the invariants of the core tests on a whole state: holds add up
-/// to `held`, nothing below its floor or above its ceiling (counting the
-/// credits sagas reserved), the expiry index names exactly the pending holds
-/// with an expiry and the sagas in flight, every saga has its dedup record,
-/// no decision from the future.
+/// Checks the invariants of the core (`amends_core::invariants`: holds add
+/// up to `held`, nothing below its floor or above its ceiling counting the
+/// credits sagas reserved, the expiry index names exactly the pending holds
+/// with an expiry and the sagas in flight, ...) on a whole state, and what
+/// the store keeps of it: every saga in flight has its in-flight dedup
+/// record, no decision is from the future.
 pub fn check_invariants(mem: &MemState) {
-    let mut held: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut expiring = BTreeSet::new();
-    for (id, h) in mem.holds() {
-        if h.status == HoldStatus::Pending {
-            let sum = held.entry(h.account.as_str()).or_default();
-            *sum = sum.checked_add(h.amount).expect("held fits i64");
-            if let Some(at_ms) = h.expires_at_ms {
-                expiring.insert((at_ms, *id));
-            }
-            assert!(
-                mem.account(h.account.as_str()).is_some(),
-                "pending hold {id:?} on no account"
-            );
-        }
-    }
+    // The invariants every driver checks (`amends_core::invariants`); the
+    // stores here are compacted, so without the money ledger.
+    let view = invariants::View::new(partition_id(), mem, []);
+    let scope = invariants::Scope {
+        settled: false,
+        ledger: false,
+    };
+    let found = invariants::check(partitions(), &[view], scope);
+    assert!(found.passed(), "{:#?}", found.failures);
     for (id, s) in mem.sagas() {
         if let SagaState::Trying { .. } = s.state {
-            expiring.insert((s.deadline_ms, *id));
             let d = mem
                 .dedup(*id)
                 .expect("a saga in flight has its dedup record");
             assert!(!d.decision.outcome.is_final(), "saga {id:?} in flight");
         }
     }
-    for (id, a) in mem.accounts() {
-        assert!(a.incoming >= 0, "{id:?} has negative incoming: {a:?}");
-        assert_eq!(
-            a.held,
-            held.get(id.as_str()).copied().unwrap_or(0),
-            "held of {id:?}"
-        );
-        let available = a.available().expect("available fits i64");
-        assert!(available >= a.floor, "{id:?} below its floor: {a:?}");
-        if let Some(c) = a.ceiling {
-            let reach = a.balance.checked_add(a.incoming).expect("reach fits i64");
-            assert!(reach <= c, "{id:?} above its ceiling: {a:?}");
-        }
-    }
-    let index: BTreeSet<_> = mem.expiries().map(|k| (k.at_ms, k.hold)).collect();
-    assert_eq!(
-        index, expiring,
-        "expiry index and pending holds and sagas in flight disagree"
-    );
     let clock = mem.clock();
     for (op, d) in mem.dedups() {
         assert!(
