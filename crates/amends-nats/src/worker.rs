@@ -8,7 +8,7 @@
 //! loop:   fetch batch N+1 -> Machine::take each message (decode, apply or
 //!            dead-letter) over the store and batch N's changes (batch N is
 //!            committing meanwhile) -> wait for N's commit
-//!         -> hand N to the publisher task -> start N+1's Partition::commit
+//!         -> hand N to the publisher task -> start N+1's PartitionStore::commit
 //! publisher (its own task, batches in commit order, while the loop goes on):
 //!         publish the batch's decisions in order, fenced on the epoch (PubAcks
 //!         awaited; pipelined on one replica, one at a time on a cluster),
@@ -52,7 +52,7 @@ use amends_core::partition::{Effect, Fault, LogMessage, Machine, Taken};
 use amends_core::route::PartitionId;
 use amends_core::state::{ChangeSet, Clock, Overlay, Read, Stacked};
 use amends_core::wire;
-use amends_store::{OutboxSeq, Partition};
+use amends_store::{OutboxSeq, PartitionStore};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
@@ -163,11 +163,11 @@ pub fn dead_letter_msg_id(partition: PartitionId, position: u64) -> String {
 /// after dropping one should give it that moment (the supervisor never
 /// drops a worker to restart it: it restarts one that returned, and
 /// `run_partition` returns only after its commit in flight).
-pub async fn run_partition(
+pub async fn run_partition<P: PartitionStore>(
     js: &jetstream::Context,
     topology: &Topology,
     machine: Machine,
-    store: Partition,
+    store: P,
     options: Options,
 ) -> Result<Infallible, Error> {
     topology.validate()?;
@@ -313,8 +313,8 @@ pub async fn run_partition(
 /// The worker's loop: fetch, apply over the batch being committed, hand
 /// that batch to the publisher, commit this one. Returns only on an error.
 #[allow(clippy::too_many_arguments)]
-async fn pump(
-    worker: &mut Worker,
+async fn pump<P: PartitionStore>(
+    worker: &mut Worker<P>,
     consumer: &consumer::PullConsumer,
     stream: &mut jetstream::stream::Stream,
     subject: &str,
@@ -757,12 +757,12 @@ impl Incoming {
     }
 }
 
-struct Worker {
+struct Worker<P> {
     js: jetstream::Context,
     prefix: Prefix,
     machine: Machine,
     /// `None` only while a blocking commit holds it.
-    store: Option<Partition>,
+    store: Option<P>,
     changes: ChangeSet,
     /// The stream sequence of this worker's ownership record: every
     /// decision it writes is fenced on it.
@@ -791,12 +791,12 @@ struct CatchUp {
     ids: HashSet<String>,
 }
 
-impl Worker {
+impl<P: PartitionStore> Worker<P> {
     fn partition(&self) -> u32 {
         self.machine.partition().get()
     }
 
-    fn store(&self) -> Result<&Partition, Error> {
+    fn store(&self) -> Result<&P, Error> {
         self.store
             .as_ref()
             .ok_or_else(|| Error::Misconfigured("store handle lost by a failed commit".to_owned()))
@@ -828,7 +828,7 @@ impl Worker {
     /// Decisions already on the decisions stream are not published again,
     /// whatever the stream's duplicate window: the decisions stored after
     /// the sequence recorded at the last confirmation
-    /// ([`Partition::decisions_published`]) are read first (this worker
+    /// ([`PartitionStore::decisions_published`]) are read first (this worker
     /// has fenced every older writer, so nothing is added meanwhile), and
     /// an entry whose id is among them is skipped.
     async fn republish_outbox(&mut self) -> Result<(), Error> {
@@ -871,7 +871,7 @@ impl Worker {
     }
 
     /// The publishing half, with its own handle on the store.
-    fn publisher(&self) -> Result<Publisher, Error> {
+    fn publisher(&self) -> Result<Publisher<P>, Error> {
         Ok(Publisher {
             js: self.js.clone(),
             prefix: self.prefix.clone(),
@@ -1040,11 +1040,11 @@ fn stop_error(p: PartitionId, stop: Stop) -> Error {
 /// batches' outboxes in commit order, confirms them in the store and sends
 /// the replies. It runs as its own task, so that a partition applies and
 /// commits its next batch while the last one is being published.
-struct Publisher {
+struct Publisher<P> {
     js: jetstream::Context,
     prefix: Prefix,
     partition: PartitionId,
-    store: Partition,
+    store: P,
     /// The worker's epoch: the fence of every decision write.
     epoch: u64,
     /// See [`Worker::fence_pipelined`].
@@ -1063,7 +1063,7 @@ struct Committed {
     last: Option<jetstream::Message>,
 }
 
-impl Publisher {
+impl<P: PartitionStore> Publisher<P> {
     fn store_error(&self, source: amends_store::Error) -> Error {
         Error::Store {
             partition: self.partition.get(),

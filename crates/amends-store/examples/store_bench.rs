@@ -24,7 +24,7 @@ use amends_core::id::OpId;
 use amends_core::partition::{Config, Effect, Input, Machine};
 use amends_core::route::Partitions;
 use amends_core::state::{ChangeSet, Overlay};
-use amends_store::{CACHE_BYTES_DEFAULT, Options, Partition, Store};
+use amends_store::{CACHE_BYTES_DEFAULT, Options, Partition, PartitionStore, Store};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;

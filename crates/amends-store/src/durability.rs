@@ -4,8 +4,8 @@
 /// When a commit is durable.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub enum Durability {
-    /// Every commit is flushed (fsync) before [`crate::Partition::commit`]
-    /// returns: what the driver publishes or acknowledges after it survives
+    /// Every commit is flushed (fsync) before
+    /// [`crate::PartitionStore::commit`] returns: what the driver publishes or acknowledges after it survives
     /// a crash of the process or the machine. The default.
     #[default]
     Fsync,

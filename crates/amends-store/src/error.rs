@@ -2,16 +2,17 @@
 
 use std::fmt;
 
-/// A boxed foreign error (sled, the record codec), kept opaque so that their
-/// types are not part of this crate's API.
+/// A boxed foreign error (sled or another engine, the record codec), kept
+/// opaque so that their types are not part of this crate's API.
 pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Everything that can go wrong in the store.
 ///
-/// After any `Err` from [`crate::Partition::commit`], nothing derived from
-/// that batch may be published or acknowledged; the driver drops the
-/// [`crate::Store`] and reopens it, which resumes from the last durable
-/// batch.
+/// One type whatever the engine (see [`crate::Engine`]): an engine maps its
+/// own failures onto these variants. After any `Err` from
+/// [`crate::PartitionStore::commit`], nothing derived from that batch may
+/// be published or acknowledged; the driver drops the store and reopens
+/// it, which resumes from the last durable batch.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -104,14 +105,17 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn storage(action: &'static str, source: sled::Error) -> Error {
+    /// [`Error::Storage`]: the engine failed at `action` (sled's errors,
+    /// or any other engine's).
+    pub fn storage(action: &'static str, source: impl Into<Source>) -> Error {
         Error::Storage {
             action,
-            source: Box::new(source),
+            source: source.into(),
         }
     }
 
-    pub(crate) fn corrupt(key: &[u8], detail: impl Into<String>) -> Error {
+    /// [`Error::Corrupt`]: the record at `key` could not be decoded.
+    pub fn corrupt(key: &[u8], detail: impl Into<String>) -> Error {
         Error::Corrupt {
             key: KeyText(key.to_vec()),
             detail: detail.into(),

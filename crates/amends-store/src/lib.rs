@@ -1,19 +1,23 @@
 //! amends-store: the durable home of every partition's derived state, on
 //! sled.
 //!
-//! A [`Store`] is one sled database per process; [`Store::partition`] gives
-//! a [`Partition`], one sled tree. The state machine of amends-core reads a
-//! partition through [`amends_core::state::Read`] (so a partition's state
-//! can be far larger than memory: sled's page cache, sized by
+//! The storage boundary is two traits: an [`Engine`] is the store of one
+//! process and gives each partition's [`PartitionStore`]; the partition
+//! worker and the service of amends-nats are generic over them. sled is
+//! the one engine: a [`Store`] is one sled
+//! database per process and [`Store::partition`] gives a [`Partition`],
+//! one sled tree. The state machine of amends-core reads a partition
+//! through [`amends_core::state::Read`] (so a partition's state can be far
+//! larger than memory: sled's page cache, sized by
 //! [`Options::cache_bytes`], is the only cache) and writes into a
 //! [`amends_core::state::ChangeSet`] through an `Overlay`. The driver then
-//! makes the whole batch durable with one [`Partition::commit`]:
+//! makes the whole batch durable with one [`PartitionStore::commit`]:
 //!
 //! ```text
 //! for each batch of log messages:
-//!     machine.apply(&mut Overlay::new(&partition, &mut changes), ...)?  // every message; a failed read stops the batch
-//!     let done = partition.commit(&changes, &effects)?                   // one atomic write + fsync
-//!     publish effects; partition.outbox_confirm(done.outbox.end)?        // only now
+//!     machine.take(&mut Overlay::new(&partition, &mut changes), ...)?   // every message; a failed read stops the batch
+//!     let done = partition.commit(&changes, &effects)?                  // one atomic write + fsync
+//!     publish effects; partition.outbox_confirm(done.outbox.end)?       // only now
 //! ```
 //!
 //! A commit is one sled batch holding the state changes, the dedup records
@@ -21,9 +25,22 @@
 //! position, followed by a flush ([`Durability::Fsync`], the default). A
 //! crash anywhere leaves the partition at the end of some committed batch:
 //! the driver resumes from [`amends_core::state::Read::clock`], re-publishes
-//! [`Partition::outbox_read`], and no decision is lost, doubled or changed.
+//! [`PartitionStore::outbox_read`], and no decision is lost, doubled or
+//! changed.
 //!
-//! # Layout
+//! # Modules
+//!
+//! - `engine`: the boundary, [`Engine`] and [`PartitionStore`], and the
+//!   values they exchange ([`Committed`], [`OutboxSeq`], [`Record`], ...).
+//!   `error` ([`Error`]) is the boundary's one error type.
+//! - `records`: the storage records and their encoding (postcard behind
+//!   the [`FORMAT_VERSION`] byte), engine-neutral: bytes in, records out.
+//! - sled's engine: `store` ([`Store`], the meta checks), `partition`
+//!   ([`Partition`]), `layout` (the keys below), `packed` (records keyed by
+//!   op id packed into buckets), `staged` (a sled batch that counts its
+//!   writes), `durability` ([`Durability`], when a commit flushes).
+//!
+//! # Layout on sled
 //!
 //! - Tree `amends/meta`: `format_version` and `partitions`, each a u32
 //!   big-endian, written when the store is created and checked on every
@@ -45,9 +62,10 @@
 //!
 //! Every value starts with the [`FORMAT_VERSION`] byte, followed by
 //! postcard-encoded records of this crate's own record types (the store
-//! format does not follow the wire format). Records keyed by op id (dedup
-//! records, holds, sagas) are packed into buckets whose boundaries depend
-//! only on the ids (see [`boundary_hash`]): sled keeps a few hundred bytes of memory per tree
+//! format does not follow the wire format); the values are `records`', the
+//! keys `layout`'s. Records keyed by op id (dedup records, holds, sagas)
+//! are packed into buckets whose boundaries depend only on the ids (see
+//! [`boundary_hash`]): sled keeps a few hundred bytes of memory per tree
 //! page, and a page holds at most 16 keys, so one key per dedup record
 //! would make memory grow with every operation ever retained.
 //!
@@ -69,26 +87,29 @@
 //! - It does not publish: the outbox keeps entries until the publisher
 //!   confirms them; publishing is at least once and consumers drop repeats
 //!   by the effects' deterministic ids.
-//! - It does not schedule compaction: a driver calls [`Partition::compact`]
-//!   (on any thread) with the horizon of its configuration.
+//! - It does not schedule compaction: a driver calls
+//!   [`PartitionStore::compact`] (on any thread) with the horizon of its
+//!   configuration.
 //! - It does not migrate: a store of another format version is refused;
 //!   rebuild it from the log.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod codec;
 mod durability;
+mod engine;
 mod error;
+mod layout;
 mod packed;
 mod partition;
+mod records;
 mod staged;
 mod store;
 
-pub use codec::{FORMAT_VERSION, Head, OUTBOX_CHUNK_LEN};
 pub use durability::Durability;
+pub use engine::{Committed, Compacted, Engine, OutboxRange, OutboxSeq, PartitionStore, Record};
 pub use error::{Error, KeyText, Result, Source};
+pub use layout::OUTBOX_CHUNK_LEN;
 pub use packed::{BUCKET_LEN_TARGET, boundary_hash};
-pub use partition::{
-    COMPACT_CHUNK_LEN, Committed, Compacted, OutboxRange, OutboxSeq, Partition, Record, Records,
-};
+pub use partition::{COMPACT_CHUNK_LEN, Partition, Records};
+pub use records::{FORMAT_VERSION, Head};
 pub use store::{CACHE_BYTES_DEFAULT, OPEN_LOCK_WAIT_MS, Options, Store};

@@ -39,8 +39,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::codec::FORMAT_VERSION;
 use crate::error::{Error, Result};
+use crate::records::FORMAT_VERSION;
 use crate::staged::Staged;
 
 /// The mean number of records per bucket; part of the store format.

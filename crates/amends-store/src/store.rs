@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use amends_core::route::{PartitionId, Partitions};
 
-use crate::codec::FORMAT_VERSION;
 use crate::durability::Durability;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::partition::Partition;
+use crate::records::FORMAT_VERSION;
 
 /// Default size of sled's page cache. sled's own default (1 GiB) would let
 /// one process hold a gigabyte of cached pages; 64 MiB keeps the hot part
@@ -111,6 +112,7 @@ impl Store {
     }
 
     /// The handle of partition `id` (its tree is created on first use).
+    /// The same as [`Engine::partition`], without importing the trait.
     pub fn partition(&self, id: PartitionId) -> Result<Partition> {
         let partitions = self.options.partitions.get();
         if id.get() >= partitions {
@@ -147,6 +149,18 @@ impl Store {
         self.db
             .size_on_disk()
             .map_err(|e| Error::storage("size on disk", e))
+    }
+}
+
+impl Engine for Store {
+    type Partition = Partition;
+
+    fn partitions(&self) -> Partitions {
+        Store::partitions(self)
+    }
+
+    fn partition(&self, id: PartitionId) -> Result<Partition> {
+        Store::partition(self, id)
     }
 }
 

@@ -6,8 +6,8 @@ use amends_core::protocol::query::{
     self, AsOf, Balance, BalanceAnswer, ClaimAnswer, ClaimQuery, Claimed, ErrorAnswer, Free,
     PartitionStats, StatsAnswer, StatusAnswer,
 };
-use amends_core::state::{Clock, Read};
-use amends_store::Partition;
+use amends_core::state::Clock;
+use amends_store::PartitionStore;
 use async_nats::jetstream;
 
 use super::Status;
@@ -17,16 +17,16 @@ use super::status::wire_state;
 use crate::topology::Topology;
 
 /// What the endpoints answer from.
-pub(super) struct Answers {
+pub(super) struct Answers<P> {
     pub(super) js: jetstream::Context,
     pub(super) topology: Topology,
     pub(super) config: Config,
-    pub(super) status: Status,
+    pub(super) status: Status<P>,
     /// The partitions answered for, with their index in `status`.
-    pub(super) served: Vec<(usize, Partition)>,
+    pub(super) served: Vec<(usize, P)>,
 }
 
-impl Answers {
+impl<P: PartitionStore> Answers<P> {
     /// The reply to one request on `endpoint` of the served partition at
     /// `index` in the [`Status`], whose store is `store`: the JSON of the
     /// endpoint's answer ([`query`]).
@@ -34,7 +34,7 @@ impl Answers {
         &self,
         endpoint: Endpoint,
         index: usize,
-        store: Partition,
+        store: P,
         msg: &async_nats::Message,
     ) -> Vec<u8> {
         let text = match query::body_text(&msg.payload) {
@@ -89,12 +89,7 @@ impl Answers {
 
     /// Refuses a routing key that another partition owns: the client asked
     /// the wrong partition (for example with a wrong partition count).
-    fn check_owner(
-        &self,
-        store: &Partition,
-        routing_key: &str,
-        what: &str,
-    ) -> Result<(), ErrorAnswer> {
+    fn check_owner(&self, store: &P, routing_key: &str, what: &str) -> Result<(), ErrorAnswer> {
         let owner = amends_core::route::partition_of(routing_key, self.topology.partitions);
         if owner == store.id() {
             Ok(())
@@ -108,7 +103,7 @@ impl Answers {
 
     /// The status endpoint: decided (with the decision) or unknown. A
     /// record past the compaction horizon is unknown, as it is to the core.
-    async fn op_status(&self, store: Partition, text: &str) -> Result<StatusAnswer, ErrorAnswer> {
+    async fn op_status(&self, store: P, text: &str) -> Result<StatusAnswer, ErrorAnswer> {
         let op_id = query::parse_op_id(text)?;
         let config = self.config;
         let read = tokio::task::spawn_blocking(move || {
@@ -131,7 +126,7 @@ impl Answers {
     /// read first, so the account is as of that position or later. Pending
     /// holds are not listed: the store keeps holds by op id with no index
     /// by account, and listing them would scan every hold of the partition.
-    async fn balance(&self, store: Partition, text: &str) -> Result<BalanceAnswer, ErrorAnswer> {
+    async fn balance(&self, store: P, text: &str) -> Result<BalanceAnswer, ErrorAnswer> {
         let account = query::parse_account(text)?;
         self.check_owner(&store, account.as_str(), &format!("account {text:?}"))?;
         let read = tokio::task::spawn_blocking(move || {
@@ -167,7 +162,7 @@ impl Answers {
     /// The claim query (body: a [`ClaimQuery`]): claimed (by whom, whether
     /// tentatively) or free, with the position and log time they were read
     /// at.
-    async fn claim(&self, store: Partition, text: &str) -> Result<ClaimAnswer, ErrorAnswer> {
+    async fn claim(&self, store: P, text: &str) -> Result<ClaimAnswer, ErrorAnswer> {
         let ClaimQuery { namespace, key } = ClaimQuery::parse(text)?;
         let routing_key = amends_core::route::claim_routing_key(namespace.as_str(), key.as_str());
         self.check_owner(&store, &routing_key, "the claim")?;
@@ -201,7 +196,7 @@ impl Answers {
     /// sequence on its subject, and the lag between them. If the stream
     /// cannot be read, `last_sequence` and `lag` are null and
     /// `stream_error` says why.
-    async fn stats(&self, index: usize, store: Partition) -> StatsAnswer {
+    async fn stats(&self, index: usize, store: P) -> StatsAnswer {
         let p = store.id();
         let snapshot = self.status.snapshot();
         let (state, detail, restarts) = match snapshot.partitions.get(index) {

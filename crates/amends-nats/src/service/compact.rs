@@ -4,12 +4,17 @@
 use std::time::Duration;
 
 use amends_core::partition::Config;
+use amends_store::PartitionStore;
 
 use super::{Options, Status};
 
 /// Compaction: every interval, each partition that is not stopped is
 /// compacted at the horizon of its applied log time, on a blocking thread.
-pub(super) async fn compact(config: Config, options: Options, status: Status) {
+pub(super) async fn compact<P: PartitionStore>(
+    config: Config,
+    options: Options,
+    status: Status<P>,
+) {
     let period = options.compact_interval.max(Duration::from_millis(1));
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -12,7 +12,7 @@ use amends_core::protocol::query::{
     self, BalanceAnswer, ClaimAnswer, ErrorAnswer, StatsAnswer, StatusAnswer,
 };
 use amends_core::route::PartitionId;
-use amends_store::Partition;
+use amends_store::PartitionStore;
 use async_nats::jetstream;
 use async_nats::service::ServiceExt as _;
 use futures_util::StreamExt as _;
@@ -155,14 +155,14 @@ impl Drop for StopOnDrop {
 /// cannot start or a subscription ends, it is started again after a
 /// backoff. [`super::Service::run`] serves every partition; this runs
 /// until dropped.
-pub async fn serve_endpoints(
+pub async fn serve_endpoints<P: PartitionStore>(
     js: jetstream::Context,
     topology: Topology,
     config: Config,
-    status: Status,
+    status: Status<P>,
     served: Vec<PartitionId>,
 ) {
-    let served: Vec<(usize, Partition)> = status
+    let served: Vec<(usize, P)> = status
         .stores
         .iter()
         .enumerate()
@@ -222,20 +222,20 @@ pub async fn serve_endpoints(
 /// A request to one served partition's endpoint, with the partition's
 /// index in the [`Status`] and its store; `None` once that endpoint's
 /// subscription ended.
-type Routed = Option<(usize, Partition, async_nats::service::Request)>;
+type Routed<P> = Option<(usize, P, async_nats::service::Request)>;
 
 /// Adds every endpoint of every served partition to `service`, and spawns
 /// onto `tasks`, per kind, one task answering its partitions' requests (at
 /// most [`ENDPOINT_CONCURRENCY_MAX`] at once) and one answering its
 /// wildcard's requests that name no partition. A task ends when any of
 /// its subscriptions ends.
-async fn add_endpoints(
+async fn add_endpoints<P: PartitionStore>(
     service: &async_nats::service::Service,
-    answers: &Arc<Answers>,
+    answers: &Arc<Answers<P>>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), Source> {
     for endpoint in Endpoint::ALL {
-        let mut routed: Vec<BoxStream<'static, Routed>> = Vec::new();
+        let mut routed: Vec<BoxStream<'static, Routed<P>>> = Vec::new();
         for (index, store) in &answers.served {
             let p = store.id();
             let requests = service

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use amends_core::route::PartitionId;
+use amends_store::PartitionStore;
 use async_nats::jetstream;
 
 use super::{Options, Status};
@@ -32,11 +33,11 @@ pub(super) async fn last_sequence(
 
 /// Gauges: every interval, each partition's applied position and lag
 /// ([`crate::metrics`]), from its store and the requests stream.
-pub(super) async fn gauges(
+pub(super) async fn gauges<P: PartitionStore>(
     js: jetstream::Context,
     topology: Topology,
     options: Options,
-    status: Status,
+    status: Status<P>,
 ) {
     let period = options.gauge_interval.max(Duration::from_millis(1));
     let mut interval = tokio::time::interval(period);

@@ -5,7 +5,7 @@
 //! per partition: loop { run_partition } -- transient error -> backoff, restart
 //!                                       -- integrity error -> Stopped (loud), never restarted
 //! ticks:         every tick_interval, a tick to each running partition with a hold due
-//! compaction:    every compact_interval, Partition::compact on a blocking thread
+//! compaction:    every compact_interval, PartitionStore::compact on a blocking thread
 //! endpoints:     the NATS micro service `amends`, answering from the store, per served partition <p>:
 //!                <prefix>.status.<p>        (queue group amends-status): what a partition knows of an op id
 //!                <prefix>.query.balance.<p> (queue group amends-query): an account's balance, holds, limits
@@ -47,7 +47,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use amends_core::partition::{Config, Machine};
-use amends_store::{Partition, Store};
+use amends_store::{Engine, Store};
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 
@@ -127,31 +127,32 @@ impl Default for Options {
     }
 }
 
-/// The supervisor of every partition of a deployment in one process.
+/// The supervisor of every partition of a deployment in one process, over
+/// the store `E` (sled's by default).
 #[derive(Debug)]
-pub struct Service {
+pub struct Service<E: Engine = Store> {
     js: jetstream::Context,
     topology: Topology,
-    store: Store,
+    store: E,
     config: Config,
     options: Options,
-    status: Status,
+    status: Status<E::Partition>,
     /// Asked before every (re)start of a worker: only the lease holder
     /// may claim a partition (see [`crate::lease`]).
     guard: Guard,
 }
 
-impl Service {
+impl<E: Engine> Service<E> {
     /// Checks the settings and prepares the service; nothing runs until
     /// [`Service::run`]. The topology's streams must exist
     /// ([`crate::topology::ensure`]).
     pub fn new(
         js: &jetstream::Context,
         topology: &Topology,
-        store: &Store,
+        store: &E,
         config: Config,
         options: Options,
-    ) -> Result<Service, Error> {
+    ) -> Result<Service<E>, Error> {
         topology
             .validate()
             .map_err(|e| Error::ServiceMisconfigured(e.to_string()))?;
@@ -162,7 +163,7 @@ impl Service {
                 topology.partitions.get()
             )));
         }
-        let stores: Vec<Partition> = topology
+        let stores: Vec<E::Partition> = topology
             .partitions
             .ids()
             .map(|id| store.partition(id))
@@ -182,13 +183,13 @@ impl Service {
 
     /// Starts workers only while `guard` is valid (the deployment lease
     /// is held); without it they always start.
-    pub fn with_guard(mut self, guard: Guard) -> Service {
+    pub fn with_guard(mut self, guard: Guard) -> Service<E> {
         self.guard = guard;
         self
     }
 
     /// The status handle.
-    pub fn status(&self) -> Status {
+    pub fn status(&self) -> Status<E::Partition> {
         self.status.clone()
     }
 
@@ -257,10 +258,10 @@ impl Service {
 
 /// Runs a service over every partition: [`Service::new`] then
 /// [`Service::run`]. Use [`Service`] directly to watch its [`Status`].
-pub async fn run(
+pub async fn run<E: Engine>(
     js: &jetstream::Context,
     topology: &Topology,
-    store: &Store,
+    store: &E,
     config: Config,
     options: Options,
 ) -> Result<Infallible, Error> {

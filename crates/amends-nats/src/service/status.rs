@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use amends_core::protocol::query;
-use amends_store::Partition;
+use amends_store::{Partition, PartitionStore};
 
 /// What a partition's supervisor is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,16 +48,17 @@ pub struct ServiceStatus {
     pub partitions: Vec<PartitionStatus>,
 }
 
-/// A shared handle on the service's status; cheap to clone.
+/// A shared handle on the service's status; cheap to clone. `P` is the
+/// store of one partition (sled's by default).
 #[derive(Debug, Clone)]
-pub struct Status {
+pub struct Status<P = Partition> {
     pub(super) states: Arc<Mutex<Vec<(PartitionState, u64)>>>,
-    pub(super) stores: Arc<[Partition]>,
+    pub(super) stores: Arc<[P]>,
 }
 
-impl Status {
+impl<P: PartitionStore> Status<P> {
     /// Every partition of `stores` running, none restarted yet.
-    pub(super) fn new(stores: Vec<Partition>) -> Status {
+    pub(super) fn new(stores: Vec<P>) -> Status<P> {
         Status {
             states: Arc::new(Mutex::new(vec![(PartitionState::Running, 0); stores.len()])),
             stores: stores.into(),

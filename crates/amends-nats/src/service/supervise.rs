@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use amends_core::partition::Machine;
-use amends_store::Store;
+use amends_store::{Engine, PartitionStore};
 use async_nats::jetstream;
 
 use super::{Options, PartitionState, Status};
@@ -74,13 +74,13 @@ pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
 /// One partition's supervisor: runs its worker, restarting it after
 /// transient failures, until a fatal one.
 #[allow(clippy::too_many_arguments)] // an apply context is the restructuring's (issue 12)
-pub(super) async fn supervise(
+pub(super) async fn supervise<E: Engine>(
     js: jetstream::Context,
     topology: Topology,
-    store: Store,
+    store: E,
     machine: Machine,
     options: Options,
-    status: Status,
+    status: Status<E::Partition>,
     index: usize,
     guard: Guard,
 ) -> Option<Error> {

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amends_core::id::OpId;
 use amends_core::route::PartitionId;
-use amends_core::state::Read;
+use amends_store::PartitionStore;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 
@@ -18,11 +18,11 @@ use crate::topology::{Topology, header};
 /// Partitions without a due hold get nothing, so ticks do not grow an idle
 /// log. The wall clock here and the server's (log time) may differ: a tick
 /// sent early changes nothing and the next one follows an interval later.
-pub(super) async fn tick(
+pub(super) async fn tick<P: PartitionStore>(
     js: jetstream::Context,
     topology: Topology,
     options: Options,
-    status: Status,
+    status: Status<P>,
 ) {
     let mut interval = tokio::time::interval(options.tick_interval.max(Duration::from_millis(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

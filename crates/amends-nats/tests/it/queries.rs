@@ -9,7 +9,7 @@ use amends_core::state::{ChangeSet, Overlay};
 use amends_core::wire;
 use amends_nats::service::{self, Service};
 use amends_nats::topology::{self, header};
-use amends_store::Store;
+use amends_store::{PartitionStore, Store};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use serde_json::{Value, json};

@@ -14,7 +14,7 @@ use amends_core::wire;
 use amends_nats::service::{self, PartitionState, Service};
 use amends_nats::topology::{self, Stream, Topology, header};
 use amends_nats::worker;
-use amends_store::Store;
+use amends_store::{PartitionStore, Store};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use serde_json::{Value, json};

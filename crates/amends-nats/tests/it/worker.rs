@@ -11,7 +11,7 @@ use amends_core::route::{PartitionId, Partitions};
 use amends_core::state::Read as _;
 use amends_nats::topology::{self, Stream, Topology, header};
 use amends_nats::worker::{self, Options};
-use amends_store::{Partition, Store};
+use amends_store::{Partition, PartitionStore, Store};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use futures_util::StreamExt;

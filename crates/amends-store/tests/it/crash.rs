@@ -1,7 +1,9 @@
 //! The crash test: a child process applies a generated log to a store in
 //! batches and is killed with SIGKILL at random moments; every restart
 //! resumes from the store's applied position. The log holds dead letters
-//! too, which reach the outbox like every other effect.
+//! too, which reach the outbox like every other effect. Written against
+//! [`PartitionStore`] (see [`TestEngine`]): a second engine runs it with a
+//! test of its own name that calls [`sigkill_run`] for itself.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write as _};
@@ -12,9 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amends_core::state::Read;
-use amends_store::OutboxSeq;
+use amends_store::{Durability, OutboxSeq, PartitionStore};
 
-use crate::support::{self, Msg, Rng, Runner};
+use crate::support::{self, Msg, Rng, Runner, Sled, TestEngine};
 
 /// Set in the child's environment: the directory to work in.
 const CHILD_DIR_ENV: &str = "AMENDS_STORE_CRASH_CHILD_DIR";
@@ -36,8 +38,6 @@ const KILL_DURING_RECOVERY_PERCENT: u64 = 20;
 const BATCH_LEN_MAX: u64 = 200;
 /// How many outbox entries the child re-publishes at a time on start.
 const REPUBLISH_PAGE: usize = 256;
-/// The name of this test, for re-executing the binary as the child.
-const TEST_NAME: &str = "crash::sigkill_at_random_moments_changes_nothing";
 
 fn seed() -> u64 {
     std::env::var(SEED_ENV)
@@ -48,13 +48,19 @@ fn seed() -> u64 {
 
 #[test]
 fn sigkill_at_random_moments_changes_nothing() {
-    // Proves that a partition killed at any instruction (mid-batch,
-    // mid-commit, mid-publish, mid-compaction, mid-recovery) and restarted
-    // from its store ends in the same state, with the same decisions and
-    // the same outbox, as an uninterrupted run: nothing lost, nothing
-    // doubled. The child re-executes this test binary.
+    // Proves that a partition on sled killed at any instruction
+    // (mid-batch, mid-commit, mid-publish, mid-compaction, mid-recovery)
+    // and restarted from its store ends in the same state, with the same
+    // decisions and the same outbox, as an uninterrupted run: nothing
+    // lost, nothing doubled. The child re-executes this test binary.
+    sigkill_run::<Sled>("crash::sigkill_at_random_moments_changes_nothing");
+}
+
+/// The crash test on engine `E`, run by the test `test_name` (the child
+/// re-executes the binary with it).
+fn sigkill_run<E: TestEngine>(test_name: &str) {
     if let Ok(dir) = std::env::var(CHILD_DIR_ENV) {
-        child(Path::new(&dir), seed());
+        child::<E>(Path::new(&dir), seed());
         return;
     }
     let seed = seed();
@@ -73,7 +79,7 @@ fn sigkill_at_random_moments_changes_nothing() {
     let progress_per_run_max = u64::try_from(LOG_LEN / 2 / KILLS_MIN).expect("fits");
     loop {
         runs += 1;
-        let mut child = spawn(dir.path(), runs);
+        let mut child = spawn(dir.path(), runs, test_name);
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let during_recovery = rng.percent(KILL_DURING_RECOVERY_PERCENT);
         if !during_recovery {
@@ -134,7 +140,7 @@ fn sigkill_at_random_moments_changes_nothing() {
         last.position > u64::try_from(LOG_LEN / 20).expect("fits"),
         "the kills left too little for the last run to prove anything"
     );
-    verify(dir.path(), seed);
+    verify::<E>(dir.path(), seed);
 }
 
 /// What a child reports once its store is open: where it resumes.
@@ -198,10 +204,10 @@ fn published_len(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn(dir: &Path, run: usize) -> std::process::Child {
+fn spawn(dir: &Path, run: usize, test_name: &str) -> std::process::Child {
     let stderr = File::create(dir.join(format!("child-{run}.stderr"))).expect("stderr file");
     Command::new(std::env::current_exe().expect("test binary path"))
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR_ENV, dir)
         .env(SEED_ENV, seed().to_string())
         .stdin(Stdio::null())
@@ -239,9 +245,9 @@ fn published_path(dir: &Path) -> PathBuf {
 /// The child: resume from the store, re-publish what was committed but not
 /// confirmed, then apply the rest of the log in batches, publishing after
 /// each durable commit; compaction runs on another thread throughout.
-fn child(dir: &Path, seed: u64) {
+fn child<E: TestEngine>(dir: &Path, seed: u64) {
     let log = support::generate(seed, LOG_LEN);
-    let (_store, p) = support::open(&dir.join("db"));
+    let (_store, p) = support::open_on::<E>(&dir.join("db"), Durability::Fsync);
     let mut out = Publisher::open(&published_path(dir));
     let head = p.head().expect("head");
     println!("ready {} {}", head.clock.position, head.outbox_end);
@@ -326,7 +332,7 @@ impl Publisher {
 
 /// Compares the killed-and-restarted run with an uninterrupted one in
 /// memory.
-fn verify(dir: &Path, seed: u64) {
+fn verify<E: TestEngine>(dir: &Path, seed: u64) {
     let log = support::generate(seed, LOG_LEN);
     let (mut mem, effects) = support::reference(&log);
     // Dead letters are outbox entries like any other: a kill between their
@@ -337,7 +343,7 @@ fn verify(dir: &Path, seed: u64) {
             .any(|e| matches!(e, amends_core::partition::Effect::DeadLetter(_))),
         "the log makes dead-letter outbox entries"
     );
-    let (_store, p) = support::open(&dir.join("db"));
+    let (_store, p) = support::open_on::<E>(&dir.join("db"), Durability::Fsync);
 
     // Every effect published, in order, exactly once after dropping
     // repeats; a repeat is byte-identical to the first publication.

@@ -6,7 +6,7 @@ use amends_core::partition::Fault;
 use amends_core::route::Partitions;
 use amends_core::state::{ChangeSet, Clock, Read};
 use amends_core::wire;
-use amends_store::{Error, Options, OutboxSeq, Store};
+use amends_store::{Error, Options, OutboxSeq, PartitionStore, Store};
 
 use crate::support::{self, Msg, Runner};
 

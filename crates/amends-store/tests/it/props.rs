@@ -1,14 +1,13 @@
 //! Model-based property test: random interleavings of batch commits,
 //! abandoned batches, outbox confirmations, compactions and restarts,
-//! checked against an in-memory reference after every step.
-
-use std::path::Path;
+//! checked against an in-memory reference after every step. Written
+//! against [`PartitionStore`] (see [`TestEngine`]), run on sled.
 
 use amends_core::partition::Effect;
-use amends_store::{Durability, OUTBOX_CHUNK_LEN, Options, OutboxSeq, Partition, Store};
+use amends_store::{Durability, OutboxSeq, PartitionStore};
 use proptest::prelude::*;
 
-use crate::support::{self, Runner};
+use crate::support::{self, Part, Runner, Sled, TestEngine};
 
 /// Messages in each case's log.
 const LOG_LEN: usize = 600;
@@ -48,17 +47,7 @@ struct Model {
     confirmed: u64,
 }
 
-fn reopen(dir: &Path, durability: Durability) -> (Store, Partition) {
-    let options = Options {
-        durability,
-        ..Options::new(support::partitions())
-    };
-    let store = Store::open(dir, options).expect("open");
-    let p = store.partition(support::partition_id()).expect("partition");
-    (store, p)
-}
-
-fn check(p: &Partition, model: &Model, step: usize) {
+fn check<E: TestEngine>(p: &Part<E>, model: &Model, step: usize) {
     let stored = p.to_mem_state().expect("decode store");
     support::assert_same_state(&stored, &model.mem, &format!("after step {step}"));
     support::check_invariants(&stored);
@@ -74,23 +63,11 @@ fn check(p: &Partition, model: &Model, step: usize) {
         .map(|(s, e)| (OutboxSeq(s), e.clone()))
         .collect();
     assert_eq!(pending, want, "unconfirmed outbox after step {step}");
-    // Only chunks holding an unconfirmed entry, or the last partial one, are
-    // kept.
-    let chunks = p
-        .dump()
-        .map(|kv| kv.expect("dump"))
-        .filter(|(k, _)| k.first() == Some(&b'o'))
-        .count();
-    let first_kept = model.confirmed / OUTBOX_CHUNK_LEN;
-    let want_chunks = end.div_ceil(OUTBOX_CHUNK_LEN).saturating_sub(first_kept);
-    assert_eq!(
-        u64::try_from(chunks).expect("fits"),
-        want_chunks,
-        "outbox chunks after step {step}"
-    );
+    E::check_layout(p, model.confirmed, end, &format!("after step {step}"));
 }
 
-fn run(seed: u64, ops: &[Op], deferred: bool) {
+/// One case on engine `E`.
+fn run<E: TestEngine>(seed: u64, ops: &[Op], deferred: bool) {
     let log = support::generate(seed, LOG_LEN);
     let dir = tempfile::tempdir().expect("tempdir");
     let durability = if deferred {
@@ -98,7 +75,7 @@ fn run(seed: u64, ops: &[Op], deferred: bool) {
     } else {
         Durability::Fsync
     };
-    let (mut store, mut p) = reopen(dir.path(), durability);
+    let (mut store, mut p) = support::open_on::<E>(dir.path(), durability);
     let mut runner = Runner::new();
     let mut model = Model {
         applied: 0,
@@ -115,7 +92,7 @@ fn run(seed: u64, ops: &[Op], deferred: bool) {
                     runner.apply(&p, batch);
                     runner.abandon();
                     drop((store, p));
-                    (store, p) = reopen(dir.path(), durability);
+                    (store, p) = support::open_on::<E>(dir.path(), durability);
                 } else {
                     let (range, effects) = runner.batch(&p, batch);
                     let (mem, effs) = (&mut model.mem, &mut model.effects);
@@ -137,7 +114,7 @@ fn run(seed: u64, ops: &[Op], deferred: bool) {
             }
             Op::Restart => {
                 drop((store, p));
-                (store, p) = reopen(dir.path(), durability);
+                (store, p) = support::open_on::<E>(dir.path(), durability);
             }
             Op::Compact => {
                 let h = support::horizon(&model.mem);
@@ -160,7 +137,7 @@ fn run(seed: u64, ops: &[Op], deferred: bool) {
                 assert_eq!(page, want, "page from {from}, at most {len_max}");
             }
         }
-        check(&p, &model, step);
+        check::<E>(&p, &model, step);
     }
 }
 
@@ -177,6 +154,6 @@ proptest! {
         // compactions and restarts in any order keep the core invariants
         // and leave the store equal, record for record and outbox entry for
         // entry, to a MemState fed the same messages.
-        run(seed, &ops, deferred);
+        run::<Sled>(seed, &ops, deferred);
     }
 }

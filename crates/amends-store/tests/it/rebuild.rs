@@ -2,7 +2,7 @@
 //! bit-identical to the original.
 
 use amends_core::partition::Effect;
-use amends_store::OutboxSeq;
+use amends_store::{OutboxSeq, PartitionStore};
 
 use crate::support::{self, Rng, Runner};
 

@@ -11,7 +11,7 @@ use amends_core::route;
 use amends_core::saga;
 use amends_core::state::{Read, SagaState};
 use amends_core::wire;
-use amends_store::{OutboxSeq, Partition};
+use amends_store::{OutboxSeq, Partition, PartitionStore};
 
 use crate::support::{self, Msg, Runner};
 

@@ -1,6 +1,7 @@
-//! Shared test support: a seeded RNG, a deterministic log generator (with
-//! sagas started here, step outcomes coming back, and steps of other
-//! partitions' sagas), a batch driver over a store partition, the in-memory
+//! Shared test support: the engine under test ([`TestEngine`], sled's
+//! [`Sled`]), a seeded RNG, a deterministic log generator (with sagas
+//! started here, step outcomes coming back, and steps of other partitions'
+//! sagas), a batch driver over any [`PartitionStore`], the in-memory
 //! reference run and the invariants every state must keep.
 
 use std::collections::VecDeque;
@@ -18,7 +19,10 @@ use amends_core::route::{self, PartitionId, Partitions};
 use amends_core::saga;
 use amends_core::state::{ChangeSet, MemState, Overlay, Read, SagaState, Write};
 use amends_core::wire;
-use amends_store::{Error, Options, OutboxRange, Partition, Store};
+use amends_store::{
+    Durability, Engine, Error, OUTBOX_CHUNK_LEN, Options, OutboxRange, Partition, PartitionStore,
+    Store,
+};
 
 /// Log time of the first message.
 pub const T0_MS: u64 = 1_700_000_000_000;
@@ -79,10 +83,69 @@ pub fn apply_msg<S: Read + Write + ?Sized>(
     Ok(())
 }
 
-pub fn open(dir: &Path) -> (Store, Partition) {
-    let store = Store::open(dir, Options::new(partitions())).expect("open store");
+/// A storage engine under test. The crash test and the property test are
+/// written against [`Engine`] and [`PartitionStore`], and open their
+/// stores through this: a second engine runs them by implementing it and
+/// instantiating them for itself.
+pub trait TestEngine {
+    /// The engine's store.
+    type Store: Engine;
+
+    /// Opens (or creates) the store in `dir`, of [`PARTITIONS`] partitions.
+    fn open(dir: &Path, durability: Durability) -> Self::Store;
+
+    /// Checks what only this engine's layout shows, after a step of the
+    /// property test: the outbox holds `confirmed..end` unconfirmed.
+    fn check_layout(p: &Part<Self>, confirmed: u64, end: u64, context: &str) {
+        let _ = (p, confirmed, end, context);
+    }
+}
+
+/// The store of one partition of a [`TestEngine`].
+pub type Part<E> = <<E as TestEngine>::Store as Engine>::Partition;
+
+/// The sled engine: [`Store`] and [`Partition`].
+pub struct Sled;
+
+impl TestEngine for Sled {
+    type Store = Store;
+
+    fn open(dir: &Path, durability: Durability) -> Store {
+        let options = Options {
+            durability,
+            ..Options::new(partitions())
+        };
+        Store::open(dir, options).expect("open store")
+    }
+
+    /// Only chunks holding an unconfirmed entry, or the last partial one,
+    /// are kept.
+    fn check_layout(p: &Partition, confirmed: u64, end: u64, context: &str) {
+        let chunks = p
+            .dump()
+            .map(|kv| kv.expect("dump"))
+            .filter(|(k, _)| k.first() == Some(&b'o'))
+            .count();
+        let first_kept = confirmed / OUTBOX_CHUNK_LEN;
+        let want_chunks = end.div_ceil(OUTBOX_CHUNK_LEN).saturating_sub(first_kept);
+        assert_eq!(
+            u64::try_from(chunks).expect("fits"),
+            want_chunks,
+            "outbox chunks {context}"
+        );
+    }
+}
+
+/// Opens the test's partition of the store in `dir` on engine `E`.
+pub fn open_on<E: TestEngine>(dir: &Path, durability: Durability) -> (E::Store, Part<E>) {
+    let store = E::open(dir, durability);
     let p = store.partition(partition_id()).expect("partition");
     (store, p)
+}
+
+/// Opens the test's partition of the sled store in `dir`.
+pub fn open(dir: &Path) -> (Store, Partition) {
+    open_on::<Sled>(dir, Durability::Fsync)
 }
 
 /// SplitMix64: small, seedable, good enough for test data.
@@ -555,14 +618,18 @@ impl Runner {
 
     /// Applies `msgs` on top of `p` into the pending change set, without
     /// committing.
-    pub fn apply(&mut self, p: &Partition, msgs: &[Msg]) {
+    pub fn apply<P: PartitionStore>(&mut self, p: &P, msgs: &[Msg]) {
         self.try_apply(p, msgs)
             .expect("generated logs only advance, over a readable store");
     }
 
     /// [`Runner::apply`], stopping at the first fault (a failed read of
     /// `p` included); the pending batch must then be abandoned.
-    pub fn try_apply(&mut self, p: &Partition, msgs: &[Msg]) -> Result<(), Fault<Error>> {
+    pub fn try_apply<P: PartitionStore>(
+        &mut self,
+        p: &P,
+        msgs: &[Msg],
+    ) -> Result<(), Fault<Error>> {
         for m in msgs {
             let mut view = Overlay::new(p, &mut self.changes);
             apply_msg(&self.machine, &mut view, m, &mut self.effects)?;
@@ -572,7 +639,7 @@ impl Runner {
 
     /// Applies `msgs` and commits them as one batch; returns the outbox
     /// range and the effects to publish.
-    pub fn batch(&mut self, p: &Partition, msgs: &[Msg]) -> (OutboxRange, Vec<Effect>) {
+    pub fn batch<P: PartitionStore>(&mut self, p: &P, msgs: &[Msg]) -> (OutboxRange, Vec<Effect>) {
         self.apply(p, msgs);
         let committed = p.commit(&self.changes, &self.effects).expect("commit");
         self.changes.clear();

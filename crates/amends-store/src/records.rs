@@ -1,4 +1,11 @@
-//! Keys and the record codec.
+//! The storage records and their encoding: what a partition's values
+//! hold, whatever the engine.
+//!
+//! Everything here is engine-neutral: a record is encoded to bytes and
+//! decoded from bytes, and the key it is stored under only appears in an
+//! error ([`Error::Corrupt`] names it). sled's keys are
+//! [`crate::layout`]'s; a second engine reuses these encodings with its
+//! own keys.
 //!
 //! Storage records have their own types, separate from the wire types of
 //! amends-core: the wire format (JSON with tags and flattened fields) may
@@ -32,137 +39,26 @@ use amends_core::decision::{Decision, Outcome, Reason};
 use amends_core::id::OpId;
 use amends_core::partition::{Apology, DeadLetter, Effect, HoldExpired};
 use amends_core::route::{PARTITIONS_MAX, PartitionId, Partitions};
-use amends_core::state::{
-    Account, Claim, Clock, Dedup, ExpiryKey, Hold, HoldStatus, Saga, SagaState,
-};
+use amends_core::state::{Account, Claim, Clock, Dedup, Hold, HoldStatus, Saga, SagaState};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use uuid_bytes::{from_bytes as op_id_from_bytes, to_bytes as op_id_to_bytes};
 
 use crate::error::{Error, Result};
 
-/// The version of the key layout and record encoding. Every value starts
-/// with it as one byte and the meta tree records it; a store written with
-/// another version is refused on open, never reinterpreted.
+/// The version of the record encoding and of sled's key layout: a change
+/// to either is a new version. Every value starts with it as one byte and
+/// the meta tree records it; a store written with another version is
+/// refused on open, never reinterpreted.
 pub const FORMAT_VERSION: u8 = 4;
 
-/// How many outbox entries one outbox chunk record holds.
-///
-/// Effects are appended to fixed, aligned chunks (entry `s` lives in chunk
-/// `s / OUTBOX_CHUNK_LEN`), so a batch writes about one outbox record per
-/// 64 effects instead of one per effect, and the chunks depend only on the
-/// sequence of effects, not on batch boundaries (a rebuilt store is
-/// bit-identical). 64 entries of about 80 bytes stay far below sled's blob
-/// threshold (a quarter of its 512 KiB segments).
-pub const OUTBOX_CHUNK_LEN: u64 = 64;
-
-/// Key of the head record: applied clock and outbox end.
-pub(crate) const KEY_HEAD: &[u8] = b"!head";
-/// Key of the outbox confirmation watermark.
-pub(crate) const KEY_CONFIRMED: &[u8] = b"!outbox-confirmed";
-/// Key of the decisions-stream sequence published through when the outbox
-/// was last confirmed (see `Partition::decisions_published`).
-pub(crate) const KEY_PUBLISHED: &[u8] = b"!decisions-published";
-/// Key of the requests-stream sequence up to which missing messages were
-/// accepted (see `Partition::log_accepted`).
-pub(crate) const KEY_LOG_ACCEPTED: &[u8] = b"!log-accepted";
-
-/// Key prefix of accounts: `a` + account id (UTF-8).
-pub(crate) const PREFIX_ACCOUNT: u8 = b'a';
-/// Key prefix of claims: `c` + claim routing key (UTF-8).
-pub(crate) const PREFIX_CLAIM: u8 = b'c';
-/// Key prefix of dedup record buckets (see `packed`).
-pub(crate) const PREFIX_DEDUP: u8 = b'd';
-/// Key prefix of the expiry index: `e` + at_ms (8 bytes, big-endian) + hold
-/// id (16 bytes), so a range scan visits entries in expiry order.
-pub(crate) const PREFIX_EXPIRY: u8 = b'e';
-/// Key prefix of hold buckets (see `packed`).
-pub(crate) const PREFIX_HOLD: u8 = b'h';
-/// Key prefix of outbox chunks: `o` + chunk number (8 bytes, big-endian).
-pub(crate) const PREFIX_OUTBOX: u8 = b'o';
-/// Key prefix of saga buckets (see `packed`): sagas are keyed by op id and
-/// retained as long as dedup records, so they are packed like them.
-pub(crate) const PREFIX_SAGA: u8 = b's';
-
-/// Op ids as their 16 bytes in UUID (big-endian) order.
-mod uuid_bytes {
-    use amends_core::id::OpId;
-
-    pub(crate) fn to_bytes(id: OpId) -> [u8; 16] {
-        *id.0.as_bytes()
-    }
-
-    pub(crate) fn from_bytes(b: [u8; 16]) -> OpId {
-        OpId::from_uuid(uuid::Uuid::from_bytes(b))
-    }
+/// An op id as its 16 bytes, in UUID (big-endian) order: how records
+/// hold op ids, and how a key layout may sort by them.
+pub(crate) fn op_id_to_bytes(id: OpId) -> [u8; 16] {
+    *id.0.as_bytes()
 }
 
-pub(crate) fn key_account(id: &str) -> Vec<u8> {
-    prefixed(PREFIX_ACCOUNT, id.as_bytes())
-}
-
-pub(crate) fn key_claim(key: &str) -> Vec<u8> {
-    prefixed(PREFIX_CLAIM, key.as_bytes())
-}
-
-/// An op id as the 16-byte id of a packed bucket entry.
-pub(crate) fn id_bytes(op: OpId) -> [u8; 16] {
-    op_id_to_bytes(op)
-}
-
-/// The op id of a packed bucket entry.
-pub(crate) fn id_of(b: [u8; 16]) -> OpId {
-    op_id_from_bytes(b)
-}
-
-pub(crate) fn key_expiry(k: ExpiryKey) -> [u8; 25] {
-    let mut out = [0; 25];
-    out[0] = PREFIX_EXPIRY;
-    out[1..9].copy_from_slice(&k.at_ms.to_be_bytes());
-    out[9..].copy_from_slice(&op_id_to_bytes(k.hold));
-    out
-}
-
-pub(crate) fn key_outbox(chunk: u64) -> [u8; 9] {
-    let mut out = [0; 9];
-    out[0] = PREFIX_OUTBOX;
-    out[1..].copy_from_slice(&chunk.to_be_bytes());
-    out
-}
-
-fn prefixed(prefix: u8, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + rest.len());
-    k.push(prefix);
-    k.extend_from_slice(rest);
-    k
-}
-
-pub(crate) fn decode_expiry_key(key: &[u8]) -> Result<ExpiryKey> {
-    let bad = || Error::corrupt(key, "an expiry key must be 25 bytes");
-    let at: [u8; 8] = key
-        .get(1..9)
-        .and_then(|r| r.try_into().ok())
-        .ok_or_else(bad)?;
-    let hold: [u8; 16] = key
-        .get(9..)
-        .and_then(|r| r.try_into().ok())
-        .ok_or_else(bad)?;
-    Ok(ExpiryKey {
-        at_ms: u64::from_be_bytes(at),
-        hold: op_id_from_bytes(hold),
-    })
-}
-
-pub(crate) fn decode_outbox_key(key: &[u8]) -> Result<u64> {
-    let b: [u8; 8] = key
-        .get(1..)
-        .and_then(|r| r.try_into().ok())
-        .ok_or_else(|| Error::corrupt(key, "an outbox key must be 9 bytes"))?;
-    Ok(u64::from_be_bytes(b))
-}
-
-pub(crate) fn decode_text_key(key: &[u8]) -> Result<&str> {
-    let rest = key.get(1..).unwrap_or_default();
-    std::str::from_utf8(rest).map_err(|e| Error::corrupt(key, format!("key is not UTF-8: {e}")))
+/// An op id read back from its 16 bytes.
+pub(crate) fn op_id_from_bytes(b: [u8; 16]) -> OpId {
+    OpId::from_uuid(uuid::Uuid::from_bytes(b))
 }
 
 // ---------------------------------------------------------------------
@@ -1814,28 +1710,5 @@ mod tests {
                 .to_string()
                 .contains("owner")
         );
-    }
-
-    #[test]
-    fn key_order_follows_expiry_time() {
-        // Expiry keys sort by time first, so a range scan finds the earliest.
-        let early = key_expiry(ExpiryKey {
-            at_ms: 5,
-            hold: id(u128::MAX),
-        });
-        let late = key_expiry(ExpiryKey {
-            at_ms: 256,
-            hold: id(0),
-        });
-        assert!(early < late);
-        assert_eq!(
-            decode_expiry_key(&late).unwrap(),
-            ExpiryKey {
-                at_ms: 256,
-                hold: id(0)
-            }
-        );
-        assert_eq!(id_of(id_bytes(id(5))), id(5));
-        assert_eq!(decode_outbox_key(&key_outbox(258)).unwrap(), 258);
     }
 }
