@@ -110,7 +110,7 @@ impl Replay {
 
     /// Takes one log message exactly as the partition's worker does
     /// (`Machine::take`); returns its effects.
-    fn apply(&mut self, message: &LogMessage<'_>, findings: &mut Findings) -> Vec<Effect> {
+    fn take(&mut self, message: &LogMessage<'_>, findings: &mut Findings) -> Vec<Effect> {
         self.messages = self.messages.saturating_add(1);
         let p = self.machine.partition();
         let seq = message.position;
@@ -271,7 +271,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
             let Some(r) = replays.get_mut(i) else {
                 return;
             };
-            r.apply(&read, &mut findings);
+            r.take(&read, &mut findings);
         },
     )
     .await?;
@@ -624,7 +624,7 @@ mod tests {
                 log_time_ms: T0 + seq,
                 reply_to: None,
             };
-            for effect in replays[p].apply(&message, &mut findings) {
+            for effect in replays[p].take(&message, &mut findings) {
                 if let Effect::Send { partition, request } = effect {
                     let q = usize::try_from(partition.get()).unwrap();
                     queue.push_back((q, wire::encode(&request)));

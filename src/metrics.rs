@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use amends_nats::metrics;
-use amends_nats::service::{PartitionState, Status};
+use amends_nats::service::{Status, Supervision};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -76,12 +76,12 @@ impl Health {
                 let mut text = String::new();
                 for p in &snapshot.partitions {
                     let state = match &p.state {
-                        PartitionState::Running => "running".to_owned(),
-                        PartitionState::Restarting { attempt, error } => {
+                        Supervision::Running => "running".to_owned(),
+                        Supervision::Restarting { attempt, error } => {
                             ready = false;
                             format!("restarting (attempt {attempt}): {error}")
                         }
-                        PartitionState::Stopped { reason } => {
+                        Supervision::Stopped { reason } => {
                             ready = false;
                             format!("stopped: {reason}")
                         }

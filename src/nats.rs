@@ -96,7 +96,7 @@ impl TlsArgs {
     }
 
     /// Applies these settings to raw connect options.
-    fn apply(
+    fn configure(
         &self,
         mut options: async_nats::ConnectOptions,
     ) -> anyhow::Result<async_nats::ConnectOptions> {
@@ -203,7 +203,7 @@ impl NatsArgs {
                     .await
                     .with_context(|| format!("reading the NATS creds file {}", creds.display()))?;
             }
-            options = self.tls.apply(options)?;
+            options = self.tls.configure(options)?;
             match options.connect(addrs.clone()).await {
                 Ok(client) => return Ok(client),
                 Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {

@@ -204,7 +204,7 @@ fn check_partition(world: &World<'_, '_>, v: &View<'_>, scope: Scope, findings: 
             )),
             (Some(at), _) => expiring.push(ExpiryKey {
                 at_ms: at,
-                hold: *hold_id,
+                id: *hold_id,
             }),
             (None, Some(step)) => {
                 saga_reservation(world, step, "hold", &hold_id.to_string(), scope, findings);
@@ -299,7 +299,7 @@ fn check_partition(world: &World<'_, '_>, v: &View<'_>, scope: Scope, findings: 
         }
         expiring.push(ExpiryKey {
             at_ms: s.deadline_ms,
-            hold: *saga_id,
+            id: *saga_id,
         });
     }
     expiring.sort_unstable();

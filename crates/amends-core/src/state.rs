@@ -228,8 +228,8 @@ impl Dedup {
 pub struct ExpiryKey {
     /// When the hold lapses (or the saga's deadline).
     pub at_ms: u64,
-    /// The hold (or the saga).
-    pub hold: OpId,
+    /// The hold's op id, or the saga's.
+    pub id: OpId,
 }
 
 /// How far a partition has read its log.

@@ -46,10 +46,9 @@
 //!
 //! # What it deliberately does not do (yet)
 //!
-//! No stalled-pull watchdog yet. It installs no metrics exporter (the
-//! binary does). A worker that stops returns
-//! its [`Error`]; [`service`] restarts it or stops its partition. It does
-//! not connect to NATS either: the caller owns the connection (URLs,
+//! It installs no metrics exporter (the binary does). A worker that stops
+//! returns its [`Error`]; [`service`] restarts it or stops its partition.
+//! It does not connect to NATS either: the caller owns the connection (URLs,
 //! credentials, TLS) and hands [`topology::ensure`] a JetStream context. It
 //! never deletes or edits an existing stream: an incompatible stream is an
 //! operator's decision. (A worker does delete and recreate its own consumer,

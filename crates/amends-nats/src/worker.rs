@@ -279,7 +279,7 @@ pub async fn run_partition<P: PartitionStore>(
     // Committed batches go to the publisher in order; it publishes while
     // the next batch is applied and committed. Backpressure: at most
     // `PIPELINE_DEPTH` committed batches wait.
-    let (to_publish, mut committed) = tokio::sync::mpsc::channel::<Committed>(PIPELINE_DEPTH);
+    let (to_publish, mut committed) = tokio::sync::mpsc::channel::<Outgoing>(PIPELINE_DEPTH);
     let mut publisher = worker.publisher()?;
     let mut publishing = AbortOnDrop(tokio::spawn(async move {
         while let Some(batch) = committed.recv().await {
@@ -320,7 +320,7 @@ async fn pump<P: PartitionStore>(
     subject: &str,
     options: Options,
     applied: u64,
-    to_publish: &tokio::sync::mpsc::Sender<Committed>,
+    to_publish: &tokio::sync::mpsc::Sender<Outgoing>,
     publishing: &mut AbortOnDrop,
     pending: &mut Option<InFlight>,
 ) -> Result<Infallible, Error> {
@@ -428,15 +428,15 @@ async fn pump<P: PartitionStore>(
             consumer_seq = info.consumer_sequence;
             delivered = delivered.max(info.stream_sequence);
         }
-        // Apply this batch over the store and the batch being committed,
+        // Decide this batch over the store and the batch being committed,
         // while that commit runs; then commit this one.
         let below = pending.as_ref().map(|f| Arc::clone(&f.changes));
-        let applied = worker.apply(&batch, below).await?;
+        let decided = worker.decide(&batch, below).await?;
         if let Some(in_flight) = pending.take() {
             let done = worker.finish(in_flight).await?;
             hand_over(to_publish, publishing, done, p).await?;
         }
-        *pending = Some(worker.start_commit(applied, last)?);
+        *pending = Some(worker.start_commit(decided, last)?);
     }
 }
 
@@ -716,9 +716,9 @@ fn fence_busy(e: &jetstream::context::PublishError) -> bool {
 /// Hands a committed batch to the publisher, which publishes it, then
 /// acknowledges it.
 async fn hand_over(
-    to_publish: &tokio::sync::mpsc::Sender<Committed>,
+    to_publish: &tokio::sync::mpsc::Sender<Outgoing>,
     publishing: &mut AbortOnDrop,
-    done: Committed,
+    done: Outgoing,
     p: u32,
 ) -> Result<(), Error> {
     if to_publish.send(done).await.is_err() {
@@ -883,13 +883,13 @@ impl<P: PartitionStore> Worker<P> {
         })
     }
 
-    /// Applies one batch over the store and, if a commit is in flight,
-    /// that batch's changes (`below`).
-    async fn apply(
+    /// Decides one batch (each message through `Machine::take`) over the
+    /// store and, if a commit is in flight, that batch's changes (`below`).
+    async fn decide(
         &mut self,
         batch: &[jetstream::Message],
         below: Option<Arc<ChangeSet>>,
-    ) -> Result<Applied, Error> {
+    ) -> Result<BatchOutput, Error> {
         let p = self.machine.partition();
         let mut incoming = Vec::with_capacity(batch.len());
         for message in batch {
@@ -916,7 +916,7 @@ impl<P: PartitionStore> Worker<P> {
                 base: &store,
                 top: &below,
             };
-            let result = apply_batch(&machine, &stacked, &mut changes, &incoming);
+            let result = take_batch(&machine, &stacked, &mut changes, &incoming);
             (changes, result)
         })
         .await
@@ -928,7 +928,7 @@ impl<P: PartitionStore> Worker<P> {
         // A failed read stops the batch here (`Stop::Store`): nothing
         // decided over missing state reaches the commit.
         let (effects, replies, tally) = result.map_err(|e| stop_error(p, e))?;
-        Ok(Applied {
+        Ok(BatchOutput {
             changes,
             effects,
             replies,
@@ -940,17 +940,17 @@ impl<P: PartitionStore> Worker<P> {
     /// changes stay readable for the next batch's apply.
     fn start_commit(
         &mut self,
-        applied: Applied,
+        decided: BatchOutput,
         last: jetstream::Message,
     ) -> Result<InFlight, Error> {
         let store = self.store()?.clone();
         let machine = self.machine;
-        let Applied {
+        let BatchOutput {
             changes,
             effects,
             replies,
             mut tally,
-        } = applied;
+        } = decided;
         let changes = Arc::new(changes);
         let to_commit = Arc::clone(&changes);
         let task = tokio::task::spawn_blocking(move || {
@@ -971,7 +971,7 @@ impl<P: PartitionStore> Worker<P> {
 
     /// Waits for a batch's commit; returns what to publish (and the
     /// message to acknowledge after).
-    async fn finish(&mut self, in_flight: InFlight) -> Result<Committed, Error> {
+    async fn finish(&mut self, in_flight: InFlight) -> Result<Outgoing, Error> {
         let p = self.machine.partition();
         let InFlight {
             task,
@@ -992,7 +992,7 @@ impl<P: PartitionStore> Worker<P> {
             changes.clear();
             self.changes = changes;
         }
-        Ok(Committed {
+        Ok(Outgoing {
             effects,
             replies,
             end,
@@ -1001,8 +1001,8 @@ impl<P: PartitionStore> Worker<P> {
     }
 }
 
-/// A batch applied but not committed.
-struct Applied {
+/// A batch decided but not committed.
+struct BatchOutput {
     changes: ChangeSet,
     effects: Vec<Effect>,
     replies: Vec<(String, Decision)>,
@@ -1054,7 +1054,7 @@ struct Publisher<P> {
 }
 
 /// A committed batch, waiting to be published.
-struct Committed {
+struct Outgoing {
     effects: Vec<Effect>,
     replies: Vec<(String, Decision)>,
     end: OutboxSeq,
@@ -1074,7 +1074,7 @@ impl<P: PartitionStore> Publisher<P> {
     /// Publishes a committed batch's outbox, confirms it and sends its
     /// replies (after the publish: a client never hears of a decision that
     /// is not on the decisions stream).
-    async fn publish_committed(&mut self, batch: Committed) -> Result<(), Error> {
+    async fn publish_committed(&mut self, batch: Outgoing) -> Result<(), Error> {
         let publish_started = std::time::Instant::now(); // metrics
         let empty = HashSet::new();
         let skip = self.catch_up.as_ref().map_or(&empty, |c| &c.ids);
@@ -1404,10 +1404,10 @@ impl From<Fault<amends_store::Error>> for Stop {
 /// Decisions to send to reply subjects.
 type Replies = Vec<(String, Decision)>;
 
-/// Applies a batch over `state` into `changes`: the blocking half of a
-/// batch's apply. Returns the effects, the replies and the metrics tally,
+/// Takes a batch's messages over `state` into `changes`: the blocking
+/// half of [`Worker::decide`]. Returns the effects, the replies and the metrics tally,
 /// or why the batch stopped (then nothing of it may be committed).
-fn apply_batch<B: Read<Error = amends_store::Error> + ?Sized>(
+fn take_batch<B: Read<Error = amends_store::Error> + ?Sized>(
     machine: &Machine,
     base: &B,
     changes: &mut ChangeSet,

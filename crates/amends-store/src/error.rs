@@ -44,11 +44,14 @@ pub enum Error {
         detail: String,
     },
     /// The store was written by an incompatible format version of this
-    /// crate. Rebuild it from the log (`amends rebuild`) or use the matching
+    /// crate. Rebuild it from the log (start `amends serve` on an empty data
+    /// directory: its workers re-derive every partition from the requests
+    /// stream, which must still hold the whole log) or use the matching
     /// version of amends.
     #[error(
         "store: format version {found} on disk, but this build reads and writes version {expected}; \
-         rebuild the store from the log or run the matching amends version"
+         rebuild the store from the log (start amends serve on an empty data directory; the \
+         requests stream must still hold the whole log) or run the matching amends version"
     )]
     FormatVersion {
         /// The version recorded in the store.

@@ -75,7 +75,7 @@ pub(crate) fn key_expiry(k: ExpiryKey) -> [u8; 25] {
     let mut out = [0; 25];
     out[0] = PREFIX_EXPIRY;
     out[1..9].copy_from_slice(&k.at_ms.to_be_bytes());
-    out[9..].copy_from_slice(&records::op_id_to_bytes(k.hold));
+    out[9..].copy_from_slice(&records::op_id_to_bytes(k.id));
     out
 }
 
@@ -105,7 +105,7 @@ pub(crate) fn decode_expiry_key(key: &[u8]) -> Result<ExpiryKey> {
         .ok_or_else(bad)?;
     Ok(ExpiryKey {
         at_ms: u64::from_be_bytes(at),
-        hold: records::op_id_from_bytes(hold),
+        id: records::op_id_from_bytes(hold),
     })
 }
 
@@ -137,18 +137,18 @@ mod tests {
         // Expiry keys sort by time first, so a range scan finds the earliest.
         let early = key_expiry(ExpiryKey {
             at_ms: 5,
-            hold: id(u128::MAX),
+            id: id(u128::MAX),
         });
         let late = key_expiry(ExpiryKey {
             at_ms: 256,
-            hold: id(0),
+            id: id(0),
         });
         assert!(early < late);
         assert_eq!(
             decode_expiry_key(&late).unwrap(),
             ExpiryKey {
                 at_ms: 256,
-                hold: id(0)
+                id: id(0)
             }
         );
         assert_eq!(id_of(id_bytes(id(5))), id(5));

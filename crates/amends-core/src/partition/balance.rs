@@ -83,13 +83,8 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
             },
         );
         if let Some(at_ms) = expires_at_ms {
-            self.state.put_expiry(
-                ExpiryKey {
-                    at_ms,
-                    hold: hold_id,
-                },
-                true,
-            );
+            self.state
+                .put_expiry(ExpiryKey { at_ms, id: hold_id }, true);
         }
         Ok(balances(&account))
     }
@@ -224,13 +219,8 @@ impl<S: Read + Write + ?Sized> Ctx<'_, S> {
 
     fn finish_hold(&mut self, id: &AccountId, hold_id: OpId, hold: Hold, account: &Account) {
         if let Some(at_ms) = hold.expires_at_ms {
-            self.state.put_expiry(
-                ExpiryKey {
-                    at_ms,
-                    hold: hold_id,
-                },
-                false,
-            );
+            self.state
+                .put_expiry(ExpiryKey { at_ms, id: hold_id }, false);
         }
         self.state.put_account(id, *account);
         self.state.put_hold(hold_id, hold);
@@ -251,11 +241,11 @@ impl Machine {
         let Some(mut hold) = hold.filter(|h| h.status == HoldStatus::Pending) else {
             panic!(
                 "expiry index names {:?}, which is not a pending hold",
-                key.hold
+                key.id
             );
         };
         let Some(mut account) = cx.state.account(hold.account.as_str())? else {
-            panic!("hold {:?} is on a missing account", key.hold);
+            panic!("hold {:?} is on a missing account", key.id);
         };
         account.held = account
             .held
@@ -266,15 +256,15 @@ impl Machine {
         cx.state.put_expiry(key, false);
         hold.status = HoldStatus::Expired { at_ms: cx.now };
         cx.out.push(Effect::HoldExpired(HoldExpired {
-            event_id: key.hold.derive(EXPIRY_LABEL),
-            hold: key.hold,
+            event_id: key.id.derive(EXPIRY_LABEL),
+            hold: key.id,
             account: hold.account.clone(),
             amount: hold.amount,
             partition: self.partition.get(),
             position: cx.position,
             log_time_ms: cx.now,
         }));
-        cx.state.put_hold(key.hold, hold);
+        cx.state.put_hold(key.id, hold);
         Ok(())
     }
 }

@@ -706,11 +706,11 @@ impl Machine {
             if key.at_ms > cx.now {
                 break;
             }
-            let hold = cx.state.hold(key.hold)?;
+            let hold = cx.state.hold(key.id)?;
             if hold.is_none()
-                && let Some(s) = cx.state.saga(key.hold)?
+                && let Some(s) = cx.state.saga(key.id)?
             {
-                self.expire_saga(cx, key.hold, s)?;
+                self.expire_saga(cx, key.id, s)?;
                 continue;
             }
             self.expire_hold(cx, key, hold)?;

@@ -236,7 +236,7 @@ impl Machine {
         cx.state.put_expiry(
             ExpiryKey {
                 at_ms: deadline_ms,
-                hold: req.op_id,
+                id: req.op_id,
             },
             true,
         );
@@ -469,7 +469,7 @@ impl Machine {
         cx.state.put_expiry(
             ExpiryKey {
                 at_ms: s.deadline_ms,
-                hold: saga_id,
+                id: saga_id,
             },
             false,
         );

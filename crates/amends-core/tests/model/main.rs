@@ -642,7 +642,8 @@ fn replay_is_bit_identical() {
     run((log::ops(OPS_MAX, 0, 0), any::<Index>()), |(ops, cut)| {
         let entries = log::messages(&log::build(&ops));
         let first = apply_all(&entries);
-        // The replay reads the log as `amends rebuild` would: bytes only.
+        // The replay reads the log as a store rebuilt from it (serve on an
+        // empty data directory) does: bytes only.
         let reread: Vec<Entry> = entries
             .iter()
             .map(|e| Entry {

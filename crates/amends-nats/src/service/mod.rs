@@ -23,7 +23,7 @@
 //! Every worker await is a safe point to stop (see [`worker`]).
 //!
 //! What it reports lives in a [`Status`] handle ([`Service::status`]): each
-//! partition's [`PartitionState`] and its applied position, read live from
+//! partition's [`Supervision`] and its applied position, read live from
 //! the store.
 //!
 //! One file per job: this one holds [`Options`] and [`Service`] (what it
@@ -65,7 +65,7 @@ pub use endpoints::{
     ENDPOINT_CONCURRENCY_MAX, QUERY_QUEUE_GROUP, SERVICE_NAME, STATUS_QUEUE_GROUP,
     UNROUTED_QUEUE_GROUP, serve_endpoints,
 };
-pub use status::{PartitionState, PartitionStatus, ServiceStatus, Status};
+pub use status::{PartitionStatus, ServiceStatus, Status, Supervision};
 pub use supervise::{backoff, is_fatal, needs_reopen};
 pub use tick::tick_msg_id;
 

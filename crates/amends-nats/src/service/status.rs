@@ -1,4 +1,4 @@
-//! What the service reports: each partition's [`PartitionState`], read
+//! What the service reports: each partition's [`Supervision`], read
 //! through the shared [`Status`] handle, with its applied position read
 //! live from the store.
 
@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use amends_core::protocol::query;
 use amends_store::{Partition, PartitionStore};
 
-/// What a partition's supervisor is doing.
+/// What a partition's supervisor is doing, with the error behind a
+/// restart or a stop. The wire has only its name: [`query::PartitionState`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PartitionState {
+pub enum Supervision {
     /// The worker runs (or is starting).
     Running,
     /// The worker stopped on a transient error and is restarted after a
@@ -34,7 +35,7 @@ pub struct PartitionStatus {
     /// The partition.
     pub partition: u32,
     /// What its supervisor is doing.
-    pub state: PartitionState,
+    pub state: Supervision,
     /// The store's applied position (0 if it could not be read).
     pub applied_position: u64,
     /// How many times the worker was restarted since the service started.
@@ -52,7 +53,7 @@ pub struct ServiceStatus {
 /// store of one partition (sled's by default).
 #[derive(Debug, Clone)]
 pub struct Status<P = Partition> {
-    pub(super) states: Arc<Mutex<Vec<(PartitionState, u64)>>>,
+    pub(super) states: Arc<Mutex<Vec<(Supervision, u64)>>>,
     pub(super) stores: Arc<[P]>,
 }
 
@@ -60,7 +61,7 @@ impl<P: PartitionStore> Status<P> {
     /// Every partition of `stores` running, none restarted yet.
     pub(super) fn new(stores: Vec<P>) -> Status<P> {
         Status {
-            states: Arc::new(Mutex::new(vec![(PartitionState::Running, 0); stores.len()])),
+            states: Arc::new(Mutex::new(vec![(Supervision::Running, 0); stores.len()])),
             stores: stores.into(),
         }
     }
@@ -82,7 +83,7 @@ impl<P: PartitionStore> Status<P> {
         }
     }
 
-    pub(super) fn set(&self, index: usize, state: PartitionState, restarted: bool) {
+    pub(super) fn set(&self, index: usize, state: Supervision, restarted: bool) {
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = states.get_mut(index) {
             if let Some(store) = self.stores.get(index) {
@@ -97,20 +98,18 @@ impl<P: PartitionStore> Status<P> {
 
     pub(super) fn is_stopped(&self, index: usize) -> bool {
         let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
-        matches!(states.get(index), Some((PartitionState::Stopped { .. }, _)))
+        matches!(states.get(index), Some((Supervision::Stopped { .. }, _)))
     }
 }
 
 /// A partition state as the stats endpoint reports it (its name is one of
 /// [`crate::metrics::STATES`]), and its error text, if it has one.
-pub(super) fn wire_state(state: &PartitionState) -> (query::PartitionState, Option<String>) {
+pub(super) fn wire_state(state: &Supervision) -> (query::PartitionState, Option<String>) {
     match state {
-        PartitionState::Running => (query::PartitionState::Running, None),
-        PartitionState::Restarting { error, .. } => {
+        Supervision::Running => (query::PartitionState::Running, None),
+        Supervision::Restarting { error, .. } => {
             (query::PartitionState::Restarting, Some(error.clone()))
         }
-        PartitionState::Stopped { reason } => {
-            (query::PartitionState::Stopped, Some(reason.clone()))
-        }
+        Supervision::Stopped { reason } => (query::PartitionState::Stopped, Some(reason.clone())),
     }
 }

@@ -8,7 +8,7 @@ use amends_core::partition::Machine;
 use amends_store::{Engine, PartitionStore};
 use async_nats::jetstream;
 
-use super::{Options, PartitionState, Status};
+use super::{Options, Status, Supervision};
 use crate::Error;
 use crate::lease::Guard;
 use crate::topology::Topology;
@@ -96,7 +96,7 @@ pub(super) async fn supervise<E: Engine>(
         let error = match store.partition(machine.partition()) {
             Ok(partition) => {
                 let before = partition.head().map(|h| h.clock.position).unwrap_or(0);
-                status.set(index, PartitionState::Running, attempt > 0);
+                status.set(index, Supervision::Running, attempt > 0);
                 let stopped =
                     worker::run_partition(&js, &topology, machine, partition, options.worker).await;
                 let error = match stopped {
@@ -124,7 +124,7 @@ pub(super) async fn supervise<E: Engine>(
             tracing::error!(partition = p, %error, "the store failed; stopping the service so that a restart reopens it");
             status.set(
                 index,
-                PartitionState::Stopped {
+                Supervision::Stopped {
                     reason: format!("{error}; the process must restart to reopen the store"),
                 },
                 false,
@@ -138,7 +138,7 @@ pub(super) async fn supervise<E: Engine>(
             tracing::error!(partition = p, %error, "partition stopped; it is not restarted until an operator looks");
             status.set(
                 index,
-                PartitionState::Stopped {
+                Supervision::Stopped {
                     reason: error.to_string(),
                 },
                 false,
@@ -150,7 +150,7 @@ pub(super) async fn supervise<E: Engine>(
         tracing::warn!(partition = p, attempt, ?delay, %error, "partition worker failed; restarting");
         status.set(
             index,
-            PartitionState::Restarting {
+            Supervision::Restarting {
                 attempt,
                 error: error.to_string(),
             },

@@ -11,7 +11,7 @@ use amends_core::partition::{Config, Effect, Machine};
 use amends_core::route::{PartitionId, Partitions, partition_of};
 use amends_core::state::{ChangeSet, Overlay};
 use amends_core::wire;
-use amends_nats::service::{self, PartitionState, Service};
+use amends_nats::service::{self, Service, Supervision};
 use amends_nats::topology::{self, Stream, Topology, header};
 use amends_nats::worker;
 use amends_store::{PartitionStore, Store};
@@ -294,7 +294,7 @@ async fn a_nats_server_restart_mid_workload_loses_and_doubles_nothing() {
             snapshot
                 .partitions
                 .iter()
-                .all(|p| p.state == PartitionState::Running),
+                .all(|p| p.state == Supervision::Running),
             "{snapshot:?}"
         );
         task.abort();
@@ -388,7 +388,7 @@ async fn a_partition_whose_log_went_backwards_stops_and_the_others_go_on() {
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         let snapshot = loop {
             let snapshot = status.snapshot();
-            if matches!(snapshot.partitions[0].state, PartitionState::Stopped { .. })
+            if matches!(snapshot.partitions[0].state, Supervision::Stopped { .. })
                 || Instant::now() > deadline
             {
                 break snapshot;
@@ -396,14 +396,14 @@ async fn a_partition_whose_log_went_backwards_stops_and_the_others_go_on() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         match &snapshot.partitions[0].state {
-            PartitionState::Stopped { reason } => {
+            Supervision::Stopped { reason } => {
                 assert!(reason.contains("went backwards"), "{reason}");
             }
             other => panic!("partition 0 should be stopped: {other:?}"),
         }
         assert_eq!(snapshot.partitions[0].applied_position, 1_000_000);
         assert_eq!(snapshot.partitions[0].restarts, 0);
-        assert_eq!(snapshot.partitions[1].state, PartitionState::Running);
+        assert_eq!(snapshot.partitions[1].state, Supervision::Running);
         assert!(snapshot.partitions[1].applied_position > 0);
         assert!(!task.is_finished(), "the service goes on");
         task.abort();

@@ -194,7 +194,7 @@ fn a_saga_in_flight_is_never_compacted() {
     assert!(
         p.expiry_after(None)
             .expect("read")
-            .is_some_and(|k| k.hold == saga_id)
+            .is_some_and(|k| k.id == saga_id)
     );
 }
 
