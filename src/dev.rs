@@ -56,8 +56,9 @@ pub struct DevArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// Where to serve the device page (/) and the operator console
-    /// (/console); port 0 picks a free one. While it runs, the pages' URL
-    /// is in `<data-dir>/http-url`.
+    /// (/console); port 0 picks a free one, and so does the default when
+    /// its port is taken. While it runs, the pages' URL is in
+    /// `<data-dir>/http-url`.
     #[arg(long, default_value = HTTP_DEFAULT)]
     pub http: std::net::SocketAddr,
 }
@@ -203,7 +204,22 @@ async fn start_pages(args: &DevArgs, url: &str) -> anyhow::Result<std::net::Sock
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let prefix = Prefix::new(topology::PREFIX_DEFAULT)?;
-    crate::web::start(args.http, client, jetstream::new(nats), prefix).await
+    let js = jetstream::new(nats);
+    match crate::web::start(args.http, client.clone(), js.clone(), prefix.clone()).await {
+        // The default port taken (another dev, another program): any free
+        // one rather than no pages; the URL printed says which.
+        Err(e)
+            if args.http.to_string() == HTTP_DEFAULT
+                && e.root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse) =>
+        {
+            println!("{HTTP_DEFAULT} is taken: serving the pages on another port");
+            let any = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+            crate::web::start(any, client, js, prefix).await
+        }
+        result => result,
+    }
 }
 
 async fn demo_then_wait(args: &DevArgs, url: &str) -> anyhow::Result<()> {
