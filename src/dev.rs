@@ -2,7 +2,8 @@
 //!
 //! Starts the pinned `nats-server` (JetStream, loopback, a free port, its
 //! store in the data directory), runs the service on every partition in
-//! this process through the same code as `amends serve`, walks through a
+//! this process through the same code as `amends serve`, serves the device
+//! page and the operator console (`--http`, see `web`), walks through a
 //! short demo with amends-client (a confirmation, two refusals, a duplicate,
 //! an apology and a transfer saga), then serves until Ctrl-C or SIGTERM. On
 //! the way out the child server is killed by its PID and reaped, whatever
@@ -54,7 +55,19 @@ pub struct DevArgs {
     /// Exit after the demo instead of serving until Ctrl-C.
     #[arg(long)]
     pub no_wait: bool,
+    /// Where to serve the device page (/) and the operator console
+    /// (/console); port 0 picks a free one, and so does the default when
+    /// its port is taken. While it runs, the pages' URL is in
+    /// `<data-dir>/http-url`.
+    #[arg(long, default_value = HTTP_DEFAULT)]
+    pub http: std::net::SocketAddr,
 }
+
+/// The default of `amends dev --http`.
+const HTTP_DEFAULT: &str = "127.0.0.1:7480";
+
+/// Where `amends dev` writes the pages' URL while it runs, in its data dir.
+const HTTP_URL_FILE: &str = "http-url";
 
 /// Runs the dev deployment and its demo; the signal that stopped it, if
 /// one did (the caller exits as a shell expects after it: 130, 143).
@@ -150,10 +163,17 @@ async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
         duplicate_window_ms: Some(duplicate_window_ms),
         replicas: Some(1),
         metrics_addr: None,
+        http: None,
         lease_ttl_ms: None,
     };
     // `amends serve` itself, in this process; Ctrl-C is `run`'s to handle.
     let mut service = tokio::spawn(serve::run_in_process(serve_args));
+    let pages = start_pages(args, url).await?;
+    let http_url_file = args.data_dir.join(HTTP_URL_FILE);
+    fs::write(&http_url_file, format!("http://{pages}/\n"))
+        .with_context(|| format!("writing {}", http_url_file.display()))?;
+    println!("device page: http://{pages}/");
+    println!("operator console: http://{pages}/console");
     let result = tokio::select! {
         joined = &mut service => match joined {
             Ok(Ok(())) => Ok(()),
@@ -163,7 +183,43 @@ async fn run_with(args: &DevArgs, url: &str) -> anyhow::Result<()> {
         demo = demo_then_wait(args, url) => demo,
     };
     service.abort();
+    let _ = fs::remove_file(&http_url_file);
     result
+}
+
+/// The device page and the console, served by this process as `serve
+/// --http` would (the deployment need not exist yet: the pages follow the
+/// streams once the service has made them).
+async fn start_pages(args: &DevArgs, url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let mut options = Options::new(url.to_owned());
+    options.name = Some("amends dev (pages)".to_owned());
+    options.partitions = Some(
+        amends_core::route::Partitions::new(args.partitions)
+            .with_context(|| format!("invalid --partitions {}", args.partitions))?,
+    );
+    let client = Client::connect(options)
+        .await
+        .with_context(|| format!("connecting the pages to {url}"))?;
+    let nats = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let prefix = Prefix::new(topology::PREFIX_DEFAULT)?;
+    let js = jetstream::new(nats);
+    match crate::web::start(args.http, client.clone(), js.clone(), prefix.clone()).await {
+        // The default port taken (another dev, another program): any free
+        // one rather than no pages; the URL printed says which.
+        Err(e)
+            if args.http.to_string() == HTTP_DEFAULT
+                && e.root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse) =>
+        {
+            println!("{HTTP_DEFAULT} is taken: serving the pages on another port");
+            let any = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+            crate::web::start(any, client, js, prefix).await
+        }
+        result => result,
+    }
 }
 
 async fn demo_then_wait(args: &DevArgs, url: &str) -> anyhow::Result<()> {

@@ -8,7 +8,8 @@
 //! runs a whole deployment (its own nats-server) with a demo. `status`,
 //! `balance`, `claim-owner` and `stats` ask the service's endpoints
 //! (`query.rs`). `tail` prints decisions, apologies and dead letters as
-//! they are published (`tail.rs`). `audit` replays the log and checks the
+//! they are published (`tail.rs`). `serve --http` and `dev` serve the
+//! device page and the operator console (`web/`). `audit` replays the log and checks the
 //! invariants (`audit.rs`). `rebuild` is not built yet. The benchmark
 //! against the transport ceiling and PostgreSQL is a binary of its own,
 //! `amends-bench` (`crates/amends-bench`), so that this one links no
@@ -23,6 +24,7 @@ mod query;
 mod serve;
 mod submit;
 mod tail;
+mod web;
 
 use std::io::Read as _;
 
@@ -57,8 +59,9 @@ enum LogFormat {
 enum Cmd {
     /// Starts its own nats-server (the pinned one from scripts/setup) on a
     /// free loopback port, runs the service on every partition in this
-    /// process, shows a demo, then serves until Ctrl-C (or exits with
-    /// --no-wait), stopping the server with it.
+    /// process with the device page and the operator console (--http),
+    /// shows a demo, then serves until Ctrl-C (or exits with --no-wait),
+    /// stopping the server with it.
     Dev(dev::DevArgs),
     /// Runs every partition of a deployment until Ctrl-C or SIGTERM:
     /// creates or checks the JetStream streams, opens the store in

@@ -67,6 +67,11 @@ pub struct ServeArgs {
     /// 127.0.0.1:9464, path /metrics); off when unset.
     #[arg(long, env = "AMENDS_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve the device page (/) and the operator console (/console) over
+    /// HTTP on this address (e.g. 127.0.0.1:7480); off when unset. Neither
+    /// authenticates anyone: see docs/web.md.
+    #[arg(long, env = "AMENDS_HTTP")]
+    pub http: Option<std::net::SocketAddr>,
     /// The deployment lease's time to live, in milliseconds: one serve
     /// process holds the lease and serves every partition; another one
     /// started beside it waits as a standby and takes over this long after
@@ -108,6 +113,8 @@ pub struct FileConfig {
     pub replicas: Option<usize>,
     /// As `--metrics-addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// As `--http`.
+    pub http: Option<std::net::SocketAddr>,
     /// As `--lease-ttl-ms`.
     pub lease_ttl_ms: Option<u64>,
     /// The `[nats]` table.
@@ -201,6 +208,8 @@ pub struct Settings {
     pub replicas: usize,
     /// See [`ServeArgs::metrics_addr`].
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// See [`ServeArgs::http`].
+    pub http: Option<std::net::SocketAddr>,
     /// See [`ServeArgs::lease_ttl_ms`].
     pub lease_ttl_ms: u64,
 }
@@ -272,6 +281,7 @@ impl ServeArgs {
                 .unwrap_or(DUPLICATE_WINDOW_MS_DEFAULT),
             replicas: self.replicas.or(file.replicas).unwrap_or(REPLICAS_DEFAULT),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            http: self.http.or(file.http),
             lease_ttl_ms: self
                 .lease_ttl_ms
                 .or(file.lease_ttl_ms)
@@ -349,6 +359,12 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
     for s in &report.streams {
         tracing::info!(stream = %s.name, action = ?s.action, "stream");
     }
+    if let Some(addr) = args.http {
+        // Served from here on, a standby too: the pages only publish to
+        // the log and read streams and endpoints, whoever serves them.
+        let bound = serve_pages(addr, args, &topo, &js).await?;
+        tracing::info!(device = %format!("http://{bound}/"), console = %format!("http://{bound}/console"), "serving the pages");
+    }
 
     let phase = |why| {
         if let Some(h) = &health {
@@ -422,6 +438,23 @@ async fn serve(args: &Settings) -> anyhow::Result<()> {
     }
 }
 
+/// Starts the device page and the console on `addr` (`--http`); the
+/// address bound.
+pub(crate) async fn serve_pages(
+    addr: std::net::SocketAddr,
+    args: &Settings,
+    topo: &Topology,
+    js: &jetstream::Context,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let deployment = crate::nats::DeploymentArgs {
+        nats: args.nats.clone(),
+        partitions: Some(topo.partitions.get()),
+        prefix: topo.prefix.as_str().to_owned(),
+    };
+    let client = deployment.connect("amends serve (pages)").await?;
+    crate::web::start(addr, client, js.clone(), topo.prefix.clone()).await
+}
+
 /// The partition count recorded in the deployment's meta bucket, if any.
 async fn recorded_partitions(
     js: &jetstream::Context,
@@ -486,6 +519,7 @@ mod tests {
             duplicate_window_ms: None,
             replicas: None,
             metrics_addr: None,
+            http: None,
             lease_ttl_ms: None,
         }
     }

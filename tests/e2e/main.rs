@@ -5,6 +5,7 @@
 
 mod audit;
 mod bad_input;
+mod browser;
 mod config;
 mod dev;
 mod faults;
