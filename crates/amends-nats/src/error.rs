@@ -304,9 +304,14 @@ pub enum Error {
         /// The holder now, as recorded in the bucket (or "nobody").
         holder: String,
     },
-    /// The TTL is below [`crate::lease::TTL_MIN`].
-    #[error("lease TTL {0:?} is below the minimum {min:?}", min = crate::lease::TTL_MIN)]
-    LeaseTtlTooShort(std::time::Duration),
+    /// The lease TTL asked for is below the minimum the lease accepts.
+    #[error("lease TTL {ttl:?} is below the minimum {min:?}")]
+    LeaseTtlTooShort {
+        /// The TTL asked for.
+        ttl: std::time::Duration,
+        /// The shortest TTL accepted.
+        min: std::time::Duration,
+    },
 }
 
 impl From<amends_core::protocol::PrefixError> for Error {

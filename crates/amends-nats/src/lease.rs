@@ -104,7 +104,7 @@ impl Lease {
         mut waiting: impl FnMut(&str),
     ) -> Result<Lease, Error> {
         if ttl < TTL_MIN {
-            return Err(Error::LeaseTtlTooShort(ttl));
+            return Err(Error::LeaseTtlTooShort { ttl, min: TTL_MIN });
         }
         let bucket = bucket_name(&topology.prefix);
         let kv = open_bucket(js, topology, &bucket, ttl).await?;

@@ -45,7 +45,7 @@ pub fn is_fatal(error: &Error) -> bool {
         | Error::StoreFailed { .. }
         | Error::AllStopped(_)
         | Error::LeaseLost { .. }
-        | Error::LeaseTtlTooShort(_) => true,
+        | Error::LeaseTtlTooShort { .. } => true,
         Error::Store { .. }
         | Error::Nats { .. }
         | Error::Panicked { .. }
