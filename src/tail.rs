@@ -656,8 +656,22 @@ fn text_line(event: &Event, style: Style) -> String {
     }
 }
 
-/// A decision's outcome with its key fields, and its colour.
+/// A decision's outcome with its key fields, and its colour; for a
+/// transfer, what it moves.
 fn outcome(d: &Decision, style: Style) -> (u8, String) {
+    let (colour, mut text) = outcome_only(d, style);
+    if let Some(t) = &d.transfer {
+        text.push_str(&format!(
+            " transfer from={} to={} amount={}",
+            t.from.as_str(),
+            t.to.as_str(),
+            t.amount.get()
+        ));
+    }
+    (colour, text)
+}
+
+fn outcome_only(d: &Decision, style: Style) -> (u8, String) {
     let value = serde_json::to_value(&d.outcome).unwrap_or(Value::Null);
     match d.outcome.reason() {
         None => (
@@ -754,15 +768,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_text_line_shows_a_refusal_with_its_fields() {
-        // Proves a rejected decision's line names partition, position, op id, outcome and the reason's fields, without colour off a terminal.
-        let d: Decision = serde_json::from_value(serde_json::json!({
-            "op_id": "018bcfe5-8b28-7003-8000-00000000000a", "partition": 0, "position": 10,
-            "log_time_ms": 1_700_000_009_000_u64, "outcome": "rejected",
-            "reason": { "code": "ceiling_exceeded", "balance": 60, "ceiling": 100, "requested": 50 }
-        }))
-        .expect("a decision");
+    /// The uncoloured text line of a decision message whose JSON is `d`.
+    fn decision_line(d: serde_json::Value) -> String {
+        let d: Decision = serde_json::from_value(d).expect("a decision");
         let event = Event {
             body: Body::Decision(d),
             stream_seq: 3,
@@ -770,9 +778,34 @@ mod tests {
             subject: "amends.dec.0".to_owned(),
             payload: bytes::Bytes::new(),
         };
+        text_line(&event, Style { colour: false })
+    }
+
+    #[test]
+    fn the_text_line_shows_a_refusal_with_its_fields() {
+        // Proves a rejected decision's line names partition, position, op id, outcome and the reason's fields, without colour off a terminal.
+        let line = decision_line(serde_json::json!({
+            "op_id": "018bcfe5-8b28-7003-8000-00000000000a", "partition": 0, "position": 10,
+            "log_time_ms": 1_700_000_009_000_u64, "outcome": "rejected",
+            "reason": { "code": "ceiling_exceeded", "balance": 60, "ceiling": 100, "requested": 50 }
+        }));
         assert_eq!(
-            text_line(&event, Style { colour: false }),
+            line,
             "2026-01-02T03:04:05.000Z decision     p0   @10      018bcfe5-8b28-7003-8000-00000000000a rejected ceiling_exceeded balance=60 ceiling=100 requested=50"
+        );
+    }
+
+    #[test]
+    fn the_text_line_of_a_transfer_says_what_it_moves() {
+        // Proves a transfer's final decision line names its from, to and amount after the outcome.
+        let line = decision_line(serde_json::json!({
+            "op_id": "018bcff4-aa40-705a-8000-000000000101", "partition": 0, "position": 7,
+            "log_time_ms": 1_700_001_000_000_u64, "outcome": "confirmed",
+            "transfer": { "from": "acct-x1", "to": "acct-y2", "amount": 30 }
+        }));
+        assert_eq!(
+            line,
+            "2026-01-02T03:04:05.000Z decision     p0   @7       018bcff4-aa40-705a-8000-000000000101 confirmed transfer from=acct-x1 to=acct-y2 amount=30"
         );
     }
 }

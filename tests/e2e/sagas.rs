@@ -220,6 +220,15 @@ async fn a_refused_step_leaves_nothing_and_the_optimistic_client_gets_an_apology
         } => assert_eq!(**reason, Reason::UnknownAccount),
         other => panic!("{other:?}"),
     }
+    // The decision says which transfer it was.
+    let moved = d
+        .transfer
+        .as_ref()
+        .expect("a transfer's decision says what it moves");
+    assert_eq!(
+        (moved.from.as_str(), moved.to.as_str(), moved.amount.get()),
+        (hot(0).as_str(), "nobody", 10)
+    );
     let (balance, available) = balance_after_credit(&client, hot(0)).await;
     assert_eq!((balance, available), (OPENING + 1, OPENING + 1));
 
@@ -234,5 +243,6 @@ async fn a_refused_step_leaves_nothing_and_the_optimistic_client_gets_an_apology
     let apology: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(apology["decision"]["op_id"], r.op_id.to_string());
     assert_eq!(apology["decision"]["reason"]["code"], "step_refused");
+    assert_eq!(apology["decision"]["transfer"]["to"], "nobody");
     assert_eq!(apology["command"]["type"], "transfer");
 }

@@ -25,6 +25,8 @@ class Decision:
     """When rejected: `{"code": ..., ...data}`."""
     balance: Optional[int] = None
     available: Optional[int] = None
+    transfer: Optional[Json] = None
+    """For a transfer: what it moves, `{"from": ..., "to": ..., "amount": ...}`."""
     raw: Json = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -59,6 +61,7 @@ class Decision:
                 reason=obj.get("reason"),
                 balance=obj.get("balance"),
                 available=obj.get("available"),
+                transfer=obj.get("transfer"),
                 raw=dict(obj),
             )
         except (KeyError, TypeError) as e:

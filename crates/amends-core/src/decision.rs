@@ -8,7 +8,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::field::Owner;
+use crate::field::{AccountId, Amount, Owner};
 use crate::id::OpId;
 
 /// The one answer to one operation.
@@ -29,6 +29,43 @@ pub struct Decision {
     /// Confirmed or rejected, with details.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// For a `transfer` that was accepted (its in-flight answers and its
+    /// final decision): what it moves, so a reader of the decisions stream
+    /// knows which transfer was confirmed or refused without looking up
+    /// its request. Absent on every other decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
+}
+
+impl Decision {
+    /// A decision with no transfer details.
+    pub const fn new(
+        op_id: OpId,
+        partition: u32,
+        position: u64,
+        log_time_ms: u64,
+        outcome: Outcome,
+    ) -> Decision {
+        Decision {
+            op_id,
+            partition,
+            position,
+            log_time_ms,
+            outcome,
+            transfer: None,
+        }
+    }
+}
+
+/// What a transfer moves: its request's `from`, `to` and `amount`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Transfer {
+    /// The account debited.
+    pub from: AccountId,
+    /// The account credited.
+    pub to: AccountId,
+    /// How much.
+    pub amount: Amount,
 }
 
 /// Confirmed or rejected; for a saga still running (only in status

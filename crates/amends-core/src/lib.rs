@@ -59,6 +59,6 @@ pub mod state;
 pub mod wire;
 
 pub use command::{Command, Request};
-pub use decision::{Decision, Outcome, Reason};
+pub use decision::{Decision, Outcome, Reason, Transfer};
 pub use id::OpId;
 pub use partition::saga;

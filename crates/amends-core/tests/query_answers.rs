@@ -43,13 +43,7 @@ fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
 }
 
 fn decision(outcome: Outcome) -> Decision {
-    Decision {
-        op_id: op_id(),
-        partition: 3,
-        position: 42,
-        log_time_ms: 1_700_000_000_000,
-        outcome,
-    }
+    Decision::new(op_id(), 3, 42, 1_700_000_000_000, outcome)
 }
 
 #[test]

@@ -519,13 +519,7 @@ fn query_answers_match_their_schemas() {
     let op_id = "018bcfe5-6800-7000-8000-000000000001"
         .parse()
         .unwrap_or_else(|e| panic!("{e}"));
-    let decision = |outcome| Decision {
-        op_id,
-        partition: 0,
-        position: 1,
-        log_time_ms: 2,
-        outcome,
-    };
+    let decision = |outcome| Decision::new(op_id, 0, 1, 2, outcome);
     let error = || ErrorAnswer::new("the body is not UTF-8");
     let (namespace, key) = (
         Namespace::new("seat").unwrap_or_else(|e| panic!("{e}")),
@@ -561,6 +555,20 @@ fn query_answers_match_their_schemas() {
             "status_answer.json",
             value(&StatusAnswer::Decided {
                 decision: decision(Outcome::InFlight { step: 1 }),
+            }),
+        ),
+        (
+            "status_answer.json",
+            value(&StatusAnswer::Decided {
+                decision: Decision {
+                    transfer: Some(amends_core::Transfer {
+                        from: AccountId::new("acct-a").unwrap_or_else(|e| panic!("{e}")),
+                        to: AccountId::new("acct-b").unwrap_or_else(|e| panic!("{e}")),
+                        amount: amends_core::command::Amount::new(30)
+                            .unwrap_or_else(|e| panic!("{e}")),
+                    }),
+                    ..decision(Outcome::InFlight { step: 1 })
+                },
             }),
         ),
         ("status_answer.json", value(&StatusAnswer::Unknown)),

@@ -30,12 +30,15 @@
 //! store holds the old fingerprints, against which every resubmitted saga
 //! (and every repeated step message) would be a conflict, so it is refused
 //! on open like any other version.
+//!
+//! Format 5 added what a transfer moves (`from`, `to`, `amount`) to the
+//! decisions of a transfer, in dedup records and outbox decisions.
 
 use amends_core::command::{
     AccountId, Amount, ClaimKey, Command, DeadlineMs, Fingerprint, Namespace, Owner, Phase,
     Request, SagaStep, Steps, Topic,
 };
-use amends_core::decision::{Decision, Outcome, Reason};
+use amends_core::decision::{Decision, Outcome, Reason, Transfer};
 use amends_core::id::OpId;
 use amends_core::partition::{Apology, DeadLetter, Effect, HoldExpired};
 use amends_core::route::{PARTITIONS_MAX, PartitionId, Partitions};
@@ -48,7 +51,7 @@ use crate::error::{Error, Result};
 /// to either is a new version. Every value starts with it as one byte and
 /// the meta tree records it; a store written with another version is
 /// refused on open, never reinterpreted.
-pub const FORMAT_VERSION: u8 = 4;
+pub const FORMAT_VERSION: u8 = 5;
 
 /// An op id as its 16 bytes, in UUID (big-endian) order: how records
 /// hold op ids, and how a key layout may sort by them.
@@ -131,7 +134,8 @@ struct SagaRec {
     state: SagaStateRec,
 }
 
-/// A dedup record; its op id is the key.
+/// A dedup record; its op id is the key. `transfer` comes last, so the
+/// prefix [`dedup_log_time_ms`] reads is unchanged.
 #[derive(Serialize, Deserialize)]
 struct DedupRec {
     fingerprint: [u8; 16],
@@ -139,6 +143,15 @@ struct DedupRec {
     position: u64,
     log_time_ms: u64,
     outcome: OutcomeRec,
+    transfer: Option<TransferRec>,
+}
+
+/// What a transfer's decision says it moves ([`Transfer`]).
+#[derive(Serialize, Deserialize)]
+struct TransferRec {
+    from: String,
+    to: String,
+    amount: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -148,6 +161,7 @@ struct DecisionRec {
     position: u64,
     log_time_ms: u64,
     outcome: OutcomeRec,
+    transfer: Option<TransferRec>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -563,6 +577,7 @@ pub(crate) fn encode_dedup(d: &Dedup) -> Vec<u8> {
         position: dec.position,
         log_time_ms: dec.log_time_ms,
         outcome: outcome_rec(&dec.outcome),
+        transfer: dec.transfer.as_ref().map(transfer_rec),
     })
 }
 
@@ -595,6 +610,7 @@ pub(crate) fn decode_dedup(key: &[u8], op: OpId, body: &[u8]) -> Result<Dedup> {
             position: r.position,
             log_time_ms: r.log_time_ms,
             outcome: outcome(key, r.outcome)?,
+            transfer: r.transfer.map(|t| transfer(key, t)).transpose()?,
         },
     })
 }
@@ -736,6 +752,7 @@ fn decision_rec(d: &Decision) -> DecisionRec {
         position: d.position,
         log_time_ms: d.log_time_ms,
         outcome: outcome_rec(&d.outcome),
+        transfer: d.transfer.as_ref().map(transfer_rec),
     }
 }
 
@@ -746,6 +763,23 @@ fn decision(key: &[u8], r: DecisionRec) -> Result<Decision> {
         position: r.position,
         log_time_ms: r.log_time_ms,
         outcome: outcome(key, r.outcome)?,
+        transfer: r.transfer.map(|t| transfer(key, t)).transpose()?,
+    })
+}
+
+fn transfer_rec(t: &Transfer) -> TransferRec {
+    TransferRec {
+        from: t.from.as_str().to_owned(),
+        to: t.to.as_str().to_owned(),
+        amount: t.amount.get(),
+    }
+}
+
+fn transfer(key: &[u8], r: TransferRec) -> Result<Transfer> {
+    Ok(Transfer {
+        from: text(key, "account id", AccountId::new(r.from))?,
+        to: text(key, "account id", AccountId::new(r.to))?,
+        amount: text(key, "amount", Amount::new(r.amount))?,
     })
 }
 
@@ -1172,12 +1206,18 @@ mod tests {
     }
 
     fn decision(outcome: Outcome) -> Decision {
+        Decision::new(id(1), 3, 17, 1_700_000_000_500, outcome)
+    }
+
+    /// A transfer's decision: it carries what the transfer moves.
+    fn transfer_decision(outcome: Outcome) -> Decision {
         Decision {
-            op_id: id(1),
-            partition: 3,
-            position: 17,
-            log_time_ms: 1_700_000_000_500,
-            outcome,
+            transfer: Some(Transfer {
+                from: acct("acct-1"),
+                to: acct("acct-2"),
+                amount: Amount::new(30).unwrap(),
+            }),
+            ..decision(outcome)
         }
     }
 
@@ -1483,9 +1523,14 @@ mod tests {
         }
         for outcome in every_outcome() {
             effects.push(Effect::Decided(decision(outcome.clone())));
+            effects.push(Effect::Decided(transfer_decision(outcome.clone())));
             effects.push(Effect::Reply {
                 to: "_INBOX.client.7".into(),
-                decision: decision(outcome),
+                decision: decision(outcome.clone()),
+            });
+            effects.push(Effect::Reply {
+                to: "_INBOX.client.7".into(),
+                decision: transfer_decision(outcome),
             });
         }
         for (i, command) in (0_u32..).zip(every_command()) {
@@ -1547,11 +1592,13 @@ mod tests {
             assert_eq!(decode_claim(b"c", &encode_claim(&c)).unwrap(), c);
         }
         for outcome in every_outcome() {
-            let d = Dedup {
-                fingerprint: Fingerprint(u128::MAX - 3),
-                decision: decision(outcome),
-            };
-            assert_eq!(decode_dedup(b"d", id(1), &encode_dedup(&d)).unwrap(), d);
+            for decision in [decision(outcome.clone()), transfer_decision(outcome)] {
+                let d = Dedup {
+                    fingerprint: Fingerprint(u128::MAX - 3),
+                    decision,
+                };
+                assert_eq!(decode_dedup(b"d", id(1), &encode_dedup(&d)).unwrap(), d);
+            }
         }
         let sagas = every_saga();
         assert!(sagas.len() >= 6, "both saga commands in every state");
@@ -1572,10 +1619,13 @@ mod tests {
     fn the_quick_age_of_a_dedup_record_agrees_with_the_core() {
         // Compaction reads only the front of a dedup record; its verdict
         // must be the core's `Dedup::is_compactable` for every horizon.
-        for outcome in every_outcome() {
+        for decision in every_outcome()
+            .into_iter()
+            .flat_map(|o| [decision(o.clone()), transfer_decision(o)])
+        {
             let d = Dedup {
                 fingerprint: Fingerprint(7),
-                decision: decision(outcome),
+                decision,
             };
             let body = encode_dedup(&d);
             let t = dedup_log_time_ms(b"d", &body).unwrap();
@@ -1589,7 +1639,7 @@ mod tests {
     fn encoding_is_pinned() {
         // The bytes of a record are part of the store format: a change here
         // needs a new FORMAT_VERSION. A whole record starts with that
-        // version (4).
+        // version (5).
         let cases: Vec<(Vec<u8>, &[u8])> = vec![
             (
                 encode_account(&Account {
@@ -1599,7 +1649,7 @@ mod tests {
                     ceiling: None,
                     incoming: 2,
                 }),
-                &[4, 9, 6, 0, 0, 4],
+                &[5, 9, 6, 0, 0, 4],
             ),
             (
                 encode_head(&Head {
@@ -1609,14 +1659,14 @@ mod tests {
                     },
                     outbox_end: 1,
                 }),
-                &[4, 0xac, 0x02, 2, 1],
+                &[5, 0xac, 0x02, 2, 1],
             ),
             (
                 encode_claim(&Claim {
                     owner: Owner::new("ab").unwrap(),
                     tentative: None,
                 }),
-                &[4, 2, b'a', b'b', 0],
+                &[5, 2, b'a', b'b', 0],
             ),
             (
                 encode_saga(&Saga {
@@ -1636,7 +1686,28 @@ mod tests {
                 // deadline 3, state 0 (trying) step 1.
                 &[9, 1, b'a', 1, b'b', 5, 0, 0, 0, 3, 0, 1],
             ),
-            (encode_marker(), &[4]),
+            (encode_marker(), &[5]),
+            (
+                encode_dedup(&Dedup {
+                    fingerprint: Fingerprint(1),
+                    decision: Decision {
+                        transfer: Some(Transfer {
+                            from: acct("a"),
+                            to: acct("b"),
+                            amount: Amount::new(5).unwrap(),
+                        }),
+                        ..Decision::new(id(1), 1, 2, 3, Outcome::confirmed())
+                    },
+                }),
+                // A packed body: the fingerprint's 16 bytes, partition 1,
+                // position 2, log time 3, outcome 0 (confirmed) with no
+                // balance and no available, then the transfer: some, "a",
+                // "b", 5.
+                &[
+                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 0, 0, 0, 1, 1, b'a',
+                    1, b'b', 5,
+                ],
+            ),
             (
                 {
                     let mut chunk = outbox_chunk_start();
@@ -1652,7 +1723,7 @@ mod tests {
                 },
                 // The chunk's version byte, then outbox entry variant 5
                 // (dead letter), position 300, "x", the two bytes.
-                &[4, 5, 0xac, 0x02, 1, b'x', 2, 0xff, b'{'],
+                &[5, 5, 0xac, 0x02, 1, b'x', 2, 0xff, b'{'],
             ),
         ];
         for (got, want) in cases {

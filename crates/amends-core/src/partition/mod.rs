@@ -657,13 +657,7 @@ impl Machine {
     /// The decision on `op_id` with `outcome`, made by the message being
     /// applied.
     fn decision<S: ?Sized>(&self, cx: &Ctx<'_, S>, op_id: OpId, outcome: Outcome) -> Decision {
-        Decision {
-            op_id,
-            partition: self.partition.get(),
-            position: cx.position,
-            log_time_ms: cx.now,
-            outcome,
-        }
+        Decision::new(op_id, self.partition.get(), cx.position, cx.now, outcome)
     }
 
     /// Checks what a client request came with besides its body: the reply

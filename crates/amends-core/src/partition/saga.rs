@@ -39,7 +39,7 @@ use std::borrow::Cow;
 use crate::command::{
     Command, Fingerprint, Phase, Request, SAGA_DEADLINE_MS_DEFAULT, SAGA_STEPS_MAX, SagaStep,
 };
-use crate::decision::{Decision, Outcome, Reason};
+use crate::decision::{Decision, Outcome, Reason, Transfer};
 use crate::id::OpId;
 use crate::route::{self, PartitionId};
 use crate::state::{ExpiryKey, HoldStatus, Read, Saga, SagaState, Write};
@@ -112,6 +112,21 @@ pub fn steps(command: &Command) -> Cow<'_, [SagaStep]> {
         ]),
         Command::Saga { steps, .. } => Cow::Borrowed(steps.as_slice()),
         _ => Cow::Borrowed(&[]),
+    }
+}
+
+/// What a saga's decisions say it moves: `from`, `to` and `amount` for a
+/// `transfer`, nothing for a `saga` or any other command.
+pub fn transfer(command: &Command) -> Option<Transfer> {
+    match command {
+        Command::Transfer {
+            from, to, amount, ..
+        } => Some(Transfer {
+            from: from.clone(),
+            to: to.clone(),
+            amount: *amount,
+        }),
+        _ => None,
     }
 }
 
@@ -240,7 +255,10 @@ impl Machine {
             },
             true,
         );
-        let decision = self.decision(cx, req.op_id, Outcome::InFlight { step: 0 });
+        let decision = Decision {
+            transfer: transfer(&req.command),
+            ..self.decision(cx, req.op_id, Outcome::InFlight { step: 0 })
+        };
         cx.record(req.op_id, fingerprint, decision.clone());
         // Parsing guarantees at least one step.
         if let Some(first) = steps.first() {
@@ -473,7 +491,10 @@ impl Machine {
             },
             false,
         );
-        let decision = self.decision(cx, saga_id, outcome);
+        let decision = Decision {
+            transfer: transfer(&s.command),
+            ..self.decision(cx, saga_id, outcome)
+        };
         // The fingerprint of the saga's request, made again from the saga
         // (its in-flight dedup record may have been compacted already).
         let request = Request {

@@ -178,13 +178,7 @@ impl Reference {
             Input::Malformed { op_id, .. } => (*op_id, Body::Raw(raw.to_vec())),
         };
         let partition = self.partition;
-        let decision = |outcome| Decision {
-            op_id,
-            partition,
-            position,
-            log_time_ms: now,
-            outcome,
-        };
+        let decision = |outcome| Decision::new(op_id, partition, position, now, outcome);
 
         // A record is forgotten, logically, once its decision and its op
         // id's own timestamp (when it has one) are both older than

@@ -56,7 +56,7 @@ fn assert_refused_with_format_version(found: u32) {
     assert!(
         matches!(
             err,
-            Error::FormatVersion { found: f, expected: 4 } if f == found
+            Error::FormatVersion { found: f, expected } if f == found && expected == u32::from(amends_store::FORMAT_VERSION)
         ),
         "{err:?}"
     );
@@ -77,7 +77,7 @@ fn another_format_version_is_refused() {
 #[test]
 fn a_format_2_store_is_refused() {
     // Proves the store written before dead letters joined the outbox (format 2) is refused on open, naming both versions, rather than read by a build whose outbox entries it does not know; the log rebuilds it.
-    assert_eq!(amends_store::FORMAT_VERSION, 4);
+    assert_eq!(amends_store::FORMAT_VERSION, 5);
     assert_refused_with_format_version(2);
 }
 
@@ -87,9 +87,25 @@ fn a_format_3_store_is_refused_with_the_way_out() {
     // commands' fingerprints made from their JSON) is refused on open as
     // every other version is, naming both versions and how to recover,
     // rather than read: its stored saga fingerprints would turn every
-    // resubmitted saga into an op_id_conflict. The format 3 store is this
-    // build's store with format 3's version in its meta and in every
-    // record.
+    // resubmitted saga into an op_id_conflict.
+    assert_older_store_refused_with_the_way_out(3);
+}
+
+#[test]
+fn a_format_4_store_is_refused_with_the_way_out() {
+    // Proves a store written by format 4 (its transfer decisions without
+    // what the transfer moves) is refused on open, naming both versions
+    // and how to recover, rather than read: a duplicate of a transfer
+    // decided before the upgrade would get another answer than a
+    // duplicate of one decided after it.
+    assert_older_store_refused_with_the_way_out(4);
+}
+
+/// Makes an older store out of this build's (`old`, the older version, in
+/// its meta and in every record) and checks that opening it is refused
+/// with both versions and the way out.
+fn assert_older_store_refused_with_the_way_out(old: u8) {
+    let current = amends_store::FORMAT_VERSION;
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let (_store, p) = support::open(dir.path());
@@ -98,7 +114,7 @@ fn a_format_3_store_is_refused_with_the_way_out() {
     {
         let db = support::raw_sled(dir.path());
         let meta = db.open_tree("amends/meta").expect("meta tree");
-        meta.insert("format_version", &3u32.to_be_bytes())
+        meta.insert("format_version", &u32::from(old).to_be_bytes())
             .expect("overwrite");
         let mut rewritten = 0;
         for name in db.tree_names() {
@@ -108,29 +124,29 @@ fn a_format_3_store_is_refused_with_the_way_out() {
             let tree = db.open_tree(&name).expect("tree");
             for kv in tree.iter() {
                 let (k, v) = kv.expect("record");
-                assert_eq!(v.first(), Some(&4), "a format 4 record");
-                let mut old = v.to_vec();
-                old[0] = 3;
-                tree.insert(k, old).expect("rewrite");
+                assert_eq!(v.first(), Some(&current), "a record of this build's format");
+                let mut rec = v.to_vec();
+                rec[0] = old;
+                tree.insert(k, rec).expect("rewrite");
                 rewritten += 1;
             }
         }
         assert!(rewritten > 10, "the store held records: {rewritten}");
         db.flush().expect("flush");
     }
-    let err = Store::open(dir.path(), opts(4)).expect_err("format 3 refused");
+    let err = Store::open(dir.path(), opts(4)).expect_err("older format refused");
     assert!(
         matches!(
             err,
-            Error::FormatVersion {
-                found: 3,
-                expected: 4
-            }
+            Error::FormatVersion { found, expected } if found == u32::from(old) && expected == u32::from(current)
         ),
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("format version 3 on disk"), "{msg}");
+    assert!(
+        msg.contains(&format!("format version {old} on disk")),
+        "{msg}"
+    );
     assert!(msg.contains("rebuild the store from the log"), "{msg}");
 }
 
