@@ -364,6 +364,12 @@ impl Private {
         Ok(server)
     }
 
+    /// The pid of the server (the postmaster; its backends are its
+    /// children).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The URL of the private server.
     pub fn url(&self) -> String {
         format!("postgres://bench@127.0.0.1:{}/postgres", self.port)

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::cpu::Cpu;
 use super::workload::{Stats, u64_f64};
 
 /// One row: a system's name and what it measured, or why it did not run.
@@ -10,6 +11,31 @@ pub struct Row {
     pub system: &'static str,
     /// The measurement, or why there is none.
     pub result: Result<Stats, String>,
+    /// The CPU time its processes and the bench spent during the run
+    /// (none for a PostgreSQL given by URL: its processes are not ours to
+    /// read).
+    pub cpu: Option<Cpu>,
+}
+
+impl Row {
+    /// Answered operations (confirmed + refused).
+    fn answered(&self) -> Option<u64> {
+        self.result.as_ref().ok().map(|s| s.confirmed + s.refused)
+    }
+
+    /// Server and bench CPU milliseconds per 1,000 answered operations.
+    fn cpu_per_1k(&self) -> Option<(f64, f64)> {
+        let (cpu, n) = (self.cpu?, self.answered()?);
+        Some((cpu.server_per_1k(n), cpu.bench_per_1k(n)))
+    }
+}
+
+/// The two CPU cells of a row.
+fn cpu_cells(row: &Row) -> (String, String) {
+    match row.cpu_per_1k() {
+        Some((server, bench)) => (format!("{server:.0}"), format!("{bench:.0}")),
+        None => ("n/a".to_owned(), "n/a".to_owned()),
+    }
 }
 
 fn ms(us: u64) -> f64 {
@@ -38,19 +64,20 @@ pub fn table(rows: &[Row], memory: Option<(u64, u64, u64)>, notes: &[String]) ->
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| system     |     ops/s | p50 ms | p99 ms | p99.9 ms | max ms | confirmed | refused | errors |"
+        "| system     |     ops/s | p50 ms | p99 ms | p99.9 ms | max ms | confirmed | refused | errors | server CPU ms/1k ops | bench CPU ms/1k ops |"
     );
     let _ = writeln!(
         out,
-        "| ---------- | --------: | -----: | -----: | -------: | -----: | --------: | ------: | -----: |"
+        "| ---------- | --------: | -----: | -----: | -------: | -----: | --------: | ------: | -----: | -------------------: | ------------------: |"
     );
     for row in rows {
         match &row.result {
             Ok(s) => {
                 let h = &s.latency_us;
+                let (server_cpu, bench_cpu) = cpu_cells(row);
                 let _ = writeln!(
                     out,
-                    "| {:<10} | {:>9.0} | {:>6.2} | {:>6.2} | {:>8.2} | {:>6.1} | {:>9} | {:>7} | {:>6} |",
+                    "| {:<10} | {:>9.0} | {:>6.2} | {:>6.2} | {:>8.2} | {:>6.1} | {:>9} | {:>7} | {:>6} | {:>20} | {:>19} |",
                     row.system,
                     s.ops_per_s(),
                     ms(h.value_at_quantile(0.5)),
@@ -59,7 +86,9 @@ pub fn table(rows: &[Row], memory: Option<(u64, u64, u64)>, notes: &[String]) ->
                     ms(h.max()),
                     s.confirmed,
                     s.refused,
-                    s.errors
+                    s.errors,
+                    server_cpu,
+                    bench_cpu
                 );
             }
             Err(why) => {
@@ -125,6 +154,14 @@ pub fn json(
                         "max": h.max(),
                         "mean": h.mean(),
                     },
+                    "cpu_ms": row.cpu.map(|c| serde_json::json!({
+                        "server": c.server_ms,
+                        "bench": c.bench_ms,
+                    })),
+                    "cpu_ms_per_1k_ops": row.cpu_per_1k().map(|(server, bench)| serde_json::json!({
+                        "server": server,
+                        "bench": bench,
+                    })),
                 })
             }
             Err(why) => serde_json::json!({"system": row.system, "skipped": why}),
@@ -145,4 +182,145 @@ pub fn json(
             "vm_hwm": hwm,
         })),
     })
+}
+
+/// The median of `values` and their range, or none for no values.
+fn spread(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        f64::midpoint(values[n / 2 - 1], values[n / 2])
+    };
+    Some((median, values[0], values[n - 1]))
+}
+
+/// `median (min-max)` with `decimals` decimals, or `n/a`.
+fn spread_text(values: Vec<f64>, decimals: usize) -> String {
+    match spread(values) {
+        Some((m, lo, hi)) => format!("{m:.decimals$} ({lo:.decimals$}-{hi:.decimals$})"),
+        None => "n/a".to_owned(),
+    }
+}
+
+/// Per system, in the order of the first run: each run's value of `f`.
+fn per_system<'a>(
+    runs: &'a [Vec<Row>],
+    f: impl Fn(&Row) -> Option<f64> + 'a,
+) -> Vec<(&'static str, Vec<f64>)> {
+    let systems: Vec<&'static str> = runs
+        .first()
+        .map_or_else(Vec::new, |r| r.iter().map(|row| row.system).collect());
+    systems
+        .into_iter()
+        .map(|system| {
+            let values = runs
+                .iter()
+                .filter_map(|rows| find(rows, system).and_then(&f))
+                .collect();
+            (system, values)
+        })
+        .collect()
+}
+
+fn p99_ms(row: &Row) -> Option<f64> {
+    row.result
+        .as_ref()
+        .ok()
+        .map(|s| ms(s.latency_us.value_at_quantile(0.99)))
+}
+
+/// Each run's same-run ratio of amends to `system`.
+fn ratios(runs: &[Vec<Row>], system: &str) -> Vec<f64> {
+    runs.iter()
+        .filter_map(|rows| {
+            let amends = find(rows, "amends").and_then(ops)?;
+            let other = find(rows, system).and_then(ops)?;
+            (other > 0.0).then(|| amends / other)
+        })
+        .collect()
+}
+
+/// The summary of several runs of the same bench: per system the median
+/// and range of throughput, p99 and CPU per operation, then the median and
+/// range of the same-run ratios.
+pub fn summary(runs: &[Vec<Row>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "median of {} runs (min-max):", runs.len());
+    let _ = writeln!(
+        out,
+        "| system     | ops/s | p99 ms | server CPU ms/1k ops | bench CPU ms/1k ops |"
+    );
+    let _ = writeln!(out, "| ---------- | ----: | -----: | ---: | ---: |");
+    let throughput = per_system(runs, ops);
+    let p99 = per_system(runs, p99_ms);
+    let server = per_system(runs, |r| r.cpu_per_1k().map(|c| c.0));
+    let bench = per_system(runs, |r| r.cpu_per_1k().map(|c| c.1));
+    for (i, (system, values)) in throughput.into_iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {:<10} | {} | {} | {} | {} |",
+            system,
+            spread_text(values, 0),
+            spread_text(p99[i].1.clone(), 2),
+            spread_text(server[i].1.clone(), 0),
+            spread_text(bench[i].1.clone(), 0),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\namends/ceiling: {}   amends/PostgreSQL: {}",
+        spread_text(ratios(runs, "ceiling"), 2),
+        spread_text(ratios(runs, "PostgreSQL"), 2)
+    );
+    out
+}
+
+/// The JSON of [`summary`].
+pub fn summary_json(runs: &[Vec<Row>]) -> serde_json::Value {
+    let value = |values: Vec<f64>| {
+        spread(values)
+            .map(|(median, min, max)| serde_json::json!({"median": median, "min": min, "max": max}))
+    };
+    let throughput = per_system(runs, ops);
+    let p99 = per_system(runs, p99_ms);
+    let server = per_system(runs, |r| r.cpu_per_1k().map(|c| c.0));
+    let bench = per_system(runs, |r| r.cpu_per_1k().map(|c| c.1));
+    let systems: Vec<serde_json::Value> = throughput
+        .into_iter()
+        .enumerate()
+        .map(|(i, (system, values))| {
+            serde_json::json!({
+                "system": system,
+                "ops_per_s": value(values),
+                "p99_ms": value(p99[i].1.clone()),
+                "server_cpu_ms_per_1k_ops": value(server[i].1.clone()),
+                "bench_cpu_ms_per_1k_ops": value(bench[i].1.clone()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "runs": runs.len(),
+        "systems": systems,
+        "amends_over_ceiling": value(ratios(runs, "ceiling")),
+        "amends_over_postgres": value(ratios(runs, "PostgreSQL")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spread_is_the_median_and_the_range() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
+        assert_eq!(spread(vec![4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
+        assert_eq!(spread(vec![]), None);
+        assert_eq!(spread_text(vec![0.871, 0.64, 1.11], 2), "0.87 (0.64-1.11)");
+    }
 }
