@@ -140,7 +140,9 @@ fn bench_runs_ceiling_postgres_and_amends() {
         let answers = s["confirmed"].as_u64().unwrap() + s["refused"].as_u64().unwrap();
         assert_eq!(answers, 500, "every submitted operation answered: {s}");
         assert!(s["latency_us"]["p99"].as_u64().unwrap() > 0, "{s}");
-        assert!(s["cpu_ms"]["server"].as_f64().unwrap() >= 0.0, "{s}");
+        // The servers' CPU may round down to nothing for PostgreSQL on a
+        // run this short (see above); it must be there all the same.
+        assert!(s["cpu_ms"]["server"].is_number(), "{s}");
         assert!(
             s["cpu_ms_per_1k_ops"]["bench"].as_f64().unwrap() > 0.0,
             "{s}"
