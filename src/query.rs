@@ -290,7 +290,7 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<u8> {
     let answers = futures_util::future::join_all(asks).await;
     if !args.json {
         println!(
-            "{:>9}  {:<10}  {:>12}  {:>12}  {:>8}  {:>8}  {:>15}",
+            "{:>9}  {:<10}  {:>12}  {:>12}  {:>8}  {:>8}  {:>15}  owner (epoch host pid)",
             "partition", "state", "applied", "last_seq", "lag", "restarts", "log_time_ms"
         );
     }
@@ -310,8 +310,12 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<u8> {
         }
         let or_dash = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
         let state = serde_json::to_value(stats.state)?;
+        let owner = stats.owner.as_ref().map_or_else(
+            || "-".to_owned(),
+            |o| format!("{} {} {}", o.epoch, o.host, o.pid),
+        );
         println!(
-            "{:>9}  {:<10}  {:>12}  {:>12}  {:>8}  {:>8}  {:>15}",
+            "{:>9}  {:<10}  {:>12}  {:>12}  {:>8}  {:>8}  {:>15}  {owner}",
             stats.partition,
             state.as_str().unwrap_or("?"),
             stats.applied_position,
@@ -320,7 +324,10 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<u8> {
             stats.restarts,
             stats.log_time_ms
         );
-        if let Some(detail) = stats.detail.as_deref().or(stats.stream_error.as_deref()) {
+        for detail in [&stats.detail, &stats.stream_error, &stats.owner_error]
+            .into_iter()
+            .flatten()
+        {
             println!("{:>9}  {detail}", "");
         }
     }

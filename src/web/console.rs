@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amends_core::route::PartitionId;
-use amends_nats::topology::Stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -82,26 +81,14 @@ async fn snapshot(web: &Web, owners: &HashMap<u32, Value>) -> Value {
 }
 
 /// Each partition's latest ownership record: who writes its decisions, and
-/// the epoch (its stream sequence).
+/// the epoch (its stream sequence). Read from the decisions stream, not
+/// from the stats endpoint, so that the console names the owner even when
+/// no instance answers.
 async fn read_owners(web: &Web) -> HashMap<u32, Value> {
     let mut owners = HashMap::new();
-    let Ok(stream) = web
-        .js
-        .get_stream(web.prefix.stream_name(Stream::Decisions))
-        .await
-    else {
-        return owners;
-    };
     for p in web.client.partitions().ids() {
-        if let Ok(record) = stream
-            .get_last_raw_message_by_subject(&web.prefix.owner(p))
-            .await
-        {
-            let mut value: Value = serde_json::from_slice(&record.payload).unwrap_or(Value::Null);
-            if let Value::Object(map) = &mut value {
-                map.insert("epoch".to_owned(), json!(record.sequence));
-            }
-            owners.insert(p.get(), value);
+        if let Ok(Some(owner)) = amends_nats::worker::current_owner(&web.js, &web.prefix, p).await {
+            owners.insert(p.get(), json!(owner));
         }
     }
     owners

@@ -323,10 +323,24 @@ async fn queries_cli_exit_codes_and_metrics_after_a_workload() {
         .state
         .messages;
     assert_eq!(messages, 8, "7 operations and one dead letter");
+    // Each partition's owner is this serve, at the epoch of its ownership
+    // record on the decisions stream.
+    let decisions = js.get_stream("AMENDS_DEC").await.unwrap();
     for s in &stats {
         assert_eq!(s.state, PartitionState::Running, "{s:?}");
         assert_eq!(s.lag, Some(0), "{s:?}");
         assert_eq!(s.last_sequence, Some(s.applied_position), "{s:?}");
+        let owner = s
+            .owner
+            .as_ref()
+            .unwrap_or_else(|| panic!("no owner: {s:?}"));
+        assert_eq!(owner.pid, serve.child.id(), "{s:?}");
+        let record = decisions
+            .get_last_raw_message_by_subject(&format!("amends.owner.{}", s.partition))
+            .await
+            .unwrap();
+        assert_eq!(owner.epoch, record.sequence, "{s:?}");
+        assert_eq!(s.owner_error, None, "{s:?}");
     }
     let alice_p = client.stats(alice_partition, TIMEOUT).await.unwrap();
     assert!(alice_p.applied_position >= 5, "{alice_p:?}");
@@ -400,6 +414,14 @@ async fn queries_cli_exit_codes_and_metrics_after_a_workload() {
         table.matches("running").count(),
         PARTITIONS as usize,
         "{table}"
+    );
+    let pid = serve.child.id().to_string();
+    assert!(
+        table
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().last() == Some(pid.as_str())),
+        "every partition's owner is serve (pid {pid}):\n{table}"
     );
 
     // The micro service answers the NATS service discovery with its

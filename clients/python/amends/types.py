@@ -159,6 +159,9 @@ class PartitionStats:
     last_sequence: Optional[int]
     lag: Optional[int]
     """`last_sequence - applied_position`; None if the stream could not be read."""
+    owner: Optional[Json] = None
+    """The latest ownership record: `{"epoch": ..., "host": ..., "pid": ...}`,
+    None if the partition has none (or it could not be read)."""
     raw: Json = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -172,5 +175,6 @@ class PartitionStats:
             log_time_ms=obj["log_time_ms"],
             last_sequence=obj.get("last_sequence"),
             lag=obj.get("lag"),
+            owner=obj.get("owner"),
             raw=dict(obj),
         )

@@ -9,7 +9,7 @@
 use amends_core::command::{AccountId, ClaimKey, Namespace, Owner};
 use amends_core::protocol::query::{
     self, AsOf, Balance, BalanceAnswer, ClaimAnswer, ClaimQuery, Claimed, ErrorAnswer, Free,
-    PartitionState, PartitionStats, StatsAnswer, StatusAnswer,
+    PartitionOwner, PartitionState, PartitionStats, StatsAnswer, StatusAnswer,
 };
 use amends_core::{Decision, OpId, Outcome, Reason};
 use serde::Serialize;
@@ -210,7 +210,7 @@ fn claim_answers_are_as_before() {
 
 #[test]
 fn stats_answers_are_as_before() {
-    // Proves the stats endpoint's answers encode exactly as before: detail, last_sequence and lag always present (null when absent), stream_error only when the stream could not be read.
+    // Proves the stats endpoint's answers encode exactly as before: detail, last_sequence and lag always present (null when absent), stream_error only when the stream could not be read; owner (epoch, host, pid) only when the partition has an ownership record, owner_error only when it could not be read.
     let running = PartitionStats {
         partition: 1,
         state: PartitionState::Running,
@@ -221,6 +221,12 @@ fn stats_answers_are_as_before() {
         last_sequence: Some(42),
         lag: Some(2),
         stream_error: None,
+        owner: Some(PartitionOwner {
+            epoch: 7,
+            host: "box-1".to_owned(),
+            pid: 4242,
+        }),
+        owner_error: None,
     };
     let text = check(
         &StatsAnswer::Ok(running),
@@ -234,11 +240,12 @@ fn stats_answers_are_as_before() {
             "log_time_ms": 1_000,
             "last_sequence": 42,
             "lag": 2,
+            "owner": {"epoch": 7, "host": "box-1", "pid": 4242},
         }),
     );
     assert_eq!(
         text,
-        r#"{"applied_position":40,"detail":null,"lag":2,"last_sequence":42,"log_time_ms":1000,"partition":1,"restarts":0,"state":"running","status":"ok"}"#
+        r#"{"applied_position":40,"detail":null,"lag":2,"last_sequence":42,"log_time_ms":1000,"owner":{"epoch":7,"host":"box-1","pid":4242},"partition":1,"restarts":0,"state":"running","status":"ok"}"#
     );
     let stopped = PartitionStats {
         partition: 0,
@@ -250,6 +257,8 @@ fn stats_answers_are_as_before() {
         last_sequence: None,
         lag: None,
         stream_error: Some("timed out".to_owned()),
+        owner: None,
+        owner_error: Some("timed out".to_owned()),
     };
     let text = check(
         &StatsAnswer::Ok(stopped),
@@ -264,11 +273,12 @@ fn stats_answers_are_as_before() {
             "last_sequence": null,
             "lag": null,
             "stream_error": "timed out",
+            "owner_error": "timed out",
         }),
     );
     assert_eq!(
         text,
-        r#"{"applied_position":1000000,"detail":"the log went backwards","lag":null,"last_sequence":null,"log_time_ms":1,"partition":0,"restarts":3,"state":"stopped","status":"ok","stream_error":"timed out"}"#
+        r#"{"applied_position":1000000,"detail":"the log went backwards","lag":null,"last_sequence":null,"log_time_ms":1,"owner_error":"timed out","partition":0,"restarts":3,"state":"stopped","status":"ok","stream_error":"timed out"}"#
     );
     for state in PartitionState::ALL {
         assert_eq!(

@@ -535,6 +535,12 @@ fn query_answers_match_their_schemas() {
         last_sequence,
         lag: last_sequence.map(|l| l - 3),
         stream_error: last_sequence.is_none().then(|| "timed out".to_owned()),
+        owner: last_sequence.map(|epoch| query::PartitionOwner {
+            epoch,
+            host: "box-1".to_owned(),
+            pid: 7,
+        }),
+        owner_error: last_sequence.is_none().then(|| "timed out".to_owned()),
     };
     let answers: Vec<(&str, Value)> = vec![
         (

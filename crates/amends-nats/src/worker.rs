@@ -49,6 +49,8 @@ use std::time::Duration;
 
 use amends_core::decision::Decision;
 use amends_core::partition::{Effect, Fault, LogMessage, Machine, Taken};
+use amends_core::protocol::OwnershipRecord;
+use amends_core::protocol::query::PartitionOwner;
 use amends_core::route::PartitionId;
 use amends_core::state::{ChangeSet, Clock, Overlay, Read, Stacked};
 use amends_core::wire;
@@ -576,18 +578,53 @@ async fn claim_ownership(
     partition: PartitionId,
 ) -> Result<u64, Error> {
     let p = partition.get();
-    let record = serde_json::json!({
-        "partition": p,
-        "pid": std::process::id(),
-        "host": hostname(),
-    });
+    let record = OwnershipRecord {
+        partition: p,
+        pid: std::process::id(),
+        host: hostname(),
+    };
+    let body = serde_json::to_vec(&record)
+        .map_err(|e| nats_error(p, "encode the ownership record")(Box::new(e)))?;
     let ack = js
-        .publish(prefix.owner(partition), record.to_string().into())
+        .publish(prefix.owner(partition), body.into())
         .await
         .map_err(|e| nats_error(p, "publish the ownership record")(Box::new(e)))?
         .await
         .map_err(|e| nats_error(p, "publish the ownership record")(Box::new(e)))?;
     Ok(ack.sequence)
+}
+
+/// Partition `partition`'s latest ownership record on the decisions
+/// stream, with its sequence (the owner's epoch): who the fence lets write
+/// its decisions. None if the partition has had no owner yet.
+pub async fn current_owner(
+    js: &jetstream::Context,
+    prefix: &Prefix,
+    partition: PartitionId,
+) -> Result<Option<PartitionOwner>, Error> {
+    let p = partition.get();
+    let stream = js
+        .get_stream_no_info(prefix.stream_name(Stream::Decisions))
+        .await
+        .map_err(|e| nats_error(p, "get the decisions stream")(Box::new(e)))?;
+    match stream
+        .get_last_raw_message_by_subject(&prefix.owner(partition))
+        .await
+    {
+        Ok(message) => {
+            let record: OwnershipRecord = serde_json::from_slice(&message.payload)
+                .map_err(|e| nats_error(p, "read the ownership record")(Box::new(e)))?;
+            Ok(Some(PartitionOwner {
+                epoch: message.sequence,
+                host: record.host,
+                pid: record.pid,
+            }))
+        }
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(None)
+        }
+        Err(e) => Err(nats_error(p, "read the ownership record")(Box::new(e))),
+    }
 }
 
 /// This machine's host name, for ownership records and logs.

@@ -368,6 +368,23 @@ pub fn partitions_value(partitions: Partitions) -> String {
     partitions.get().to_string()
 }
 
+/// The body of an ownership record, published on `<prefix>.owner.<p>`
+/// (the decisions stream) by a worker when it takes partition `p`: which
+/// process serves it. The record's stream sequence is the owner's epoch,
+/// which every decision write of that owner names as the expected last
+/// sequence of the subject (the fence).
+#[derive(
+    Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub struct OwnershipRecord {
+    /// The partition taken.
+    pub partition: u32,
+    /// The serving process's id on its host.
+    pub pid: u32,
+    /// The serving process's host name.
+    pub host: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

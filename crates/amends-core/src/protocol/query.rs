@@ -302,4 +302,25 @@ pub struct PartitionStats {
     /// Why the stream could not be read, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_error: Option<String>,
+    /// The partition's owner as the server knows it: its latest ownership
+    /// record on the decisions stream, the one decision writes must name
+    /// (absent if the partition has none yet, or the record could not be
+    /// read; then `owner_error` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<PartitionOwner>,
+    /// Why the ownership record could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_error: Option<String>,
+}
+
+/// Who owns a partition: its latest ownership record.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct PartitionOwner {
+    /// The record's stream sequence on the decisions stream: the owner's
+    /// epoch. Decision writes of any older owner are refused.
+    pub epoch: u64,
+    /// The owning process's host name.
+    pub host: String,
+    /// The owning process's id on its host.
+    pub pid: u32,
 }

@@ -195,7 +195,8 @@ impl<P: PartitionStore> Answers<P> {
     /// restarts, applied position and log time, the requests stream's last
     /// sequence on its subject, and the lag between them. If the stream
     /// cannot be read, `last_sequence` and `lag` are null and
-    /// `stream_error` says why.
+    /// `stream_error` says why. `owner` is the latest ownership record on
+    /// the decisions stream (`owner_error` if it cannot be read).
     async fn stats(&self, index: usize, store: P) -> StatsAnswer {
         let p = store.id();
         let snapshot = self.status.snapshot();
@@ -217,6 +218,11 @@ impl<P: PartitionStore> Answers<P> {
             Ok(last) => (Some(last), Some(last.saturating_sub(clock.position)), None),
             Err(e) => (None, None, Some(e)),
         };
+        let (owner, owner_error) =
+            match crate::worker::current_owner(&self.js, &self.topology.prefix, p).await {
+                Ok(owner) => (owner, None),
+                Err(e) => (None, Some(e.to_string())),
+            };
         StatsAnswer::Ok(PartitionStats {
             partition: p.get(),
             state,
@@ -227,6 +233,8 @@ impl<P: PartitionStore> Answers<P> {
             last_sequence,
             lag,
             stream_error,
+            owner,
+            owner_error,
         })
     }
 }
