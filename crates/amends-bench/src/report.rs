@@ -200,30 +200,39 @@ fn spread(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
     Some((median, values[0], values[n - 1]))
 }
 
-/// `median (min-max)` with `decimals` decimals, or `n/a`.
-fn spread_text(values: Vec<f64>, decimals: usize) -> String {
-    match spread(values) {
-        Some((m, lo, hi)) => format!("{m:.decimals$} ({lo:.decimals$}-{hi:.decimals$})"),
-        None => "n/a".to_owned(),
-    }
+/// The summed-up figures of one system over several runs: each figure's
+/// `(median, min, max)`, none where no run had it.
+struct SystemSummary {
+    system: &'static str,
+    ops_per_s: Option<(f64, f64, f64)>,
+    p99_ms: Option<(f64, f64, f64)>,
+    server_cpu: Option<(f64, f64, f64)>,
+    bench_cpu: Option<(f64, f64, f64)>,
 }
 
-/// Per system, in the order of the first run: each run's value of `f`.
-fn per_system<'a>(
-    runs: &'a [Vec<Row>],
-    f: impl Fn(&Row) -> Option<f64> + 'a,
-) -> Vec<(&'static str, Vec<f64>)> {
-    let systems: Vec<&'static str> = runs
-        .first()
-        .map_or_else(Vec::new, |r| r.iter().map(|row| row.system).collect());
-    systems
-        .into_iter()
-        .map(|system| {
-            let values = runs
-                .iter()
-                .filter_map(|rows| find(rows, system).and_then(&f))
-                .collect();
-            (system, values)
+/// Per system, in the order of the first run, the spread of each figure.
+fn systems(runs: &[Vec<Row>]) -> Vec<SystemSummary> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|row| {
+            let system = row.system;
+            let each = |f: &dyn Fn(&Row) -> Option<f64>| {
+                spread(
+                    runs.iter()
+                        .filter_map(|rows| find(rows, system).and_then(f))
+                        .collect(),
+                )
+            };
+            SystemSummary {
+                system,
+                ops_per_s: each(&ops),
+                p99_ms: each(&p99_ms),
+                server_cpu: each(&|r| r.cpu_per_1k().map(|c| c.0)),
+                bench_cpu: each(&|r| r.cpu_per_1k().map(|c| c.1)),
+            }
         })
         .collect()
 }
@@ -235,15 +244,33 @@ fn p99_ms(row: &Row) -> Option<f64> {
         .map(|s| ms(s.latency_us.value_at_quantile(0.99)))
 }
 
-/// Each run's same-run ratio of amends to `system`.
-fn ratios(runs: &[Vec<Row>], system: &str) -> Vec<f64> {
-    runs.iter()
-        .filter_map(|rows| {
-            let amends = find(rows, "amends").and_then(ops)?;
-            let other = find(rows, system).and_then(ops)?;
-            (other > 0.0).then(|| amends / other)
-        })
-        .collect()
+/// The spread of each run's same-run ratio of amends to `system`.
+fn ratios(runs: &[Vec<Row>], system: &str) -> Option<(f64, f64, f64)> {
+    spread(
+        runs.iter()
+            .filter_map(|rows| {
+                let amends = find(rows, "amends").and_then(ops)?;
+                let other = find(rows, system).and_then(ops)?;
+                (other > 0.0).then(|| amends / other)
+            })
+            .collect(),
+    )
+}
+
+/// `median (min-max)` with `decimals` decimals, or `n/a`.
+fn spread_cell(spread: Option<(f64, f64, f64)>, decimals: usize) -> String {
+    match spread {
+        Some((m, lo, hi)) => format!("{m:.decimals$} ({lo:.decimals$}-{hi:.decimals$})"),
+        None => "n/a".to_owned(),
+    }
+}
+
+/// A spread as JSON: `{"median","min","max"}`, or null.
+fn spread_json(spread: Option<(f64, f64, f64)>) -> serde_json::Value {
+    spread.map_or(
+        serde_json::Value::Null,
+        |(median, min, max)| serde_json::json!({"median": median, "min": min, "max": max}),
+    )
 }
 
 /// The summary of several runs of the same bench: per system the median
@@ -257,58 +284,45 @@ pub fn summary(runs: &[Vec<Row>]) -> String {
         "| system     | ops/s | p99 ms | server CPU ms/1k ops | bench CPU ms/1k ops |"
     );
     let _ = writeln!(out, "| ---------- | ----: | -----: | ---: | ---: |");
-    let throughput = per_system(runs, ops);
-    let p99 = per_system(runs, p99_ms);
-    let server = per_system(runs, |r| r.cpu_per_1k().map(|c| c.0));
-    let bench = per_system(runs, |r| r.cpu_per_1k().map(|c| c.1));
-    for (i, (system, values)) in throughput.into_iter().enumerate() {
+    for s in systems(runs) {
         let _ = writeln!(
             out,
             "| {:<10} | {} | {} | {} | {} |",
-            system,
-            spread_text(values, 0),
-            spread_text(p99[i].1.clone(), 2),
-            spread_text(server[i].1.clone(), 0),
-            spread_text(bench[i].1.clone(), 0),
+            s.system,
+            spread_cell(s.ops_per_s, 0),
+            spread_cell(s.p99_ms, 2),
+            spread_cell(s.server_cpu, 0),
+            spread_cell(s.bench_cpu, 0),
         );
     }
     let _ = writeln!(
         out,
         "\namends/ceiling: {}   amends/PostgreSQL: {}",
-        spread_text(ratios(runs, "ceiling"), 2),
-        spread_text(ratios(runs, "PostgreSQL"), 2)
+        spread_cell(ratios(runs, "ceiling"), 2),
+        spread_cell(ratios(runs, "PostgreSQL"), 2)
     );
     out
 }
 
 /// The JSON of [`summary`].
 pub fn summary_json(runs: &[Vec<Row>]) -> serde_json::Value {
-    let value = |values: Vec<f64>| {
-        spread(values)
-            .map(|(median, min, max)| serde_json::json!({"median": median, "min": min, "max": max}))
-    };
-    let throughput = per_system(runs, ops);
-    let p99 = per_system(runs, p99_ms);
-    let server = per_system(runs, |r| r.cpu_per_1k().map(|c| c.0));
-    let bench = per_system(runs, |r| r.cpu_per_1k().map(|c| c.1));
-    let systems: Vec<serde_json::Value> = throughput
+    let systems: Vec<serde_json::Value> = systems(runs)
         .into_iter()
-        .enumerate()
-        .map(|(i, (system, values))| {
+        .map(|s| {
             serde_json::json!({
-                "system": system,
-                "ops_per_s": value(values),
-                "p99_ms": value(p99[i].1.clone()),
-                "server_cpu_ms_per_1k_ops": value(server[i].1.clone()),
-                "bench_cpu_ms_per_1k_ops": value(bench[i].1.clone()),
+                "system": s.system,
+                "ops_per_s": spread_json(s.ops_per_s),
+                "p99_ms": spread_json(s.p99_ms),
+                "server_cpu_ms_per_1k_ops": spread_json(s.server_cpu),
+                "bench_cpu_ms_per_1k_ops": spread_json(s.bench_cpu),
             })
         })
         .collect();
     serde_json::json!({
         "runs": runs.len(),
         "systems": systems,
-        "amends_over_ceiling": value(ratios(runs, "ceiling")),
-        "amends_over_postgres": value(ratios(runs, "PostgreSQL")),
+        "amends_over_ceiling": spread_json(ratios(runs, "ceiling")),
+        "amends_over_postgres": spread_json(ratios(runs, "PostgreSQL")),
     })
 }
 
@@ -321,6 +335,9 @@ mod tests {
         assert_eq!(spread(vec![3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
         assert_eq!(spread(vec![4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
         assert_eq!(spread(vec![]), None);
-        assert_eq!(spread_text(vec![0.871, 0.64, 1.11], 2), "0.87 (0.64-1.11)");
+        assert_eq!(
+            spread_cell(spread(vec![0.871, 0.64, 1.11]), 2),
+            "0.87 (0.64-1.11)"
+        );
     }
 }
