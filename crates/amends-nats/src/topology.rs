@@ -566,6 +566,21 @@ pub fn worker_consumer(partition: PartitionId) -> String {
     format!("worker-{partition}")
 }
 
+/// The last message of stream `stream` on `subject`: none if the stream
+/// holds none there.
+pub async fn last_on_subject(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<jetstream::message::StreamMessage>, Source> {
+    let stream = js.get_stream_no_info(stream).await?;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(Some(message)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,7 +60,7 @@ use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::topology::{Prefix, Stream, Topology, header};
+use crate::topology::{Prefix, Stream, Topology, header, last_on_subject};
 use crate::{Error, Source};
 
 /// The default largest batch: one commit (one fsync) per this many
@@ -603,28 +603,23 @@ pub async fn current_owner(
     partition: PartitionId,
 ) -> Result<Option<PartitionOwner>, Error> {
     let p = partition.get();
-    let stream = js
-        .get_stream_no_info(prefix.stream_name(Stream::Decisions))
-        .await
-        .map_err(|e| nats_error(p, "get the decisions stream")(Box::new(e)))?;
-    match stream
-        .get_last_raw_message_by_subject(&prefix.owner(partition))
-        .await
-    {
-        Ok(message) => {
-            let record: OwnershipRecord = serde_json::from_slice(&message.payload)
-                .map_err(|e| nats_error(p, "read the ownership record")(Box::new(e)))?;
-            Ok(Some(PartitionOwner {
-                epoch: message.sequence,
-                host: record.host,
-                pid: record.pid,
-            }))
-        }
-        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-            Ok(None)
-        }
-        Err(e) => Err(nats_error(p, "read the ownership record")(Box::new(e))),
-    }
+    let Some(message) = last_on_subject(
+        js,
+        &prefix.stream_name(Stream::Decisions),
+        &prefix.owner(partition),
+    )
+    .await
+    .map_err(nats_error(p, "read the ownership record"))?
+    else {
+        return Ok(None);
+    };
+    let record: OwnershipRecord = serde_json::from_slice(&message.payload)
+        .map_err(|e| nats_error(p, "read the ownership record")(Box::new(e)))?;
+    Ok(Some(PartitionOwner {
+        epoch: message.sequence,
+        host: record.host,
+        pid: record.pid,
+    }))
 }
 
 /// This machine's host name, for ownership records and logs.
@@ -701,22 +696,17 @@ async fn last_published_position(
     partition: PartitionId,
 ) -> Result<u64, Error> {
     let p = partition.get();
-    let stream = js
-        .get_stream(prefix.stream_name(Stream::Decisions))
-        .await
-        .map_err(nats_error(p, "get decisions stream"))?;
-    let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
-    match stream
-        .get_last_raw_message_by_subject(&prefix.dec(partition))
-        .await
-    {
-        Ok(m) => Ok(serde_json::from_slice::<serde_json::Value>(&m.payload)
-            .ok()
-            .and_then(|v| v.get("position").and_then(serde_json::Value::as_u64))
-            .unwrap_or(0)),
-        Err(e) if e.kind() == none => Ok(0),
-        Err(e) => Err(nats_error(p, "read the last decision")(e)),
-    }
+    let last = last_on_subject(
+        js,
+        &prefix.stream_name(Stream::Decisions),
+        &prefix.dec(partition),
+    )
+    .await
+    .map_err(nats_error(p, "read the last decision"))?;
+    Ok(last
+        .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+        .and_then(|v| v.get("position").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0))
 }
 
 /// The partition position a decision or hold-expired effect was made at.
@@ -1318,23 +1308,19 @@ impl<P: PartitionStore> Publisher<P> {
 
     /// The partition's latest ownership record: its sequence and body.
     async fn owner_record(&self) -> Result<Option<String>, Source> {
-        let stream = self
-            .js
-            .get_stream(self.prefix.stream_name(Stream::Decisions))
-            .await?;
-        let none = jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
-        match stream
-            .get_last_raw_message_by_subject(&self.prefix.owner(self.partition))
-            .await
-        {
-            Ok(m) => Ok(Some(format!(
+        let last = last_on_subject(
+            &self.js,
+            &self.prefix.stream_name(Stream::Decisions),
+            &self.prefix.owner(self.partition),
+        )
+        .await?;
+        Ok(last.map(|m| {
+            format!(
                 "epoch {}: {}",
                 m.sequence,
                 String::from_utf8_lossy(&m.payload)
-            ))),
-            Err(e) if e.kind() == none => Ok(None),
-            Err(e) => Err(Box::new(e)),
-        }
+            )
+        }))
     }
 
     /// The ids of this partition's decisions stored after the sequence

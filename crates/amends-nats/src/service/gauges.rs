@@ -8,7 +8,7 @@ use amends_store::PartitionStore;
 use async_nats::jetstream;
 
 use super::{Options, Status};
-use crate::topology::{Stream, Topology};
+use crate::topology::{Stream, Topology, last_on_subject};
 
 /// The requests stream's last sequence on partition `p`'s subject (0 if it
 /// holds none).
@@ -17,18 +17,14 @@ pub(super) async fn last_sequence(
     topology: &Topology,
     p: PartitionId,
 ) -> Result<u64, String> {
-    let stream = js
-        .get_stream_no_info(topology.prefix.stream_name(Stream::Requests))
-        .await
-        .map_err(|e| e.to_string())?;
-    match stream
-        .get_last_raw_message_by_subject(&topology.prefix.req(p))
-        .await
-    {
-        Ok(message) => Ok(message.sequence),
-        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(e.to_string()),
-    }
+    let last = last_on_subject(
+        js,
+        &topology.prefix.stream_name(Stream::Requests),
+        &topology.prefix.req(p),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(last.map_or(0, |m| m.sequence))
 }
 
 /// Gauges: every interval, each partition's applied position and lag
